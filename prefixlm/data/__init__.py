@@ -1,0 +1,1 @@
+"""FineWeb-Edu download, tokenization into shards, and the grain input pipeline."""
