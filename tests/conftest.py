@@ -1,0 +1,24 @@
+"""Shared fixtures. Tests run on the CPU with tiny shapes; a few use the real 128k vocabulary."""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def llama3():
+    from prefixlm import tokenizer
+
+    return tokenizer.load("llama3")
+
+
+@pytest.fixture(scope="session")
+def tiny_token_bytes():
+    """A small byte vocabulary with nested prefixes, multi-byte UTF-8, and special tokens."""
+    words = [b"a", b"b", b"c", b" ", b"p", b"e", b"r", b"s", b"o", b"n",
+             b"pe", b"per", b"pers", b"perso", b"person", b"personality", b"persona",
+             b" p", b" pe", b" per", b" person", b" personality", b"ab", b"abc", b"abcd",
+             "é".encode(), "é".encode()[:1], b"  ", b"    ", b"        ", b"xyz"]
+    return words + [None, None, None]  # three special tokens at the end

@@ -1,0 +1,259 @@
+"""Objectives against an independent float64 reference written straight from the seed's formulas."""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from prefixlm import objectives
+
+jax.config.update("jax_enable_x64", False)
+
+EPSILONS = (0.1, 1.0)
+PREFIX_SETS = ("proper", "with_gold")
+
+
+@functools.lru_cache(maxsize=256)
+def brute_force_prefixes(token_bytes, gold):
+    s = token_bytes[gold]
+    return [i for i, t in enumerate(token_bytes)
+            if s is not None and t and len(t) < len(s) and s.startswith(t)]
+
+
+def reference_target(name, token_bytes, gold, eps, temperature=1.0, prefix_set="proper"):
+    """q for one gold id, float64, by brute force over the vocabulary (no shared code)."""
+    V = len(token_bytes)
+    q = np.zeros(V, dtype=np.float64)
+    if name == "ce":
+        q[gold] = 1.0
+        return q
+    if name == "label_smoothing":
+        q[:] = eps / (V - 1)
+        q[gold] = 1.0 - eps
+        return q
+    s = token_bytes[gold]
+    P = brute_force_prefixes(tuple(token_bytes), gold)
+    if not P:
+        q[gold] = 1.0
+        return q
+    support = P + [gold] if prefix_set == "with_gold" else P
+    if name == "prefix_simple":
+        w = {i: 1.0 / len(support) for i in support}
+    else:
+        def length(i):
+            L = len(token_bytes[i])
+            return L / len(s) if name == "prefix_norm" else L
+        z = sum(math.exp(length(j) / temperature) for j in support)
+        w = {i: math.exp(length(i) / temperature) / z for i in support}
+    q[gold] += 1.0 - eps
+    for i in support:
+        q[i] += eps * w[i]
+    return q
+
+
+def log_softmax64(logits):
+    logits = np.asarray(logits, np.float64)
+    m = logits.max(-1, keepdims=True)
+    return logits - m - np.log(np.exp(logits - m).sum(-1, keepdims=True))
+
+
+CASES = [
+    (name, eps, ps, tau)
+    for name in objectives.NAMES
+    for eps in EPSILONS
+    for ps in (PREFIX_SETS if name in objectives.PREFIX_NAMES else ("proper",))
+    for tau in ((1.0, 0.5) if name in ("prefix_unnorm", "prefix_norm") else (1.0,))
+]
+
+
+@pytest.mark.parametrize("name,eps,prefix_set,tau", CASES)
+def test_targets_and_loss_match_reference_on_tiny_vocab(tiny_token_bytes, name, eps, prefix_set,
+                                                         tau):
+    obj = objectives.build(name, tiny_token_bytes, eps=eps, temperature=tau,
+                           prefix_set=prefix_set)
+    ids = np.arange(len(tiny_token_bytes))
+    q = np.asarray(obj.target(ids), np.float64)
+    ref = np.stack([reference_target(name, tiny_token_bytes, int(i), eps, tau, prefix_set)
+                    for i in ids])
+    np.testing.assert_allclose(q.sum(-1), 1.0, atol=1e-6)
+    np.testing.assert_allclose(q, ref, atol=2e-7)
+    logits = np.random.default_rng(0).normal(size=(len(ids), len(tiny_token_bytes))) * 3
+    loss = np.asarray(obj.loss(jnp.asarray(logits, jnp.float32), ids))
+    ref_loss = -(ref * log_softmax64(logits)).sum(-1)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5, atol=1e-5)
+
+
+def test_personality_prefixes_get_the_smoothing_mass(tiny_token_bytes):
+    gold = tiny_token_bytes.index(b" personality")
+    obj = objectives.build("prefix_simple", tiny_token_bytes, eps=0.1)
+    q = np.asarray(obj.target([gold]))[0]
+    expected = {tiny_token_bytes.index(b) for b in (b" ", b" p", b" pe", b" per", b" person")}
+    assert set(np.flatnonzero(q)) == expected | {gold}
+    assert q[gold] == pytest.approx(0.9)
+    assert q[tiny_token_bytes.index(b"person")] == 0.0  # no leading space: not a prefix
+
+
+def test_special_tokens_and_single_bytes_are_one_hot(tiny_token_bytes):
+    specials = [i for i, b in enumerate(tiny_token_bytes) if b is None]
+    singles = [i for i, b in enumerate(tiny_token_bytes) if b is not None and len(b) == 1]
+    for name in objectives.PREFIX_NAMES:
+        obj = objectives.build(name, tiny_token_bytes, eps=1.0, prefix_set="with_gold")
+        q = np.asarray(obj.target(specials + singles))
+        np.testing.assert_array_equal(q, np.eye(len(tiny_token_bytes))[specials + singles])
+
+
+def test_eps_one_softmax_is_the_prefix_length_softmax(tiny_token_bytes):
+    gold = tiny_token_bytes.index(b"abcd")
+    obj = objectives.build("prefix_unnorm", tiny_token_bytes, eps=1.0)
+    q = np.asarray(obj.target([gold]), np.float64)[0]
+    ids = [tiny_token_bytes.index(b) for b in (b"a", b"ab", b"abc")]
+    e = np.exp([1.0, 2.0, 3.0])
+    np.testing.assert_allclose(q[ids], e / e.sum(), rtol=1e-6)
+    assert q[gold] == 0.0
+
+
+@pytest.fixture(scope="module")
+def real_cases(llama3):
+    tb = llama3.token_bytes
+    hand = [
+        llama3.encode(" personality")[0],  # a word with several prefixes
+        llama3.encode("a")[0],  # a single byte
+        llama3.eos_id,  # a special token
+        tb.index(b" " * 128),  # the largest prefix set
+    ]
+    assert len(llama3.encode(" personality")) == 1
+    rng = np.random.default_rng(1)
+    return hand + [int(i) for i in rng.integers(0, 128000, size=12)]
+
+
+@pytest.mark.parametrize("name", objectives.NAMES)
+def test_real_vocab_targets_match_reference(llama3, real_cases, name):
+    tb = llama3.token_bytes
+    configs = [(0.1, "proper", 1.0), (1.0, "proper", 1.0), (1.0, "with_gold", 2.0),
+               (0.1, "with_gold", 0.5)]
+    if name in ("ce", "label_smoothing"):
+        configs = configs[:2]
+    logits = np.random.default_rng(2).normal(size=(len(real_cases), len(tb))).astype(np.float32)
+    for eps, prefix_set, tau in configs:
+        obj = objectives.build(name, tb, eps=eps, temperature=tau, prefix_set=prefix_set,
+                               vocab_size=128256)
+        q = np.asarray(obj.target(real_cases), np.float64)
+        ref = np.stack([reference_target(name, tb, g, eps, tau, prefix_set) for g in real_cases])
+        np.testing.assert_allclose(q.sum(-1), 1.0, atol=1e-5)
+        np.testing.assert_allclose(q, ref, atol=1e-7)
+        loss = np.asarray(obj.loss(logits, np.asarray(real_cases)))
+        ref_loss = -(ref * log_softmax64(logits)).sum(-1)
+        np.testing.assert_allclose(loss, ref_loss, rtol=2e-5)
+
+
+def test_real_vocab_128_spaces_spreads_over_85_prefixes(llama3):
+    tb = llama3.token_bytes
+    gold = tb.index(b" " * 128)
+    obj = objectives.build("prefix_simple", tb, eps=0.1)
+    q = np.asarray(obj.target([gold]))[0]
+    assert (q > 0).sum() == 86
+    np.testing.assert_allclose(q[(q > 0) & (q < 0.5)], 0.1 / 85, rtol=1e-6)
+
+
+def _unchunked_grads(obj, h, e, ids, w):
+    def f(h, e):
+        loss = obj.loss(jnp.dot(h, e.T), ids)
+        return jnp.sum(loss * w)
+
+    return jax.value_and_grad(f, argnums=(0, 1))(h, e)
+
+
+@pytest.mark.parametrize("name", objectives.NAMES)
+@pytest.mark.parametrize("chunk", [1, 7, 16, 64])
+def test_chunked_loss_matches_unchunked_values_and_gradients(tiny_token_bytes, name, chunk):
+    obj = objectives.build(name, tiny_token_bytes, eps=0.3)
+    rng = np.random.default_rng(3)
+    n, d, V = 19, 8, len(tiny_token_bytes)
+    h = jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
+    e = jnp.asarray(rng.normal(size=(V, d)), jnp.float32)
+    ids = jnp.asarray(rng.integers(0, V, size=n), jnp.int32)
+    w = jnp.asarray(rng.uniform(size=n) * (rng.uniform(size=n) > 0.2), jnp.float32)
+    ref_total, (ref_dh, ref_de) = _unchunked_grads(obj, h, e, ids, w)
+    tables = obj.device_tables()
+
+    def f(h, e, w):
+        return obj.chunked_loss(h, e, ids, tables, weights_N=w, chunk_size=chunk)[0]
+
+    total, (dh, de, dw) = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(h, e, w)
+    np.testing.assert_allclose(total, ref_total, rtol=1e-5)
+    np.testing.assert_allclose(dh, ref_dh, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(de, ref_de, rtol=1e-5, atol=1e-6)
+    _, out = obj.chunked_loss(h, e, ids, tables, weights_N=w, chunk_size=chunk)
+    logits = jnp.dot(h, e.T)
+    ref_out = obj.loss_and_metrics(logits, ids)
+    np.testing.assert_allclose(dw, ref_out.loss_N, rtol=1e-5)
+    np.testing.assert_allclose(out.loss_N, ref_out.loss_N, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out.nll_N, ref_out.nll_N, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(out.correct_N, ref_out.correct_N)
+    np.testing.assert_allclose(out.correct_N, (np.argmax(logits, -1) == ids), atol=0)
+
+
+def test_chunked_loss_bf16_hidden_states_stay_close(tiny_token_bytes):
+    obj = objectives.build("prefix_norm", tiny_token_bytes, eps=0.1)
+    rng = np.random.default_rng(4)
+    h = jnp.asarray(rng.normal(size=(32, 16)), jnp.float32)
+    e = jnp.asarray(rng.normal(size=(len(tiny_token_bytes), 16)) * 0.3, jnp.float32)
+    ids = jnp.asarray(rng.integers(0, len(tiny_token_bytes), size=32))
+    t32, _ = obj.chunked_loss(h, e, ids, chunk_size=8)
+    t16, _ = obj.chunked_loss(h.astype(jnp.bfloat16), e, ids, chunk_size=8)
+    assert t16.dtype == jnp.float32
+    np.testing.assert_allclose(t16, t32, rtol=2e-2)
+
+
+def test_objective_is_a_static_jit_argument_with_tables_as_inputs(tiny_token_bytes):
+    a = objectives.build("prefix_norm", tiny_token_bytes, eps=0.1)
+    b = objectives.build("prefix_norm", tiny_token_bytes, eps=0.1)
+    c = objectives.build("prefix_norm", tiny_token_bytes, eps=1.0)
+    assert a == b and hash(a) == hash(b) and a != c
+    traces = []
+
+    @jax.jit
+    def step(logits, ids, tables):
+        return a.loss(logits, ids, tables)
+
+    def loss_fn(obj, logits, ids, tables):
+        traces.append(obj.name)
+        return obj.loss(logits, ids, tables).sum()
+
+    jitted = jax.jit(loss_fn, static_argnums=0)
+    logits = jnp.zeros((3, len(tiny_token_bytes)))
+    ids = jnp.array([0, 15, 16])
+    jitted(a, logits, ids, a.device_tables())
+    jitted(b, logits, ids, b.device_tables())
+    assert traces == ["prefix_norm"]  # equal objectives hit the compile cache
+    hlo = jax.jit(loss_fn, static_argnums=0).lower(a, logits, ids, a.device_tables()).as_text()
+    assert "prefix_ids" not in hlo and hlo.count("constant") < 40
+    step(logits, ids, a.device_tables())
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(name="prefix_soft"), "unknown objective 'prefix_soft'"),
+        (dict(name="prefix_norm", eps=1.5), r"eps must be a number in \[0, 1\], got 1.5"),
+        (dict(name="prefix_norm", eps=-0.1), "eps must be"),
+        (dict(name="prefix_norm", eps=float("nan")), "eps must be"),
+        (dict(name="prefix_norm", temperature=0.0), "temperature must be .* got 0.0"),
+        (dict(name="prefix_norm", temperature=-1), "temperature must be"),
+        (dict(name="prefix_norm", prefix_set="all"), "prefix_set must be one of"),
+        (dict(name="ce", vocab_size=128256), "has 34 entries but the model vocabulary has 128256"),
+    ],
+)
+def test_bad_arguments_raise_clear_errors(tiny_token_bytes, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        objectives.build(token_bytes=tiny_token_bytes, **kwargs)
+
+
+def test_bad_chunk_size_raises(tiny_token_bytes):
+    obj = objectives.build("ce", tiny_token_bytes)
+    with pytest.raises(ValueError, match="chunk_size must be >= 1, got 0"):
+        obj.chunked_loss(jnp.zeros((2, 4)), jnp.zeros((34, 4)), jnp.zeros(2, jnp.int32),
+                         chunk_size=0)
