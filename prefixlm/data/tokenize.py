@@ -1,0 +1,381 @@
+"""Parquet documents -> uint32 token shards (format in :mod:`prefixlm.data.shards`).
+
+``python -m prefixlm.data.tokenize --input 'data/fineweb/*.parquet' --output data/tokens``
+
+Each document (the ``text`` column) is encoded with no BOS and followed by EOS; special-token text
+inside a document stays plain text. Why it is built the way it is:
+
+* **Identical output for any --workers.** Work is cut into *units* from parquet metadata alone:
+  each input file (sorted by path) is split into runs of consecutive row groups holding at least
+  ``--shard-rows`` rows, and each unit writes its own shard. Workers only decide *when* a unit is
+  done, never *what* it contains, and the stream order is the unit order.
+* **Resumable.** A unit writes ``.tmp`` files, renames them, and then writes ``parts/<unit>.json``
+  (its counts) last; a rerun skips units whose part file exists and matches, and redoes the rest.
+  ``stats.json`` is written only when all units are done, so a killed run is never mistaken for
+  a finished one.
+* **Bounded memory.** Parquet is read in record batches of ``--batch-rows`` rows; tokens are
+  appended to the shard file batch by batch.
+* **Validation split.** A document goes to ``validation/`` when a hash of its text falls below
+  ``--val-fraction`` (default 0.005). Hashing the *content* (blake2b-64) makes the split independent
+  of file order and worker count, and puts exact duplicates on the same side, so no validation
+  document is also a training document.
+* **Errors.** A file whose footer or pages cannot be read stops the run naming the file;
+  ``--skip-corrupt`` skips it instead (the unit contributes no tokens) and lists it in stats.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import hashlib
+import json
+import multiprocessing
+import os
+import pathlib
+import sys
+import time
+
+import numpy as np
+
+from prefixlm.data import shards
+
+DEFAULT_VAL_FRACTION = 0.005
+
+
+class CorruptParquetError(RuntimeError):
+    """A parquet file that cannot be read (truncated, bad footer, bad page, missing column)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+    """One output shard: a run of consecutive row groups of one input file."""
+
+    name: str
+    source: str
+    row_groups: tuple[int, ...]
+    rows: int
+    file_size: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    tokenizer: str
+    tokenizer_hash: str
+    eos_id: int
+    val_fraction: float
+    batch_rows: int
+    skip_corrupt: bool
+
+
+def find_inputs(pattern: str) -> list[pathlib.Path]:
+    """Parquet files matching a glob (or comma-separated globs, or a directory), sorted by path."""
+    files: set[str] = set()
+    for pat in pattern.split(","):
+        pat = pat.strip()
+        if os.path.isdir(pat):
+            pat = os.path.join(pat, "*.parquet")
+        files.update(f for f in glob.glob(pat, recursive=True) if os.path.isfile(f))
+    if not files:
+        raise FileNotFoundError(f"--input {pattern!r} matches no files")
+    return [pathlib.Path(f) for f in sorted(files)]
+
+
+def plan_units(
+    files: list[pathlib.Path], shard_rows: int, skip_corrupt: bool
+) -> tuple[list[Unit], list[dict]]:
+    """Cuts the inputs into units from parquet metadata only (no data pages are read)."""
+    import pyarrow.parquet as pq
+
+    units: list[Unit] = []
+    corrupt: list[dict] = []
+    stems: dict[str, pathlib.Path] = {}
+    for f in files:
+        stem = f.stem
+        if stem in stems:
+            raise ValueError(
+                f"two inputs share the name {stem!r}: {stems[stem]} and {f}; shard names come from "
+                "file names, so rename one or tokenize them into separate directories"
+            )
+        stems[stem] = f
+        try:
+            meta = pq.ParquetFile(f).metadata
+            if "text" not in meta.schema.names:
+                raise CorruptParquetError(f"no 'text' column (columns: {meta.schema.names})")
+        except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a bad file
+            msg = f"{f}: unreadable parquet ({type(e).__name__}: {e})"
+            if not skip_corrupt:
+                raise CorruptParquetError(
+                    msg + "; re-download it, remove it from --input, or pass --skip-corrupt"
+                ) from e
+            corrupt.append({"file": str(f), "error": str(e)})
+            continue
+        size = f.stat().st_size
+        group: list[int] = []
+        rows = k = 0
+        for rg in range(meta.num_row_groups):
+            group.append(rg)
+            rows += meta.row_group(rg).num_rows
+            if rows >= shard_rows or rg == meta.num_row_groups - 1:
+                units.append(Unit(f"{stem}-{k:04d}", str(f), tuple(group), rows, size))
+                group, rows, k = [], 0, k + 1
+    return units, corrupt
+
+
+def is_validation(text: str, val_fraction: float) -> bool:
+    """Deterministic content-hash holdout: the same text is always on the same side."""
+    if val_fraction <= 0:
+        return False
+    h = int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"),
+                                       digest_size=8).digest(), "little")
+    return h < val_fraction * 2.0**64
+
+
+# --- worker side -------------------------------------------------------------------------------
+
+_TOKENIZER = None
+
+
+def _encoder(name: str):
+    """This process's encode function: tiktoken single-threaded (one core per worker) if possible."""
+    global _TOKENIZER
+    if _TOKENIZER is None or _TOKENIZER.name != name:
+        from prefixlm import tokenizer
+
+        _TOKENIZER = tokenizer.load(name)
+    enc = getattr(_TOKENIZER, "encoding", None)
+    if enc is not None:
+        return enc.encode_ordinary
+    return _TOKENIZER.encode
+
+
+def _part_path(out: pathlib.Path, unit: Unit) -> pathlib.Path:
+    return out / "parts" / f"{unit.name}.json"
+
+
+def _signature(unit: Unit, settings: Settings) -> dict:
+    return {"unit": dataclasses.asdict(unit), "settings": dataclasses.asdict(settings)}
+
+
+def _load_done(out: pathlib.Path, unit: Unit, settings: Settings) -> dict | None:
+    """The part record of a finished unit, if it was made from the same input and settings."""
+    p = _part_path(out, unit)
+    if not p.is_file():
+        return None
+    try:
+        part = json.loads(p.read_text())
+    except json.JSONDecodeError:
+        return None
+    sig = json.loads(json.dumps(_signature(unit, settings)))  # tuples -> lists, as stored
+    if part.get("signature") != sig:
+        return None
+    for split in shards.SPLITS:
+        f = out / part[split]["file"]
+        if not f.is_file() or f.stat().st_size != part[split]["tokens"] * shards.DTYPE.itemsize:
+            return None
+    return part
+
+
+def tokenize_unit(unit: Unit, out: pathlib.Path, settings: Settings) -> dict:
+    """Tokenizes one unit into train/validation shards; returns its part record."""
+    import pyarrow.parquet as pq
+
+    encode = _encoder(settings.tokenizer)
+    eos = np.array([settings.eos_id], dtype=shards.DTYPE)
+    counts = {s: {"file": f"{s}/{unit.name}.bin", "documents": 0, "tokens": 0}
+              for s in shards.SPLITS}
+    skipped = 0
+    tmp = {s: out / s / f"{unit.name}.bin.tmp" for s in shards.SPLITS}
+    handles = {s: open(tmp[s], "wb") for s in shards.SPLITS}  # noqa: SIM115 - closed below
+    error = None
+    try:
+        pf = pq.ParquetFile(unit.source)
+        batches = pf.iter_batches(batch_size=settings.batch_rows, row_groups=list(unit.row_groups),
+                                  columns=["text"], use_threads=False)
+        for batch in batches:
+            pieces: dict[str, list[np.ndarray]] = {s: [] for s in shards.SPLITS}
+            for text in batch.column(0).to_pylist():
+                if not text:  # None or ""
+                    skipped += 1
+                    continue
+                split = "validation" if is_validation(text, settings.val_fraction) else "train"
+                ids = np.array(encode(text), dtype=shards.DTYPE)
+                pieces[split] += [ids, eos]
+                counts[split]["documents"] += 1
+                counts[split]["tokens"] += len(ids) + 1
+            for s, p in pieces.items():
+                if p:
+                    handles[s].write(np.concatenate(p).tobytes())
+    except Exception as e:  # noqa: BLE001 - any read failure is reported with the file name
+        error = e
+    finally:
+        for h in handles.values():
+            h.close()
+    if error is not None:
+        for f in tmp.values():
+            f.unlink(missing_ok=True)
+        msg = f"{unit.source}: unreadable parquet ({type(error).__name__}: {error})"
+        if not settings.skip_corrupt:
+            raise CorruptParquetError(
+                msg + " while reading row groups "
+                f"{unit.row_groups[0]}..{unit.row_groups[-1]}; re-download it, remove it from "
+                "--input, or pass --skip-corrupt"
+            ) from None
+        counts = {s: {"file": f"{s}/{unit.name}.bin", "documents": 0, "tokens": 0}
+                  for s in shards.SPLITS}
+        for s in shards.SPLITS:
+            (out / s / f"{unit.name}.bin").write_bytes(b"")
+        part = {"name": unit.name, "source": unit.source, "row_groups": list(unit.row_groups),
+                "rows": unit.rows, "skipped": 0, "corrupt": str(error), **counts}
+    else:
+        for s in shards.SPLITS:
+            os.replace(tmp[s], out / s / f"{unit.name}.bin")
+        part = {"name": unit.name, "source": unit.source, "row_groups": list(unit.row_groups),
+                "rows": unit.rows, "skipped": skipped, **counts}
+    part["signature"] = _signature(unit, settings)
+    shards.write_json_atomic(_part_path(out, unit), part)
+    return part
+
+
+def _work(args):
+    unit, out, settings = args
+    return tokenize_unit(unit, out, settings)
+
+
+# --- driver ------------------------------------------------------------------------------------
+
+
+def tokenize(
+    input_glob: str,
+    output: str | os.PathLike,
+    *,
+    workers: int = 1,
+    tokenizer_name: str = "llama3",
+    val_fraction: float = DEFAULT_VAL_FRACTION,
+    shard_rows: int = 50_000,
+    batch_rows: int = 1024,
+    skip_corrupt: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Tokenizes parquet files into ``output``; returns the stats written to stats.json."""
+    from tqdm.auto import tqdm
+
+    from prefixlm import tokenizer
+
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    out = pathlib.Path(output)
+    for d in (*shards.SPLITS, "parts"):
+        (out / d).mkdir(parents=True, exist_ok=True)
+    for leftover in out.glob("*/*.tmp"):  # from a killed run; never mistaken for a shard
+        leftover.unlink()
+    (out / shards.STATS).unlink(missing_ok=True)
+
+    tok = tokenizer.load(tokenizer_name)
+    settings = Settings(tokenizer_name, tok.vocab_hash, tok.eos_id, float(val_fraction),
+                        int(batch_rows), bool(skip_corrupt))
+    files = find_inputs(input_glob)
+    units, corrupt = plan_units(files, shard_rows, skip_corrupt)
+    parts: dict[str, dict] = {}
+    todo = []
+    for u in units:
+        done = _load_done(out, u, settings)
+        if done is not None:
+            parts[u.name] = done
+        else:
+            todo.append(u)
+
+    total_rows = sum(u.rows for u in units)
+    bar = tqdm(total=total_rows, unit="doc", unit_scale=True, disable=not progress,
+               desc=f"tokenize {len(todo)}/{len(units)} shards", dynamic_ncols=True)
+    bar.update(sum(u.rows for u in units if u.name in parts))
+    t0, new_tokens = time.perf_counter(), 0
+
+    def record(part: dict) -> None:
+        nonlocal new_tokens
+        parts[part["name"]] = part
+        new_tokens += sum(part[s]["tokens"] for s in shards.SPLITS)
+        bar.update(part["rows"])
+        bar.set_postfix(tok_per_s=f"{new_tokens / max(time.perf_counter() - t0, 1e-9):,.0f}")
+
+    jobs = [(u, out, settings) for u in todo]
+    workers = max(1, min(workers, len(todo)))
+    if workers == 1:
+        for job in jobs:
+            record(_work(job))
+    else:
+        # spawn, not fork: the parent may hold tokenizer/pyarrow threads, which fork can deadlock.
+        ctx = multiprocessing.get_context("spawn")
+        with ctx.Pool(workers) as pool:
+            for part in pool.imap_unordered(_work, jobs):
+                record(part)
+    bar.close()
+
+    ordered = [parts[u.name] for u in units]
+    corrupt += [{"file": p["source"], "row_groups": p["row_groups"], "error": p["corrupt"]}
+                for p in ordered if "corrupt" in p]
+    splits = {s: {"documents": sum(p[s]["documents"] for p in ordered),
+                  "tokens": sum(p[s]["tokens"] for p in ordered)} for s in shards.SPLITS}
+    stats = {
+        "format": shards.FORMAT,
+        "dtype": "uint32",
+        "tokenizer": tokenizer_name,
+        "tokenizer_hash": tok.vocab_hash,
+        "eos_id": tok.eos_id,
+        "val_fraction": float(val_fraction),
+        "documents": sum(v["documents"] for v in splits.values()),
+        "tokens": sum(v["tokens"] for v in splits.values()),
+        "skipped": sum(p["skipped"] for p in ordered),
+        "splits": splits,
+        "inputs": [str(f) for f in files],
+        "corrupt": corrupt,
+        "shards": [{k: v for k, v in p.items() if k != "signature"} for p in ordered],
+    }
+    shards.write_json_atomic(out / shards.STATS, stats)
+    return stats
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m prefixlm.data.tokenize",
+        description="Tokenize parquet documents (the 'text' column) into uint32 token shards "
+        "that prefixlm.data.pipeline reads: DIR/train/*.bin, DIR/validation/*.bin, "
+        "DIR/stats.json. Each document gets no BOS and is followed by EOS. Output is identical "
+        "for any --workers; rerunning after a kill resumes where it stopped.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--input", required=True,
+                   help="glob of parquet files (quote it; ** allowed; comma-separate several), "
+                   "or a directory of *.parquet")
+    p.add_argument("--output", required=True, help="output directory")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="worker processes, one core each")
+    p.add_argument("--tokenizer", default="llama3",
+                   help="'llama3' (offline) or an HF tokenizer id/directory")
+    p.add_argument("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION,
+                   help="fraction of documents (by content hash) held out in DIR/validation")
+    p.add_argument("--shard-rows", type=int, default=50_000,
+                   help="minimum rows per output shard (whole row groups; fixes the sharding, "
+                   "so keep it when resuming)")
+    p.add_argument("--batch-rows", type=int, default=1024, help="rows per parquet read batch")
+    p.add_argument("--skip-corrupt", action="store_true",
+                   help="skip unreadable parquet files (listed in stats.json) instead of stopping")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    try:
+        stats = tokenize(args.input, args.output, workers=args.workers,
+                         tokenizer_name=args.tokenizer, val_fraction=args.val_fraction,
+                         shard_rows=args.shard_rows, batch_rows=args.batch_rows,
+                         skip_corrupt=args.skip_corrupt, progress=not args.quiet)
+    except (CorruptParquetError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{args.output}: {stats['documents']} documents, {stats['tokens']} tokens "
+          f"(train {stats['splits']['train']['tokens']}, validation "
+          f"{stats['splits']['validation']['tokens']}), {stats['skipped']} empty rows skipped"
+          + (f", {len(stats['corrupt'])} corrupt inputs skipped" if stats["corrupt"] else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
