@@ -1,0 +1,204 @@
+"""grain pipeline: windows reproduce the stream, disjoint process shards, exact resume."""
+
+import json
+
+import numpy as np
+import pytest
+
+from prefixlm.data import pipeline, shards
+
+HASH = "0123456789abcdef"
+
+
+def make_tokens(root, shard_sizes, *, val_sizes=(), tokenizer_hash=HASH):
+    """A token directory holding one stream of unique values 0, 1, 2, ... split into shards.
+
+    Unique tokens let a test tell exactly which stream positions a batch came from.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    entries, nxt = [], 0
+    val_sizes = list(val_sizes) + [0] * (len(shard_sizes) - len(val_sizes))
+    for i, (n, nv) in enumerate(zip(shard_sizes, val_sizes, strict=True)):
+        entry = {"name": f"s{i}"}
+        for split, size in (("train", n), ("validation", nv)):
+            (root / split).mkdir(exist_ok=True)
+            f = f"{split}/s{i}.bin"
+            base = nxt if split == "train" else 10**9 + nxt
+            np.arange(base, base + size, dtype=shards.DTYPE).tofile(root / f)
+            entry[split] = {"file": f, "documents": 1, "tokens": size}
+        nxt += n
+        entries.append(entry)
+    splits = {s: {"documents": len(entries), "tokens": sum(e[s]["tokens"] for e in entries)}
+              for s in shards.SPLITS}
+    stats = {"format": shards.FORMAT, "tokenizer": "test", "tokenizer_hash": tokenizer_hash,
+             "splits": splits, "shards": entries, "documents": 0, "tokens": 0, "skipped": 0}
+    (root / "stats.json").write_text(json.dumps(stats))
+    return str(root)
+
+
+def window_ids(batch, seq_len):
+    """Window index of each row (stream position of its first input / seq_len)."""
+    starts = batch["inputs"][:, 0]
+    assert (starts % seq_len == 0).all()
+    return (starts // seq_len).tolist()
+
+
+def collect(it, n=None):
+    out = []
+    for b in it:
+        out.append(b)
+        if n is not None and len(out) == n:
+            break
+    return out
+
+
+def test_windows_reproduce_the_stream(tmp_path):
+    sizes = [7, 1, 30, 5, 40]  # tiny shards so windows span 2-4 of them
+    path = make_tokens(tmp_path / "tok", sizes)
+    L, N = 8, sum(sizes)
+    batches = collect(pipeline.build_iterator(path, seq_len=L, batch_size=1, seed=0,
+                                              num_epochs=1, shuffle=False))
+    assert len(batches) == (N - 1) // L == pipeline.num_windows(path, L)
+    for b in batches:
+        assert b["inputs"].shape == b["targets"].shape == (1, L)
+        assert b["inputs"].dtype == b["targets"].dtype == np.int32
+    inputs = np.concatenate([b["inputs"][0] for b in batches])
+    targets = np.concatenate([b["targets"][0] for b in batches])
+    n = len(batches) * L
+    np.testing.assert_array_equal(inputs, np.arange(0, n))  # every stream token once as input
+    np.testing.assert_array_equal(targets, np.arange(1, n + 1))  # and once as a target
+    assert n + 1 <= N  # the short tail is dropped, never padded
+
+
+def test_shuffled_epoch_is_a_permutation_and_epochs_differ(tmp_path):
+    path = make_tokens(tmp_path / "tok", [100, 101, 99])
+    L, B = 4, 3
+    nw = pipeline.num_windows(path, L)
+    it = pipeline.build_iterator(path, seq_len=L, batch_size=B, seed=7, num_epochs=2)
+    ids = [i for b in collect(it) for i in window_ids(b, L)]
+    assert len(ids) == (2 * nw) // B * B
+    first = ids[:nw]
+    assert sorted(first) == list(range(nw)) and first != sorted(first)
+    assert ids[nw : nw + 20] != first[:20]  # reshuffled in epoch 2
+    again = pipeline.build_iterator(path, seq_len=L, batch_size=B, seed=7, num_epochs=2)
+    assert [i for b in collect(again) for i in window_ids(b, L)] == ids
+    other = pipeline.build_iterator(path, seq_len=L, batch_size=B, seed=8, num_epochs=1)
+    assert [i for b in collect(other) for i in window_ids(b, L)] != first[: len(ids) // 2]
+
+
+@pytest.mark.parametrize("num_epochs", [1, None])
+def test_process_shards_are_disjoint_and_cover(tmp_path, num_epochs):
+    path = make_tokens(tmp_path / "tok", [203, 150])
+    L, B, P = 4, 2, 3
+    nw = pipeline.num_windows(path, L)  # 88 windows: not a multiple of P * B
+    per_process = []
+    for p in range(P):
+        it = pipeline.build_iterator(path, seq_len=L, batch_size=B, seed=1, process_index=p,
+                                     process_count=P, num_epochs=num_epochs)
+        n = None if num_epochs else 2 * nw // (P * B)  # about two epochs of the endless stream
+        per_process.append([i for b in collect(it, n) for i in window_ids(b, L)])
+    if num_epochs == 1:
+        assert len({len(x) for x in per_process}) == 1  # same number of batches everywhere
+        assert len(per_process[0]) == nw // (P * B) * B == pipeline.steps_per_epoch(
+            path, seq_len=L, batch_size=B, process_count=P) * B
+    # Interleave back into the global order: consecutive global positions go to p = i % P.
+    glob = [per_process[i % P][i // P] for i in range(P * len(per_process[0]))]
+    for e in range(len(glob) // nw + 1):
+        epoch = glob[e * nw : (e + 1) * nw]
+        assert len(set(epoch)) == len(epoch)  # disjoint within an epoch
+        if len(epoch) == nw:
+            assert sorted(epoch) == list(range(nw))  # and every window is used
+    if num_epochs == 1:
+        assert len(glob) == nw // (P * B) * (P * B)
+
+
+def test_restored_iterator_yields_the_same_batches(tmp_path):
+    path = make_tokens(tmp_path / "tok", [500, 300])
+    kw = dict(seq_len=16, batch_size=4, seed=3, process_index=1, process_count=2)
+    it = pipeline.build_iterator(path, **kw)
+    collect(it, 5)
+    state = it.get_state()
+    want = collect(it, 30)  # crosses an epoch boundary (24 windows per process per epoch)
+    fresh = pipeline.build_iterator(path, **kw)
+    fresh.set_state(json.loads(json.dumps(state)))  # what a checkpoint stores
+    got = collect(fresh, 30)
+    for a, b in zip(want, got, strict=True):
+        np.testing.assert_array_equal(a["inputs"], b["inputs"])
+        np.testing.assert_array_equal(a["targets"], b["targets"])
+
+
+def test_orbax_checkpoint_roundtrip(tmp_path):
+    import orbax.checkpoint as ocp
+
+    path = make_tokens(tmp_path / "tok", [400])
+    kw = dict(seq_len=8, batch_size=2, seed=5)
+    it = pipeline.build_iterator(path, **kw)
+    collect(it, 3)
+    with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:
+        mngr.save(3, args=ocp.args.Composite(data=pipeline.checkpoint_args(it)))
+        mngr.wait_until_finished()
+    want = collect(it, 4)
+    fresh = pipeline.build_iterator(path, **kw)
+    with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:
+        restored = mngr.restore(3, args=ocp.args.Composite(
+            data=pipeline.checkpoint_args(fresh, restore=True)))
+    got = collect(restored["data"], 4)
+    for a, b in zip(want, got, strict=True):
+        np.testing.assert_array_equal(a["inputs"], b["inputs"])
+
+
+def test_multiprocess_workers_match_in_process(tmp_path):
+    path = make_tokens(tmp_path / "tok", [300])
+    kw = dict(seq_len=8, batch_size=2, seed=2, num_epochs=1)
+    want = collect(pipeline.build_iterator(path, **kw))
+    got = collect(pipeline.build_iterator(path, worker_count=1, **kw))
+    assert [b["inputs"].tolist() for b in got] == [b["inputs"].tolist() for b in want]
+
+
+def test_validation_split(tmp_path):
+    path = make_tokens(tmp_path / "tok", [100, 100], val_sizes=[30, 20])
+    batches = collect(pipeline.build_iterator(path, seq_len=7, batch_size=1, seed=0,
+                                              split="validation", num_epochs=1, shuffle=False))
+    assert len(batches) == 49 // 7
+    assert batches[0]["inputs"][0].tolist() == list(range(10**9, 10**9 + 7))
+    assert pipeline.num_tokens(path, "validation") == 50
+
+
+def test_refuses_other_tokenizer_and_unfinished_dirs(tmp_path):
+    path = make_tokens(tmp_path / "tok", [100])
+    with pytest.raises(ValueError, match="tokenizer_hash.*does not match.*ffff"):
+        pipeline.build_iterator(path, seq_len=4, batch_size=1, seed=0,
+                                expected_tokenizer_hash="ffff")
+    pipeline.build_iterator(path, seq_len=4, batch_size=1, seed=0, expected_tokenizer_hash=HASH)
+    with pytest.raises(FileNotFoundError, match="prefixlm.data.tokenize"):
+        pipeline.build_iterator(str(tmp_path / "nope"), seq_len=4, batch_size=1, seed=0)
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        pipeline.build_iterator(path, seq_len=50, batch_size=2, seed=0)
+    (tmp_path / "tok" / "train" / "s0.bin").write_bytes(b"\0" * 8)
+    with pytest.raises(ValueError, match=r"s0\.bin: expected 100 tokens"):
+        pipeline.build_iterator(path, seq_len=4, batch_size=1, seed=0)
+
+
+def test_real_tokenized_stream_end_to_end(tmp_path, llama3):
+    """tokenize -> pipeline on real text: unshuffled windows decode back to the documents."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from prefixlm.data import tokenize
+
+    docs = [f"Document {i}: the quick brown fox, naïve café, <|end_of_text|>." for i in range(40)]
+    pq.write_table(pa.table({"text": docs}), tmp_path / "a.parquet", row_group_size=10)
+    tokenize.tokenize(str(tmp_path / "a.parquet"), tmp_path / "tok", val_fraction=0.0,
+                      shard_rows=10, progress=False)
+    L = 16
+    batches = collect(pipeline.build_iterator(
+        str(tmp_path / "tok"), seq_len=L, batch_size=1, seed=0, num_epochs=1, shuffle=False,
+        expected_tokenizer_hash=llama3.vocab_hash))
+    stream = np.concatenate([batches[0]["inputs"][0][:1]] + [b["targets"][0] for b in batches])
+    text = llama3.decode_bytes(stream.tolist()).decode()
+    assert text.startswith("Document 0: the quick brown fox, naïve café, <|end_of_text|>."
+                           "<|end_of_text|>Document 1:")
+    full = np.concatenate([np.fromfile(f, dtype=shards.DTYPE)
+                           for f, _ in shards.split_files(tmp_path / "tok", "train")])
+    np.testing.assert_array_equal(stream, full[: len(stream)])
+    assert len(full) - len(stream) < L
