@@ -1,0 +1,137 @@
+# shellcheck shell=bash
+# Shared by launch/tpu_vm.sh and launch/sweep.sh (sourced, never run). Holds the ONE place where
+# launch defaults live, the run list reader and the command printer. Bash 4+.
+
+# shellcheck disable=SC2034  # REPO_ROOT, TRAIN_ARGV, RUN_* are used by the sourcing scripts
+LAUNCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO_ROOT=$(cd "$LAUNCH_DIR/.." && pwd)
+RUNS_FILE=${PREFIXLM_RUNS_FILE:-$LAUNCH_DIR/runs.txt}
+
+# ---------------------------------------------------------------------------------------------
+# Defaults. Every value comes from the environment variable of the same name when it is set, and a
+# flag of tpu_vm.sh / sweep.sh overrides both. Empty TPU_ZONE / TPU_VERSION are derived from
+# TPU_TYPE by tpu_resolve below; empty TPU_PROJECT means gcloud's configured project.
+# Remote paths other than PREFIXLM_REMOTE_DIR are relative to the checkout on the worker
+# (commands run there), PREFIXLM_REMOTE_DIR is relative to the worker's home directory.
+# ---------------------------------------------------------------------------------------------
+: "${TPU_NAME:=prefixlm}"                       # TPU VM name (and queued-resource id)
+: "${TPU_TYPE:=v4-8}"                           # accelerator type: v4-8, v5litepod-8, v4-16, ...
+: "${TPU_ZONE:=}"                               # derived from TPU_TYPE when empty
+: "${TPU_VERSION:=}"                            # TPU runtime (software) version; derived when empty
+: "${TPU_PROJECT:=}"                            # GCP project; empty: `gcloud config get project`
+: "${TPU_SPOT:=0}"                              # 1: spot capacity (cheaper, can be preempted)
+: "${TPU_QUEUED:=0}"                            # 1: create/delete through queued resources
+: "${TPU_SSH_FLAGS:=}"                          # extra ssh/scp flags, e.g. --tunnel-through-iap
+: "${PREFIXLM_BUCKET:=}"                        # gs://BUCKET[/PREFIX]: runs and shared shards live here
+: "${PREFIXLM_WORKDIR_ROOT:=}"                  # empty: $PREFIXLM_BUCKET/runs, else ../prefixlm_runs
+: "${PREFIXLM_REPO_URL:=}"                      # empty: copy this working tree; else git clone URL
+: "${PREFIXLM_REPO_REF:=}"                      # branch/tag/commit to check out with PREFIXLM_REPO_URL
+: "${PREFIXLM_REMOTE_DIR:=prefixlm}"            # checkout on each worker, relative to its home
+: "${PREFIXLM_DATA_DIR:=../prefixlm_data}"      # raw/ parquet and shards/ on each worker's disk
+: "${PREFIXLM_SHARDS:=}"                        # empty: $PREFIXLM_DATA_DIR/shards
+: "${PREFIXLM_LOG_DIR:=../prefixlm_logs}"       # per-worker logs and pid files
+: "${PREFIXLM_TOKENS:=2e9}"                     # tokens to download for the full experiment
+: "${PREFIXLM_PYTHON_VERSION:=3.11}"            # the worker venv's Python (uv fetches it)
+# The TPU build of the pinned jax; the find-links page carries libtpu wheels for older pins.
+: "${PREFIXLM_JAX_TPU:=jax[tpu]==0.10.2}"
+: "${PREFIXLM_LIBTPU_URL:=https://storage.googleapis.com/jax-releases/libtpu_releases.html}"
+# The pinned torch (used by export/lm-eval only) from PyPI is a CUDA build on Linux; take the CPU one.
+: "${PREFIXLM_PIP_FLAGS:=--extra-index-url https://download.pytorch.org/whl/cpu}"
+: "${DRY_RUN:=0}"                               # 1: print commands, run nothing
+
+die() { echo "error: $*" >&2; exit 2; }
+
+# Quote one word for bash only when it needs it, so printed commands stay readable and pasteable.
+shell_quote() {
+  local s=$1
+  if [[ -n $s && $s =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then
+    printf '%s' "$s"
+  else
+    printf "'%s'" "${s//\'/\'\\\'\'}"
+  fi
+}
+
+quote_cmd() {
+  local out=() w
+  for w in "$@"; do out+=("$(shell_quote "$w")"); done
+  printf '%s\n' "${out[*]}"
+}
+
+# Print a command as `+ cmd ...`, then run it unless DRY_RUN=1.
+run_cmd() {
+  echo "+ $(quote_cmd "$@")"
+  if [[ $DRY_RUN == 1 ]]; then return 0; fi
+  "$@"
+}
+
+# RUN_NAMES[i] and RUN_CONFIGS[i] from launch/runs.txt (comments and blank lines skipped).
+load_runs() {
+  RUN_NAMES=()
+  RUN_CONFIGS=()
+  local name config extra
+  [[ -f $RUNS_FILE ]] || die "run list $RUNS_FILE not found"
+  while read -r name config extra || [[ -n ${name:-} ]]; do
+    [[ -z ${name:-} || $name == \#* ]] && continue
+    [[ -n ${config:-} && -z ${extra:-} ]] \
+      || die "$RUNS_FILE: line for '$name' must be 'RUN_NAME CONFIG'"
+    RUN_NAMES+=("$name")
+    RUN_CONFIGS+=("$config")
+  done < "$RUNS_FILE"
+  [[ ${#RUN_NAMES[@]} -gt 0 ]] || die "$RUNS_FILE lists no runs"
+}
+
+# The run name for a config string: its name in runs.txt, else derived from it
+# (configs/prefix_norm.py:eps=0.1 -> prefix_norm_eps0p1).
+run_name_for_config() {
+  local config=$1 i
+  load_runs
+  for i in "${!RUN_CONFIGS[@]}"; do
+    if [[ ${RUN_CONFIGS[$i]} == "$config" ]]; then printf '%s\n' "${RUN_NAMES[$i]}"; return; fi
+  done
+  local base=${config##*/} args=""
+  [[ $base == *:* ]] && args=${base#*:}
+  base=${base%%:*}
+  base=${base%.py}
+  args=${args//./p}
+  args=${args//[^A-Za-z0-9]/}
+  printf '%s\n' "${base}${args:+_$args}"
+}
+
+# TRAIN_ARGV: the one training command line, shared by `tpu_vm.sh train`, sweep.sh and the plans.
+train_argv() {
+  local python=$1 config=$2 workdir=$3
+  shift 3
+  # shellcheck disable=SC2034
+  TRAIN_ARGV=("$python" -m prefixlm.main "--config=$config" "--workdir=$workdir" "$@")
+}
+
+# Zone and runtime version for an accelerator type, when not given. Availability changes: check
+# `gcloud compute tpus accelerator-types list --zone=Z` and `gcloud compute tpus tpu-vm versions list`.
+tpu_resolve() {
+  local gen=${TPU_TYPE%%-*}
+  case $gen in
+    v4) : "${TPU_ZONE:=us-central2-b}"; : "${TPU_VERSION:=tpu-ubuntu2204-base}" ;;
+    v5litepod) : "${TPU_ZONE:=us-west4-a}"; : "${TPU_VERSION:=v2-alpha-tpuv5-lite}" ;;
+    v5p) : "${TPU_ZONE:=us-east5-a}"; : "${TPU_VERSION:=v2-alpha-tpuv5}" ;;
+    v6e) : "${TPU_ZONE:=us-east5-b}"; : "${TPU_VERSION:=v2-alpha-tpuv6e}" ;;
+    v2 | v3) : "${TPU_VERSION:=tpu-ubuntu2204-base}" ;;
+    *) die "unknown accelerator type '$TPU_TYPE' (TPU_TYPE / --type); expected e.g. v4-8 or v5litepod-8" ;;
+  esac
+  [[ -n $TPU_ZONE ]] || die "no default zone for $TPU_TYPE: pass --zone or set TPU_ZONE"
+  if [[ -z $PREFIXLM_WORKDIR_ROOT ]]; then
+    if [[ -n $PREFIXLM_BUCKET ]]; then PREFIXLM_WORKDIR_ROOT=${PREFIXLM_BUCKET%/}/runs
+    else PREFIXLM_WORKDIR_ROOT=../prefixlm_runs; fi
+  fi
+  : "${PREFIXLM_SHARDS:=${PREFIXLM_DATA_DIR%/}/shards}"
+}
+
+# Hosts (TPU VM workers) in a slice of TPU_TYPE. v2-v4/v5p count TensorCores (2 per chip, 4 chips
+# per host); v5e/v6e count chips, 8 on a single host and 4 per host in multi-host slices.
+tpu_hosts() {
+  local gen=${TPU_TYPE%%-*} n=${TPU_TYPE##*-}
+  [[ $n =~ ^[0-9]+$ ]] || die "cannot read the size of accelerator type '$TPU_TYPE'"
+  case $gen in
+    v5litepod | v6e) if ((n <= 8)); then echo 1; else echo $((n / 4)); fi ;;
+    *) if ((n <= 8)); then echo 1; else echo $((n / 8)); fi ;;
+  esac
+}

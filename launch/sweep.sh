@@ -1,0 +1,149 @@
+#!/usr/bin/env bash
+# Run the seven runs of launch/runs.txt one after another on this machine (CPU, GPU or one TPU VM
+# worker). Finished runs (WORKDIR_ROOT/RUN/DONE exists) are skipped; an unfinished one resumes from
+# its last checkpoint because prefixlm.main resumes by default. Stops at the first failed run.
+set -euo pipefail
+# shellcheck source=launch/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
+usage() {
+  cat <<EOF
+Usage: launch/sweep.sh [options] [--] [--config.KEY=VALUE ...]
+
+Runs, in order, every run of $RUNS_FILE (RUN_NAME CONFIG per line):
+  PYTHON -m prefixlm.main --config=CONFIG --workdir=WORKDIR_ROOT/RUN_NAME [--config.data.path=DATA] [overrides]
+and writes WORKDIR_ROOT/RUN_NAME/DONE when it exits 0. Runs with a DONE file are skipped, so
+running the sweep again resumes it. Runs from the repository root ($REPO_ROOT).
+
+Options:
+  --dry-run            print the commands, run nothing (DONE files on local disk are still checked)
+  --no-check           with --dry-run: do not look for DONE files (print all runs; tpu_vm.sh plans)
+  --workdir-root DIR   parent of the run workdirs; local path or gs://...  [PREFIXLM_WORKDIR_ROOT, default runs]
+  --data PATH          token shards, passed as --config.data.path  [PREFIXLM_SHARDS, default: the config's]
+  --python PY          interpreter  [default .venv/bin/python if present, else python3]
+  --only A,B           run only these run names (to split the sweep over machines)
+  --log-dir DIR        write each run's output to DIR/RUN_NAME.log (DIR/latest.log links to the current one)
+  --list               print the run names and configs, then exit
+  -h, --help           this help
+Any --config.KEY=VALUE argument (or everything after --) is passed to every run, e.g.
+  launch/sweep.sh --workdir-root out/smoke -- --config.train.steps=20 --config.checkpoint.every=10
+A DONE file on gs:// is read and written with 'gcloud storage'.
+EOF
+}
+
+main() {
+  local dry_run=$DRY_RUN no_check=0 root=${PREFIXLM_WORKDIR_ROOT:-runs} data=${PREFIXLM_SHARDS:-}
+  local python="" only="" log_dir="" list=0
+  local overrides=()
+  while (($#)); do
+    case $1 in
+      --dry-run) dry_run=1 ;;
+      --no-check) no_check=1 ;;
+      --workdir-root) root=${2:?--workdir-root needs a value}; shift ;;
+      --workdir-root=*) root=${1#*=} ;;
+      --data) data=${2:?--data needs a value}; shift ;;
+      --data=*) data=${1#*=} ;;
+      --python) python=${2:?--python needs a value}; shift ;;
+      --python=*) python=${1#*=} ;;
+      --only) only=${2:?--only needs a value}; shift ;;
+      --only=*) only=${1#*=} ;;
+      --log-dir) log_dir=${2:?--log-dir needs a value}; shift ;;
+      --log-dir=*) log_dir=${1#*=} ;;
+      --list) list=1 ;;
+      -h | --help) usage; return 0 ;;
+      --) shift; overrides+=("$@"); break ;;
+      --config.*) overrides+=("$1") ;;
+      *) die "sweep.sh: unknown argument '$1' (overrides look like --config.train.steps=100; see --help)" ;;
+    esac
+    shift
+  done
+  DRY_RUN=$dry_run
+  cd "$REPO_ROOT"
+  if [[ -z $python ]]; then
+    if [[ -x .venv/bin/python ]]; then python=.venv/bin/python; else python=python3; fi
+  fi
+  load_runs
+  local n=${#RUN_NAMES[@]} i name
+  if ((list)); then
+    for i in "${!RUN_NAMES[@]}"; do printf '%s %s\n' "${RUN_NAMES[$i]}" "${RUN_CONFIGS[$i]}"; done
+    return 0
+  fi
+  if [[ -n $only ]]; then
+    local want found
+    IFS=, read -r -a want <<< "$only"
+    for name in "${want[@]}"; do
+      found=0
+      for i in "${!RUN_NAMES[@]}"; do [[ ${RUN_NAMES[$i]} == "$name" ]] && found=1; done
+      ((found)) || die "--only: no run named '$name' in $RUNS_FILE (sweep.sh --list shows them)"
+    done
+  fi
+  [[ -n $data ]] && overrides=("--config.data.path=$data" "${overrides[@]}")
+  [[ -n $log_dir && $dry_run != 1 ]] && mkdir -p "$log_dir"
+
+  local ran=0 skipped=0 wd
+  for i in "${!RUN_NAMES[@]}"; do
+    name=${RUN_NAMES[$i]}
+    if [[ -n $only && ",$only," != *",$name,"* ]]; then continue; fi
+    wd=${root%/}/$name
+    if ((!no_check)) && is_done "$wd" "$dry_run"; then
+      echo "= [$((i + 1))/$n] $name: done ($wd/DONE exists), skipped"
+      skipped=$((skipped + 1))
+      continue
+    fi
+    train_argv "$python" "${RUN_CONFIGS[$i]}" "$wd" "${overrides[@]}"
+    echo "# [$((i + 1))/$n] $name"
+    if [[ -n $log_dir ]]; then
+      echo "+ $(quote_cmd "${TRAIN_ARGV[@]}") >> $(shell_quote "$log_dir/$name.log") 2>&1"
+    else
+      echo "+ $(quote_cmd "${TRAIN_ARGV[@]}")"
+    fi
+    ran=$((ran + 1))
+    [[ $dry_run == 1 ]] && continue
+    local rc=0 start=$SECONDS
+    if [[ -n $log_dir ]]; then
+      ln -sfn "$name.log" "$log_dir/latest.log"
+      "${TRAIN_ARGV[@]}" >> "$log_dir/$name.log" 2>&1 || rc=$?
+    else
+      "${TRAIN_ARGV[@]}" || rc=$?
+    fi
+    if ((rc != 0)); then
+      echo "! $name failed (exit $rc) after $((SECONDS - start)) s; run the sweep again to resume it" >&2
+      return "$rc"
+    fi
+    mark_done "$wd"
+    echo "= $name finished in $((SECONDS - start)) s"
+  done
+  if [[ $dry_run == 1 ]]; then
+    echo "# dry run: $ran run(s) would start, $skipped already done"
+  else
+    echo "# sweep finished: $ran run(s) trained, $skipped already done"
+  fi
+}
+
+# Does WORKDIR/DONE exist? gs:// is not looked up in a dry run (nothing may be called).
+is_done() {
+  local wd=$1 dry=$2
+  if [[ $wd == gs://* ]]; then
+    [[ $dry == 1 ]] && return 1
+    gcloud storage ls "$wd/DONE" > /dev/null 2>&1
+  else
+    [[ -f $wd/DONE ]]
+  fi
+}
+
+mark_done() {
+  local wd=$1 stamp
+  stamp="finished $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(hostname)"
+  if [[ $wd == gs://* ]]; then
+    local tmp
+    tmp=$(mktemp)
+    echo "$stamp" > "$tmp"
+    run_cmd gcloud storage cp --quiet "$tmp" "$wd/DONE"
+    rm -f "$tmp"
+  else
+    mkdir -p "$wd"
+    echo "$stamp" > "$wd/DONE"
+  fi
+}
+
+main "$@"

@@ -1,0 +1,357 @@
+"""launch/: the TPU VM script and the local sweep, without a cloud.
+
+A fake `gcloud` first on PATH either fails when called (dry runs must call nothing), records its
+arguments, or plays one TPU VM worker by running the `--command` script in a temporary home, so the
+remote scripts themselves (detached start, status, stop, the remote sweep) run for real.
+"""
+
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TPU_VM = ROOT / "launch" / "tpu_vm.sh"
+SWEEP = ROOT / "launch" / "sweep.sh"
+
+RUNS = [
+    ("ce_seed0", "configs/ce.py"),
+    ("label_smoothing_eps0p1_seed0", "configs/label_smoothing.py"),
+    ("prefix_simple_eps0p1_seed0", "configs/prefix_simple.py"),
+    ("prefix_unnorm_eps0p1_seed0", "configs/prefix_unnorm.py:eps=0.1"),
+    ("prefix_unnorm_eps1p0_seed0", "configs/prefix_unnorm.py:eps=1.0"),
+    ("prefix_norm_eps0p1_seed0", "configs/prefix_norm.py:eps=0.1"),
+    ("prefix_norm_eps1p0_seed0", "configs/prefix_norm.py:eps=1.0"),
+]
+
+SUBCOMMANDS = ["create", "setup", "data", "data-sync", "train configs/ce.py", "sweep", "logs",
+               "status", "stop", "ssh", "delete"]
+
+
+def _write_exe(path: Path, text: str) -> Path:
+    path.write_text(textwrap.dedent(text).lstrip())
+    path.chmod(0o755)
+    return path
+
+
+def _env(bin_dir: Path, **extra) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("TPU_", "PREFIXLM_")) and k != "DRY_RUN"}
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
+    env.update(extra)
+    return env
+
+
+def _run(args, env, check=True, cwd=ROOT):
+    proc = subprocess.run([str(a) for a in args], env=env, cwd=cwd, capture_output=True,
+                          text=True, timeout=60)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture
+def forbidden_gcloud(tmp_path):
+    """A gcloud that must not be called: it leaves a marker and fails."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    marker = tmp_path / "gcloud_was_called"
+    _write_exe(bin_dir / "gcloud", f"""
+        #!/usr/bin/env bash
+        echo "$*" >> {shlex.quote(str(marker))}
+        echo "fake gcloud: a dry run must not call gcloud" >&2
+        exit 97
+        """)
+    return bin_dir, marker
+
+
+def _train_lines(out: str) -> list[str]:
+    return [line for line in out.splitlines() if "-m prefixlm.main" in line]
+
+
+def test_run_list_is_the_seven_runs():
+    rows = [line.split() for line in (ROOT / "launch" / "runs.txt").read_text().splitlines()
+            if line.strip() and not line.startswith("#")]
+    assert [tuple(r) for r in rows] == RUNS
+
+
+def test_help(forbidden_gcloud):
+    bin_dir, marker = forbidden_gcloud
+    env = _env(bin_dir)
+    out = _run([TPU_VM, "--help"], env).stdout
+    for sub in ["create", "setup", "data", "data-sync", "train", "sweep", "logs", "status",
+                "stop", "ssh", "delete"]:
+        assert f"\n  {sub}" in out, sub
+    for var in ["TPU_NAME", "TPU_TYPE", "TPU_ZONE", "TPU_VERSION", "TPU_PROJECT", "TPU_SPOT",
+                "TPU_QUEUED", "PREFIXLM_BUCKET", "PREFIXLM_WORKDIR_ROOT", "jax[tpu]==0.10.2"]:
+        assert var in out, var
+    assert _run([TPU_VM], env).stdout == out  # no subcommand: help
+    assert "--workdir-root" in _run([SWEEP, "--help"], env).stdout
+    assert _run([TPU_VM, "frobnicate"], env, check=False).returncode != 0
+    assert not marker.exists()
+
+
+def test_tpu_vm_sweep_dry_run_prints_the_seven_train_commands(forbidden_gcloud):
+    bin_dir, marker = forbidden_gcloud
+    out = _run([TPU_VM, "sweep", "--dry-run", "--bucket", "gs://bkt/exp",
+                "--config.train.steps=7"], _env(bin_dir)).stdout
+    lines = _train_lines(out)
+    assert len(lines) == 7, out
+    for line, (name, config) in zip(lines, RUNS, strict=True):
+        assert f"--config={config} " in line
+        assert f"--workdir=gs://bkt/exp/runs/{name} " in line
+        assert line.endswith("--config.train.steps=7")
+    gcloud = [line for line in out.splitlines() if line.startswith("+ gcloud ")]
+    assert len(gcloud) == 1 and "tpu-vm ssh prefixlm" in gcloud[0]
+    assert "--worker=all" in gcloud[0] and "launch/sweep.sh" in gcloud[0]
+    assert not marker.exists()
+
+
+def test_sweep_sh_dry_run_prints_the_seven_train_commands(forbidden_gcloud, tmp_path):
+    bin_dir, marker = forbidden_gcloud
+    out = _run([SWEEP, "--dry-run", "--workdir-root", tmp_path / "runs", "--data", "/d/shards",
+                "--", "--config.train.steps=3"], _env(bin_dir)).stdout
+    lines = _train_lines(out)
+    assert len(lines) == 7, out
+    for line, (name, config) in zip(lines, RUNS, strict=True):
+        argv = shlex.split(line.removeprefix("+ "))
+        assert argv[1:] == ["-m", "prefixlm.main", f"--config={config}",
+                            f"--workdir={tmp_path / 'runs' / name}",
+                            "--config.data.path=/d/shards", "--config.train.steps=3"]
+    assert not (tmp_path / "runs").exists()
+    # gs:// roots: DONE files are not looked up in a dry run (that would call gcloud).
+    out = _run([SWEEP, "--dry-run", "--workdir-root", "gs://b/runs"], _env(bin_dir)).stdout
+    assert len(_train_lines(out)) == 7
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("sub", SUBCOMMANDS)
+def test_every_subcommand_dry_run_prints_gcloud_and_runs_nothing(forbidden_gcloud, sub):
+    bin_dir, marker = forbidden_gcloud
+    args = [TPU_VM, "--dry-run", "--bucket", "gs://bkt/exp", *sub.split()]
+    out = _run(args, _env(bin_dir)).stdout
+    assert "+ gcloud compute tpus " in out, out
+    assert not marker.exists(), marker.read_text()
+    # DRY_RUN=1 in the environment works like the flag.
+    out = _run([TPU_VM, "--bucket", "gs://bkt/exp", *sub.split()], _env(bin_dir, DRY_RUN="1")).stdout
+    assert "+ gcloud compute tpus " in out
+    assert not marker.exists()
+
+
+def _recording_gcloud(tmp_path) -> tuple[Path, Path]:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "calls"
+    calls.mkdir()
+    # One file per call: its arguments, NUL-separated.
+    _write_exe(bin_dir / "gcloud", f"""
+        #!/usr/bin/env bash
+        n=$(ls {shlex.quote(str(calls))} | wc -l)
+        printf '%s\\0' "$@" > {shlex.quote(str(calls))}/$(printf %03d "$n")
+        """)
+    return bin_dir, calls
+
+
+def _calls(calls: Path) -> list[list[str]]:
+    return [p.read_text().split("\0")[:-1] for p in sorted(calls.iterdir())]
+
+
+def test_gcloud_calls_and_remote_scripts_parse(tmp_path):
+    """Each subcommand's real gcloud calls: flags as documented, remote scripts valid bash."""
+    bin_dir, calls = _recording_gcloud(tmp_path)
+    env = _env(bin_dir, TPU_PROJECT="proj", TPU_TYPE="v5litepod-8", TPU_NAME="exp1")
+    for sub in SUBCOMMANDS:
+        before = len(_calls(calls))
+        _run([TPU_VM, "--bucket", "gs://bkt/exp", *sub.split()], env)
+        new = _calls(calls)[before:]
+        assert new, sub
+        for argv in new:
+            assert argv[:3] == ["compute", "tpus", "tpu-vm"], argv
+            assert "exp1" in argv[3:5] or "exp1:prefixlm-src.tgz" in argv
+            assert "--zone=us-west4-a" in argv and "--project=proj" in argv
+            scripts = [a.removeprefix("--command=") for a in argv if a.startswith("--command=")]
+            for script in scripts:
+                syntax = subprocess.run(["bash", "-n", "-c", script], capture_output=True, text=True)
+                assert syntax.returncode == 0, (sub, script, syntax.stderr)
+    create = _calls(calls)[0]
+    assert create[3:5] == ["create", "exp1"]
+    assert "--accelerator-type=v5litepod-8" in create and "--version=v2-alpha-tpuv5-lite" in create
+    setup_script = next(a for c in _calls(calls) for a in c
+                        if a.startswith("--command=") and "requirements.txt" in a)
+    assert "'jax[tpu]==0.10.2' -f https://storage.googleapis.com/jax-releases/libtpu_releases.html" \
+        in setup_script
+
+
+def test_create_and_delete_spot_and_queued(forbidden_gcloud):
+    bin_dir, marker = forbidden_gcloud
+    env = _env(bin_dir)
+    out = _run([TPU_VM, "create", "--dry-run", "--spot", "--type", "v4-32"], env).stdout
+    assert "+ gcloud compute tpus tpu-vm create prefixlm --zone=us-central2-b " \
+        "--accelerator-type=v4-32 --version=tpu-ubuntu2204-base --spot" in out
+    out = _run([TPU_VM, "create", "--dry-run", "--queued", "--spot", "--", "--reserved"], env).stdout
+    assert "+ gcloud compute tpus queued-resources create prefixlm --zone=us-central2-b " \
+        "--node-id=prefixlm --accelerator-type=v4-8 --runtime-version=tpu-ubuntu2204-base " \
+        "--spot --reserved" in out
+    out = _run([TPU_VM, "delete", "--dry-run", "--queued"], env).stdout
+    assert "+ gcloud compute tpus queued-resources delete prefixlm --zone=us-central2-b --force" in out
+    assert not marker.exists()
+
+
+def test_multi_host_slices_need_a_bucket(forbidden_gcloud):
+    bin_dir, marker = forbidden_gcloud
+    env = _env(bin_dir)
+    for sub in (["train", "configs/ce.py"], ["sweep"], ["data"]):
+        proc = _run([TPU_VM, "--dry-run", "--type", "v4-16", *sub], env, check=False)
+        assert proc.returncode != 0 and "gs://" in proc.stderr, (sub, proc.stderr)
+        _run([TPU_VM, "--dry-run", "--type", "v4-16", "--bucket", "gs://b", *sub], env)
+    out = _run([TPU_VM, "--dry-run", "--type", "v4-16", "--bucket", "gs://b", "data"], env).stdout
+    assert "gcloud storage rsync --recursive ../prefixlm_data/shards gs://b/data/shards" in out
+    assert not marker.exists()
+
+
+def test_train_run_names(forbidden_gcloud):
+    bin_dir, _ = forbidden_gcloud
+    env = _env(bin_dir)
+
+    def workdir(*args):
+        line = _train_lines(_run([TPU_VM, "--dry-run", "train", *args], env).stdout)[0]
+        return line.split("--workdir=")[1].split()[0]
+
+    assert workdir("configs/prefix_norm.py:eps=1.0") == "../prefixlm_runs/prefix_norm_eps1p0_seed0"
+    assert workdir("configs/prefix_norm.py:demo,eps=0.5") == "../prefixlm_runs/prefix_norm_demoeps0p5"
+    assert workdir("configs/ce.py", "--run", "mine") == "../prefixlm_runs/mine"
+
+
+def _fake_python(path: Path, record: Path) -> Path:
+    """Records its --config and fails when it names $FAIL_CONFIG."""
+    return _write_exe(path, f"""
+        #!/usr/bin/env bash
+        echo "$*" >> {shlex.quote(str(record))}
+        for a in "$@"; do
+          if [[ -n "${{FAIL_CONFIG:-}}" && "$a" == "--config=$FAIL_CONFIG" ]]; then exit 3; fi
+        done
+        echo "step 1 loss 1.0"
+        """)
+
+
+def test_sweep_sh_skips_finished_runs_and_resumes(forbidden_gcloud, tmp_path):
+    bin_dir, marker = forbidden_gcloud
+    record = tmp_path / "record"
+    python = _fake_python(tmp_path / "python", record)
+    root = tmp_path / "runs"
+    args = [SWEEP, "--python", python, "--workdir-root", root, "--config.train.steps=2"]
+
+    proc = _run(args, _env(bin_dir, FAIL_CONFIG=RUNS[2][1]), check=False)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert sorted(p.parent.name for p in root.glob("*/DONE")) == sorted(n for n, _ in RUNS[:2])
+    assert len(record.read_text().splitlines()) == 3
+
+    record.unlink()
+    out = _run(args, _env(bin_dir)).stdout
+    ran = record.read_text().splitlines()
+    assert [line.split()[2] for line in ran] == [f"--config={c}" for _, c in RUNS[2:]]
+    assert all(line.endswith("--config.train.steps=2") for line in ran)
+    assert out.count("done (") == 2
+    assert sorted(p.parent.name for p in root.glob("*/DONE")) == sorted(n for n, _ in RUNS)
+
+    record.unlink()
+    out = _run([*args, "--dry-run"], _env(bin_dir)).stdout
+    assert _train_lines(out) == [] and out.count("skipped") == 7
+    _run(args, _env(bin_dir))
+    assert not record.exists()
+
+    out = _run([SWEEP, "--python", python, "--workdir-root", tmp_path / "only",
+                "--only", "ce_seed0,prefix_norm_eps1p0_seed0", "--log-dir", tmp_path / "logs"],
+               _env(bin_dir)).stdout
+    assert len(_train_lines(out)) == 2
+    assert (tmp_path / "logs" / "ce_seed0.log").read_text() == "step 1 loss 1.0\n"
+    assert os.readlink(tmp_path / "logs" / "latest.log") == "prefix_norm_eps1p0_seed0.log"
+    assert _run([SWEEP, "--only", "nope", "--dry-run"], _env(bin_dir), check=False).returncode != 0
+    assert not marker.exists()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_simulated_worker_train_status_stop_and_remote_sweep(tmp_path):
+    """The remote scripts run for real on one simulated worker (the fake gcloud's home)."""
+    home = tmp_path / "home"
+    checkout = home / "prefixlm"
+    (checkout / ".venv" / "bin").mkdir(parents=True)
+    shutil.copytree(ROOT / "launch", checkout / "launch")
+    (home / "prefixlm_data" / "shards").mkdir(parents=True)
+    (home / "prefixlm_data" / "shards" / "stats.json").write_text("{}")
+    _write_exe(checkout / ".venv" / "bin" / "python", """
+        #!/usr/bin/env bash
+        echo "fakepython $*"
+        sleep "${FAKE_SLEEP:-0}"
+        """)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _write_exe(bin_dir / "gcloud", f"""
+        #!/usr/bin/env bash
+        [[ "$1 $2 $3 $4" == "compute tpus tpu-vm ssh" ]] || exit 0
+        for a in "$@"; do [[ $a == --command=* ]] && cmd=${{a#--command=}}; done
+        cd {shlex.quote(str(home))} && HOME={shlex.quote(str(home))} exec bash -c "$cmd"
+        """)
+    logs = home / "prefixlm_logs"
+    pid = None
+    try:
+        env = _env(bin_dir, FAKE_SLEEP="30")
+        out = _run([TPU_VM, "train", "configs/prefix_norm.py:eps=0.1", "--config.train.steps=5"],
+                   env).stdout
+        assert "started prefix_norm_eps0p1_seed0" in out
+        pid = int((logs / "running.pid").read_text())
+        assert _alive(pid) and os.getpgid(pid) == pid  # its own process group, for `stop`
+        assert (logs / "running.job").read_text().strip() == "prefix_norm_eps0p1_seed0"
+        second = _run([TPU_VM, "sweep"], env, check=False)
+        assert second.returncode != 0 and "still running" in second.stderr
+        assert "running prefix_norm_eps0p1_seed0" in _run([TPU_VM, "status"], env).stdout
+        for _ in range(50):
+            if "--config.train.steps=5" in (logs / "latest.log").read_text():
+                break
+            time.sleep(0.1)
+        assert "--workdir=../prefixlm_runs/prefix_norm_eps0p1_seed0" in \
+            _run([TPU_VM, "logs"], env).stdout
+        assert "stopped prefix_norm_eps0p1_seed0" in _run([TPU_VM, "stop"], env).stdout
+        assert not _alive(pid)
+        assert "idle" in _run([TPU_VM, "status"], env).stdout
+
+        env = _env(bin_dir, FAKE_SLEEP="0")
+        _run([TPU_VM, "sweep", "--config.train.steps=9"], env)
+        pid = int((logs / "running.pid").read_text())
+        for _ in range(100):
+            if not _alive(pid):
+                break
+            time.sleep(0.1)
+        sweep_log = (logs / "sweep.log").read_text()
+        assert "sweep finished: 7 run(s) trained" in sweep_log, sweep_log
+        done = sorted(p.parent.name for p in (home / "prefixlm_runs").glob("*/DONE"))
+        assert done == sorted(n for n, _ in RUNS)
+        assert "--config.train.steps=9" in (logs / "ce_seed0.log").read_text()
+        assert "sweep finished" in _run([TPU_VM, "logs", "sweep"], env).stdout
+    finally:
+        if pid is not None and _alive(pid):
+            os.killpg(pid, signal.SIGKILL)
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None,
+                    reason="shellcheck not installed (apt-get install shellcheck); CI must install it")
+def test_shellcheck_clean():
+    scripts = sorted(str(p) for p in (ROOT / "launch").glob("*.sh"))
+    proc = subprocess.run(["shellcheck", *scripts], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
