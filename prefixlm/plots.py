@@ -1,6 +1,7 @@
 """Plots: prefix-set statistics of a vocabulary, and metric curves across runs.
 
     python -m prefixlm.plots prefix-counts --tokenizer llama3 --output DIR
+    python -m prefixlm.plots targets --word " personality" --output DIR
     python -m prefixlm.plots metrics RUN_DIR... --output DIR
 
 ``prefix-counts`` is the seed's ``plot_prefix_counts.py``: a histogram of |P(s)| over the
@@ -122,6 +123,72 @@ def prefix_counts_main(args) -> int:
     return 0
 
 
+SEVEN_TARGETS = (  # (label, objective name, eps): the seed's seven runs
+    ("ce", "ce", 0.0),
+    ("label_smoothing eps=0.1", "label_smoothing", 0.1),
+    ("prefix_simple eps=0.1", "prefix_simple", 0.1),
+    ("prefix_unnorm eps=0.1", "prefix_unnorm", 0.1),
+    ("prefix_unnorm eps=1.0", "prefix_unnorm", 1.0),
+    ("prefix_norm eps=0.1", "prefix_norm", 0.1),
+    ("prefix_norm eps=1.0", "prefix_norm", 1.0),
+)
+
+
+def target_rows(tok, gold_id: int, runs=SEVEN_TARGETS, **kwargs) -> tuple[list[int], dict]:
+    """q restricted to the gold token and its prefixes, for each objective; plus the support."""
+    from prefixlm import objectives, prefixes
+
+    index = prefixes.build(tok.token_bytes)
+    support = index.prefixes_of(gold_id) + [gold_id]
+    rows = {}
+    for label, name, eps in runs:
+        obj = objectives.build(name, tok.token_bytes, eps=eps, index=index, **kwargs)
+        rows[label] = np.asarray(obj.target([gold_id]))[0, support]
+    return support, rows
+
+
+def plot_targets(tok, word: str, path: pathlib.Path, **kwargs) -> None:
+    """Bar charts of the seven target distributions over the gold token's prefixes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ids = tok.encode(word)
+    if len(ids) != 1:
+        raise ValueError(f"{word!r} is {len(ids)} tokens {ids}; pick a word that is one token "
+                         "(a leading space often helps: ' personality')")
+    support, rows = target_rows(tok, ids[0], **kwargs)
+    labels = [_printable(tok.token_bytes[i]) for i in support]
+    fig, axes = plt.subplots(1, len(rows), figsize=(2.6 * len(rows), 3.8), sharey=True)
+    for ax, (label, q) in zip(axes, rows.items(), strict=True):
+        colors = ["#3b6ea8"] * (len(q) - 1) + ["#a83b3b"]
+        ax.barh(range(len(q)), q, color=colors)
+        ax.set_title(label, fontsize=9)
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("q")
+        for y, v in enumerate(q):
+            if v > 0:
+                ax.text(min(v + 0.02, 0.7), y, f"{v:.3f}", va="center", fontsize=7)
+    axes[0].set_yticks(range(len(labels)), labels, fontsize=8)
+    fig.suptitle(f"Target distributions for gold token {word!r} (red) over its prefixes P(s)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def targets_main(args) -> int:
+    from prefixlm import tokenizer
+
+    tok = tokenizer.load(args.tokenizer)
+    out = pathlib.Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"targets_{args.word.strip() or 'space'}.png"
+    plot_targets(tok, args.word, path, prefix_set=args.prefix_set)
+    print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m prefixlm.plots",
@@ -133,6 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="'llama3' (offline, from llama-models) or an HF hub id / local dir")
     pc.add_argument("--output", required=True, help="directory for the PNG, .md and .json")
     pc.set_defaults(func=prefix_counts_main)
+    tg = sub.add_parser("targets", help="the seven target distributions for one gold token")
+    tg.add_argument("--word", default=" personality", help="text that is a single token")
+    tg.add_argument("--tokenizer", default="llama3")
+    tg.add_argument("--prefix-set", default="proper", choices=("proper", "with_gold"))
+    tg.add_argument("--output", required=True, help="directory for the PNG")
+    tg.set_defaults(func=targets_main)
     return parser
 
 
