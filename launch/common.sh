@@ -12,7 +12,8 @@ RUNS_FILE=${PREFIXLM_RUNS_FILE:-$LAUNCH_DIR/runs.txt}
 # flag of tpu_vm.sh / sweep.sh overrides both. Empty TPU_ZONE / TPU_VERSION are derived from
 # TPU_TYPE by tpu_resolve below; empty TPU_PROJECT means gcloud's configured project.
 # Remote paths other than PREFIXLM_REMOTE_DIR are relative to the checkout on the worker
-# (commands run there), PREFIXLM_REMOTE_DIR is relative to the worker's home directory.
+# (commands run there; data/, runs/ and out/ are git-ignored, so `setup` never copies or clobbers
+# them), PREFIXLM_REMOTE_DIR is relative to the worker's home directory.
 # ---------------------------------------------------------------------------------------------
 : "${TPU_NAME:=prefixlm}"                       # TPU VM name (and queued-resource id)
 : "${TPU_TYPE:=v4-8}"                           # accelerator type: v4-8, v5litepod-8, v4-16, ...
@@ -23,13 +24,13 @@ RUNS_FILE=${PREFIXLM_RUNS_FILE:-$LAUNCH_DIR/runs.txt}
 : "${TPU_QUEUED:=0}"                            # 1: create/delete through queued resources
 : "${TPU_SSH_FLAGS:=}"                          # extra ssh/scp flags, e.g. --tunnel-through-iap
 : "${PREFIXLM_BUCKET:=}"                        # gs://BUCKET[/PREFIX]: runs and shared shards live here
-: "${PREFIXLM_WORKDIR_ROOT:=}"                  # empty: $PREFIXLM_BUCKET/runs, else ../prefixlm_runs
+: "${PREFIXLM_WORKDIR_ROOT:=}"                  # empty: $PREFIXLM_BUCKET/runs, else runs
 : "${PREFIXLM_REPO_URL:=}"                      # empty: copy this working tree; else git clone URL
 : "${PREFIXLM_REPO_REF:=}"                      # branch/tag/commit to check out with PREFIXLM_REPO_URL
 : "${PREFIXLM_REMOTE_DIR:=prefixlm}"            # checkout on each worker, relative to its home
-: "${PREFIXLM_DATA_DIR:=../prefixlm_data}"      # raw/ parquet and shards/ on each worker's disk
-: "${PREFIXLM_SHARDS:=}"                        # empty: $PREFIXLM_DATA_DIR/shards
-: "${PREFIXLM_LOG_DIR:=../prefixlm_logs}"       # per-worker logs and pid files
+: "${PREFIXLM_DATA_DIR:=data/fineweb-edu}"      # raw/ parquet and shards/ on each worker's disk
+: "${PREFIXLM_SHARDS:=}"                        # empty: $PREFIXLM_DATA_DIR/shards (the configs' data.path)
+: "${PREFIXLM_LOG_DIR:=out/logs}"               # per-worker logs and pid files
 : "${PREFIXLM_TOKENS:=2e9}"                     # tokens to download for the full experiment
 : "${PREFIXLM_PYTHON_VERSION:=3.11}"            # the worker venv's Python (uv fetches it)
 # The TPU build of the pinned jax; the find-links page carries libtpu wheels for older pins.
@@ -120,7 +121,7 @@ tpu_resolve() {
   [[ -n $TPU_ZONE ]] || die "no default zone for $TPU_TYPE: pass --zone or set TPU_ZONE"
   if [[ -z $PREFIXLM_WORKDIR_ROOT ]]; then
     if [[ -n $PREFIXLM_BUCKET ]]; then PREFIXLM_WORKDIR_ROOT=${PREFIXLM_BUCKET%/}/runs
-    else PREFIXLM_WORKDIR_ROOT=../prefixlm_runs; fi
+    else PREFIXLM_WORKDIR_ROOT=runs; fi
   fi
   : "${PREFIXLM_SHARDS:=${PREFIXLM_DATA_DIR%/}/shards}"
 }

@@ -57,7 +57,7 @@ Options (each has an environment variable; the flag wins; defaults live in launc
   --queued              TPU_QUEUED=1          create/delete through queued resources
   --worker W            (ssh, logs)           0, 1, ... or all
   --bucket gs://B[/P]   PREFIXLM_BUCKET       runs go to gs://B/P/runs, shards to gs://B/P/data/shards
-  --workdir-root DIR    PREFIXLM_WORKDIR_ROOT [$PREFIXLM_BUCKET/runs, else ../prefixlm_runs]
+  --workdir-root DIR    PREFIXLM_WORKDIR_ROOT [$PREFIXLM_BUCKET/runs, else runs (worker disk)]
   --run NAME            (train)               run name, i.e. the workdir under WORKDIR_ROOT
   --only A,B            (sweep)               run only these runs of launch/runs.txt
   -f, --follow          (logs)                follow the log
@@ -66,15 +66,16 @@ Options (each has an environment variable; the flag wins; defaults live in launc
   -h, --help            this text
 Environment only (see launch/common.sh):
   PREFIXLM_REMOTE_DIR   checkout on each worker, relative to its home            [prefixlm]
-  PREFIXLM_DATA_DIR     raw/ and shards/ on each worker's local disk            [../prefixlm_data]
+  PREFIXLM_DATA_DIR     raw/ and shards/ on each worker's local disk            [data/fineweb-edu]
   PREFIXLM_SHARDS       token shards used by train/sweep (local path or gs://)  [DATA_DIR/shards]
-  PREFIXLM_LOG_DIR      per-worker logs and pid files                           [../prefixlm_logs]
+  PREFIXLM_LOG_DIR      per-worker logs and pid files                           [out/logs]
   PREFIXLM_TOKENS       tokens for `data`                                        [2e9]
   PREFIXLM_REPO_URL, PREFIXLM_REPO_REF   clone this instead of copying the working tree
   PREFIXLM_PYTHON_VERSION [3.11], PREFIXLM_JAX_TPU [jax[tpu]==0.10.2], PREFIXLM_LIBTPU_URL,
   PREFIXLM_PIP_FLAGS [--extra-index-url https://download.pytorch.org/whl/cpu: CPU torch]
   TPU_SSH_FLAGS         extra flags for gcloud ssh/scp, e.g. --tunnel-through-iap
-Paths other than PREFIXLM_REMOTE_DIR are relative to the checkout on the worker.
+Paths other than PREFIXLM_REMOTE_DIR are relative to the checkout on the worker (data/, runs/
+and out/ are git-ignored: `setup` neither copies nor clobbers them).
 
 Where things live: code, venv, shards and logs on each worker's own disk; run workdirs
 (checkpoints, metrics.jsonl) on GCS when a bucket is given. A multi-host slice needs a gs://
@@ -297,7 +298,7 @@ cmd_data() {
   fi
   chain="mkdir -p $raw $shards"
   chain+=" && .venv/bin/python -m prefixlm.data.fineweb --output $raw --tokens $(q "$PREFIXLM_TOKENS")"
-  chain+=" && .venv/bin/python -m prefixlm.data.tokenize --input $(q "${PREFIXLM_DATA_DIR%/}/raw/*.parquet") --output $shards --workers \$(nproc)"
+  chain+=" && .venv/bin/python -m prefixlm.data.tokenize --input $(q "${PREFIXLM_DATA_DIR%/}/raw/**/*.parquet") --output $shards --workers \$(nproc)"
   chain+="$up && cat $shards/stats.json"
   remote 0 "$(detached_script data "bash -c $(q "$chain")")"
 }

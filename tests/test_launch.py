@@ -179,6 +179,15 @@ def test_gcloud_calls_and_remote_scripts_parse(tmp_path):
             for script in scripts:
                 syntax = subprocess.run(["bash", "-n", "-c", script], capture_output=True, text=True)
                 assert syntax.returncode == 0, (sub, script, syntax.stderr)
+    # setup from a git remote instead of a copy of the working tree
+    before = len(_calls(calls))
+    _run([TPU_VM, "setup"], {**env, "PREFIXLM_REPO_URL": "https://example.com/p.git",
+                              "PREFIXLM_REPO_REF": "v1"})
+    (argv,) = _calls(calls)[before:]
+    script = next(a.removeprefix("--command=") for a in argv if a.startswith("--command="))
+    assert "git clone --quiet https://example.com/p.git prefixlm" in script
+    assert "checkout --quiet v1" in script
+    assert subprocess.run(["bash", "-n", "-c", script]).returncode == 0
     create = _calls(calls)[0]
     assert create[3:5] == ["create", "exp1"]
     assert "--accelerator-type=v5litepod-8" in create and "--version=v2-alpha-tpuv5-lite" in create
@@ -211,7 +220,7 @@ def test_multi_host_slices_need_a_bucket(forbidden_gcloud):
         assert proc.returncode != 0 and "gs://" in proc.stderr, (sub, proc.stderr)
         _run([TPU_VM, "--dry-run", "--type", "v4-16", "--bucket", "gs://b", *sub], env)
     out = _run([TPU_VM, "--dry-run", "--type", "v4-16", "--bucket", "gs://b", "data"], env).stdout
-    assert "gcloud storage rsync --recursive ../prefixlm_data/shards gs://b/data/shards" in out
+    assert "gcloud storage rsync --recursive data/fineweb-edu/shards gs://b/data/shards" in out
     assert not marker.exists()
 
 
@@ -223,9 +232,9 @@ def test_train_run_names(forbidden_gcloud):
         line = _train_lines(_run([TPU_VM, "--dry-run", "train", *args], env).stdout)[0]
         return line.split("--workdir=")[1].split()[0]
 
-    assert workdir("configs/prefix_norm.py:eps=1.0") == "../prefixlm_runs/prefix_norm_eps1p0_seed0"
-    assert workdir("configs/prefix_norm.py:demo,eps=0.5") == "../prefixlm_runs/prefix_norm_demoeps0p5"
-    assert workdir("configs/ce.py", "--run", "mine") == "../prefixlm_runs/mine"
+    assert workdir("configs/prefix_norm.py:eps=1.0") == "runs/prefix_norm_eps1p0_seed0"
+    assert workdir("configs/prefix_norm.py:demo,eps=0.5") == "runs/prefix_norm_demoeps0p5"
+    assert workdir("configs/ce.py", "--run", "mine") == "runs/mine"
 
 
 def _fake_python(path: Path, record: Path) -> Path:
@@ -293,8 +302,8 @@ def test_simulated_worker_train_status_stop_and_remote_sweep(tmp_path):
     checkout = home / "prefixlm"
     (checkout / ".venv" / "bin").mkdir(parents=True)
     shutil.copytree(ROOT / "launch", checkout / "launch")
-    (home / "prefixlm_data" / "shards").mkdir(parents=True)
-    (home / "prefixlm_data" / "shards" / "stats.json").write_text("{}")
+    (checkout / "data" / "fineweb-edu" / "shards").mkdir(parents=True)
+    (checkout / "data" / "fineweb-edu" / "shards" / "stats.json").write_text("{}")
     _write_exe(checkout / ".venv" / "bin" / "python", """
         #!/usr/bin/env bash
         echo "fakepython $*"
@@ -308,7 +317,7 @@ def test_simulated_worker_train_status_stop_and_remote_sweep(tmp_path):
         for a in "$@"; do [[ $a == --command=* ]] && cmd=${{a#--command=}}; done
         cd {shlex.quote(str(home))} && HOME={shlex.quote(str(home))} exec bash -c "$cmd"
         """)
-    logs = home / "prefixlm_logs"
+    logs = checkout / "out" / "logs"
     pid = None
     try:
         env = _env(bin_dir, FAKE_SLEEP="30")
@@ -325,7 +334,7 @@ def test_simulated_worker_train_status_stop_and_remote_sweep(tmp_path):
             if "--config.train.steps=5" in (logs / "latest.log").read_text():
                 break
             time.sleep(0.1)
-        assert "--workdir=../prefixlm_runs/prefix_norm_eps0p1_seed0" in \
+        assert "--workdir=runs/prefix_norm_eps0p1_seed0" in \
             _run([TPU_VM, "logs"], env).stdout
         assert "stopped prefix_norm_eps0p1_seed0" in _run([TPU_VM, "stop"], env).stdout
         assert not _alive(pid)
@@ -340,7 +349,7 @@ def test_simulated_worker_train_status_stop_and_remote_sweep(tmp_path):
             time.sleep(0.1)
         sweep_log = (logs / "sweep.log").read_text()
         assert "sweep finished: 7 run(s) trained" in sweep_log, sweep_log
-        done = sorted(p.parent.name for p in (home / "prefixlm_runs").glob("*/DONE"))
+        done = sorted(p.parent.name for p in (checkout / "runs").glob("*/DONE"))
         assert done == sorted(n for n, _ in RUNS)
         assert "--config.train.steps=9" in (logs / "ce_seed0.log").read_text()
         assert "sweep finished" in _run([TPU_VM, "logs", "sweep"], env).stdout
