@@ -1,0 +1,96 @@
+"""JaxLM gives lm-eval's HFLM numbers on the export of the same model; results flatten sanely."""
+
+import math
+
+import numpy as np
+import pytest
+from lm_eval.api.instance import Instance
+from test_export import random_model
+
+from prefixlm import evaluate
+from prefixlm.export import export_model
+
+LL_REQUESTS = [
+    ("Question: What is 2+2?\nAnswer:", " 4"),
+    ("The cat sat on", " the mat."),
+    ("", "An empty context is conditioned on the prefix token."),
+    ("A context longer than the model " * 12, " is cut from the left"),  # > max_seq_len 64
+    ("Trailing space moves to the continuation ", "word"),
+    ("x", " a continuation" * 6),
+    ("Numbers 1234", "5678"),
+]
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory, llama3):
+    """(JaxLM, HFLM) over the same tiny random model (64-token context)."""
+    from lm_eval.models.huggingface import HFLM
+
+    model = random_model(tie=True, seed=3)
+    out = export_model(model, model.cfg, tmp_path_factory.mktemp("hf"))
+    jax_lm = evaluate.JaxLM(model, llama3, batch_size=4)
+    hf_lm = HFLM(pretrained=str(out), batch_size=4, device="cpu", dtype="float32")
+    assert hf_lm.max_length == jax_lm.max_length == 64
+    return jax_lm, hf_lm
+
+
+def _instances(kind, args):
+    return [Instance(request_type=kind, doc={}, arguments=a, idx=i) for i, a in enumerate(args)]
+
+
+def test_loglikelihood_matches_hflm(pair):
+    jax_lm, hf_lm = pair
+    reqs = _instances("loglikelihood", LL_REQUESTS)
+    ours, theirs = jax_lm.loglikelihood(reqs), hf_lm.loglikelihood(reqs)
+    for (a, ga), (b, gb), args in zip(ours, theirs, LL_REQUESTS, strict=True):
+        assert abs(a - b) <= 1e-4 * max(1.0, abs(b)), (args, a, b)
+        assert ga == gb
+    assert all(v < -1.0 for v, _ in ours)  # random weights: nothing is trivially likely
+    assert len(jax_lm.compiled_shapes) <= 4  # a few padded shapes, not one per request
+
+
+def test_rolling_and_greedy_generation_match_hflm(pair):
+    jax_lm, hf_lm = pair
+    texts = [("Some text to score, long enough to need two windows. " * 4,), ("short",)]
+    ours = jax_lm.loglikelihood_rolling(_instances("loglikelihood_rolling", texts))
+    theirs = hf_lm.loglikelihood_rolling(_instances("loglikelihood_rolling", texts))
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5)
+    gen = [(p, {"until": ["\n"], "max_gen_toks": 6, "do_sample": False})
+           for p in ("Once upon a time", "Q: hi\nA:")]
+    assert (jax_lm.generate_until(_instances("generate_until", gen))
+            == hf_lm.generate_until(_instances("generate_until", gen)))
+
+
+def test_flatten_and_table():
+    results = {
+        "results": {
+            "piqa": {"alias": "piqa", "acc,none": 0.6, "acc_stderr,none": 0.01,
+                     "acc_norm,none": 0.62, "acc_norm_stderr,none": 0.011},
+            "charbench_local": {"acc,none": 0.3, "acc_stderr,none": "N/A"},
+            "charbench_local_a": {"acc,none": 0.2, "acc_stderr,none": 0.1},
+            "charbench_local_b": {"acc,none": 0.4, "acc_stderr,none": 0.1},
+        },
+        "group_subtasks": {"charbench_local": ["charbench_local_a", "charbench_local_b"]},
+        "samples": {"charbench_local_a": [{"target": 1}, {"target": 1}, {"target": 2}],
+                    "charbench_local_b": [{"target": 0}], "piqa": [{"target": 0}]},
+    }
+    flat = evaluate.flatten_results(results)
+    assert flat["piqa/acc"] == 0.6 and flat["piqa/acc_norm_stderr"] == 0.011
+    assert "charbench_local/acc_stderr" not in flat  # lm-eval's "N/A" is not a number
+    assert flat["charbench_local_a/majority"] == pytest.approx(2 / 3)
+    assert flat["charbench_local/majority"] == pytest.approx((2 + 1) / 4)
+    assert "piqa/majority" not in flat
+    table = evaluate.format_table(flat)
+    assert "| piqa | 0.6000 ± 0.0100 | 0.6200 ± 0.0110 |  |" in table
+    assert "charbench_local_a" in table and not any(math.isnan(v) for v in flat.values())
+
+
+def test_evaluate_model_flat_metrics(llama3):
+    """The function the training loop calls: flat floats keyed by the task that ran."""
+    model = random_model(tie=True, seed=5)
+    metrics = evaluate.evaluate_model(model, llama3, tasks=["charbench"], limit=4,
+                                      num_fewshot=1, batch_size=8, offline=True)
+    assert set(metrics) >= {"charbench_local/acc", "charbench_local/acc_stderr",
+                            "charbench_local/majority",
+                            "charbench_local_find_last_occurrence/acc"}
+    assert all(isinstance(v, float) for v in metrics.values())
