@@ -189,6 +189,256 @@ def targets_main(args) -> int:
     return 0
 
 
+# ---- metrics: curves and final results across training runs (python -m prefixlm.plots metrics) --
+# Reads RUN_DIR/metrics.jsonl as train.py writes it (one JSON object per log line; restarts append,
+# so a repeated step keeps its last record) and plots against tokens seen, which is comparable
+# across runs with different batch sizes; step is the fallback when a run logs no "tokens".
+
+TRAIN_KEYS = (("loss", "training loss (own objective)"),
+              ("nll", "training gold-token NLL"),
+              ("val/loss", "validation loss (own objective)"),
+              ("val/nll", "validation gold-token NLL"))
+ACC_METRICS = ("acc", "acc_norm")
+
+
+def load_metrics(run_dir) -> list[dict]:
+    """Records of RUN_DIR/metrics.jsonl, one per step (the last one written wins), by step."""
+    path = pathlib.Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; pass training workdirs (python -m "
+                                "prefixlm.main --workdir DIR writes DIR/metrics.jsonl)")
+    by_step: dict = {}
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            print(f"{path}:{n}: skipping a malformed line ({e})", file=sys.stderr)
+            continue
+        key = rec.get("step", n)
+        by_step.setdefault(key, {}).update(rec)
+    return [by_step[k] for k in sorted(by_step, key=lambda s: (isinstance(s, str), s))]
+
+
+def series(records: list[dict], key: str) -> tuple[np.ndarray, np.ndarray, str]:
+    """(x, y, x_label) over the records that have a finite ``key``; x is tokens (or step)."""
+    use_tokens = any("tokens" in r for r in records)
+    xk = "tokens" if use_tokens else "step"
+    pts = [(r[xk], r[key]) for r in records
+           if isinstance(r.get(key), (int, float)) and xk in r and np.isfinite(r[key])]
+    if not pts:
+        return np.zeros(0), np.zeros(0), xk
+    x, y = np.asarray(pts, dtype=np.float64).T
+    return x, y, xk
+
+
+def ema(y: np.ndarray, smoothing: float) -> np.ndarray:
+    """Debiased exponential moving average (TensorBoard's smoothing slider)."""
+    out, acc, w = np.empty_like(y), 0.0, 0.0
+    for i, v in enumerate(y):
+        acc = smoothing * acc + (1 - smoothing) * v
+        w = smoothing * w + (1 - smoothing)
+        out[i] = acc / w
+    return out
+
+
+def eval_tasks(runs: dict[str, list[dict]]) -> list[str]:
+    """Task names that have an accuracy in any run (``<task>/acc`` keys), groups first."""
+    names = {k.split("/")[0] for recs in runs.values() for r in recs for k in r
+             if "/" in k and k.split("/", 1)[1] in ACC_METRICS and not k.startswith("val/")}
+    top = sorted(n for n in names if not any(n != m and n.startswith(m + "_") for m in names))
+    return top + sorted(names - set(top))
+
+
+def _fmt_tokens(x, _pos=None) -> str:
+    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= div:
+            return f"{x / div:g}{unit}"
+    return f"{x:g}"
+
+
+def plot_training_curves(runs: dict[str, list[dict]], path: pathlib.Path,
+                         smoothing: float = 0.9) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (key, title) in zip(axes.flat, TRAIN_KEYS, strict=True):
+        xlabel = "tokens"
+        drawn = False
+        for i, (name, recs) in enumerate(runs.items()):
+            x, y, xlabel = series(recs, key)
+            if not len(x):
+                continue
+            c = colors[i % len(colors)]
+            if key.startswith("val/"):
+                ax.plot(x, y, "o-", color=c, ms=3, lw=1.5, label=name)
+            else:  # training losses are noisy: raw faint, smoothed bold
+                ax.plot(x, y, color=c, alpha=0.2, lw=0.8)
+                ax.plot(x, ema(y, smoothing), color=c, lw=1.8, label=name)
+            drawn = True
+        ax.set_title(title + ("" if key.startswith("val/") else f" (EMA {smoothing:g})"))
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("nats / token")
+        ax.xaxis.set_major_formatter(FuncFormatter(_fmt_tokens))
+        ax.grid(alpha=0.3)
+        if drawn:
+            ax.legend(fontsize=8)
+            _clip_start(ax, runs, key, smoothing)
+        else:
+            ax.text(0.5, 0.5, f"no '{key}' logged", ha="center", va="center",
+                    transform=ax.transAxes, color="gray")
+    fig.suptitle("Training runs: own-objective losses are not comparable across objectives "
+                 "(smoothing adds entropy); gold NLL is", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _clip_start(ax, runs, key, smoothing) -> None:
+    """Keep the y range on the interesting part: the first few % of training dwarf the rest."""
+    tails = []
+    for recs in runs.values():
+        _, y, _ = series(recs, key)
+        if len(y) >= 10:
+            ys = y if key.startswith("val/") else ema(y, smoothing)
+            tails.append(ys[len(ys) // 10:])
+    if tails:
+        lo = min(float(t.min()) for t in tails)
+        hi = max(float(t.max()) for t in tails)
+        pad = 0.05 * (hi - lo or 1.0)
+        ax.set_ylim(lo - pad, hi + pad)
+
+
+def plot_task_curves(runs: dict[str, list[dict]], tasks: list[str], path: pathlib.Path,
+                     title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import FuncFormatter
+
+    ncol = min(3, max(1, len(tasks)))
+    nrow = -(-len(tasks) // ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(5 * ncol, 3.6 * nrow + 0.9), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    styles = {"acc": "o-", "acc_norm": "s--"}
+    seen_metrics, any_majority = set(), False
+    for ax, task in zip(axes.flat, tasks, strict=False):
+        xlabel = "tokens"
+        for i, recs in enumerate(runs.values()):
+            c = colors[i % len(colors)]
+            for metric in ACC_METRICS:
+                x, y, xlabel = series(recs, f"{task}/{metric}")
+                if not len(x):
+                    continue
+                seen_metrics.add(metric)
+                _, err, _ = series(recs, f"{task}/{metric}_stderr")
+                ax.plot(x, y, styles[metric], color=c, ms=3, lw=1.4,
+                        alpha=1.0 if metric == "acc" else 0.7)
+                if len(err) == len(y):
+                    ax.fill_between(x, y - err, y + err, color=c, alpha=0.12)
+        majorities = [series(recs, f"{task}/majority")[1] for recs in runs.values()]
+        majorities = [m[-1] for m in majorities if len(m)]
+        if majorities:
+            any_majority = True
+            ax.axhline(float(majorities[0]), color="gray", ls=":", lw=1.2)
+            ax.annotate(f"majority {majorities[0]:.3f}", (0.01, float(majorities[0])),
+                        xycoords=("axes fraction", "data"), va="bottom", fontsize=7,
+                        color="gray")
+        ax.set_title(task)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("accuracy")
+        ax.xaxis.set_major_formatter(FuncFormatter(_fmt_tokens))
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(tasks):]:
+        ax.set_visible(False)
+    # One legend for the figure: a colour per run, a line style per metric.
+    handles = [Line2D([], [], color=colors[i % len(colors)], lw=2, label=name)
+               for i, name in enumerate(runs)]
+    handles += [Line2D([], [], color="black", ls=styles[m][1:], marker=styles[m][0], ms=3,
+                       label=m) for m in ACC_METRICS if m in seen_metrics]
+    if any_majority:
+        handles.append(Line2D([], [], color="gray", ls=":", label="majority-answer baseline"))
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=8,
+               frameon=False)
+    fig.suptitle(title + " (bands: ±1 standard error)", fontsize=11)
+    fig.tight_layout(rect=(0, 0.9 / (3.6 * nrow + 0.9), 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def final_results_table(runs: dict[str, list[dict]], tasks: list[str]) -> str:
+    """Markdown: a row per task metric, a column per run; the last logged value ± stderr."""
+    names = list(runs)
+    lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+
+    def last(recs, key):
+        _, v, _ = series(recs, key)
+        return v[-1] if len(v) else None
+
+    tokens = [max((r.get("tokens", r.get("step", 0)) for r in recs), default=0)
+              for recs in runs.values()]
+    lines.append("| tokens | " + " | ".join(_fmt_tokens(t) for t in tokens) + " |")
+    for key in ("val/nll", "val/loss"):
+        vals = [last(recs, key) for recs in runs.values()]
+        if any(v is not None for v in vals):
+            lines.append(f"| {key} | " + " | ".join("" if v is None else f"{v:.4f}"
+                                                   for v in vals) + " |")
+    majority = {}
+    for t in tasks:
+        for m in ACC_METRICS:
+            cells = []
+            for recs in runs.values():
+                v, se = last(recs, f"{t}/{m}"), last(recs, f"{t}/{m}_stderr")
+                cells.append("" if v is None else f"{v:.4f}" if se is None
+                             else f"{v:.4f} ± {se:.4f}")
+            if any(cells):
+                lines.append(f"| {t} {m} | " + " | ".join(cells) + " |")
+        maj = [last(recs, f"{t}/majority") for recs in runs.values()]
+        if any(v is not None for v in maj):
+            majority[t] = next(v for v in maj if v is not None)
+    if majority:
+        lines += ["", "Majority-answer baselines (always the most frequent gold answer): "
+                  + ", ".join(f"{t} {v:.4f}" for t, v in majority.items())]
+    return "\n".join(lines) + "\n"
+
+
+def metrics_main(args) -> int:
+    runs = {}
+    for d in args.run_dirs:
+        name = pathlib.Path(d).resolve().name
+        if name in runs:
+            name = str(pathlib.Path(d))
+        runs[name] = load_metrics(d)
+    out = pathlib.Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / "training.png"]
+    plot_training_curves(runs, written[0], smoothing=args.smoothing)
+    tasks = eval_tasks(runs)
+    top = [t for t in tasks if not any(t != g and t.startswith(g + "_") for g in tasks)]
+    if top:
+        written.append(out / "tasks.png")
+        plot_task_curves(runs, top, written[-1], "Downstream accuracy vs tokens")
+    for group in top:
+        subs = [t for t in tasks if t.startswith(group + "_")]
+        if subs:
+            written.append(out / f"{group}.png")
+            plot_task_curves(runs, [group] + subs, written[-1], f"{group} by task type")
+    table = final_results_table(runs, tasks)
+    (out / "final_results.md").write_text(table)
+    written.append(out / "final_results.md")
+    print(table)
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m prefixlm.plots",
@@ -206,6 +456,18 @@ def build_parser() -> argparse.ArgumentParser:
     tg.add_argument("--prefix-set", default="proper", choices=("proper", "with_gold"))
     tg.add_argument("--output", required=True, help="directory for the PNG")
     tg.set_defaults(func=targets_main)
+    mt = sub.add_parser(
+        "metrics", help="loss/NLL/accuracy curves across runs and a final-results table",
+        description="Reads RUN_DIR/metrics.jsonl of each run and writes training.png (training "
+        "loss, gold NLL, validation loss/NLL vs tokens), tasks.png (each task's acc/acc_norm "
+        "with ±1 stderr bands), <group>.png for task groups such as charbench (with the "
+        "majority-answer baseline), and final_results.md. One line per run, labelled by the "
+        "run directory's name.")
+    mt.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="training workdirs")
+    mt.add_argument("--output", required=True, help="directory for the PNGs and the table")
+    mt.add_argument("--smoothing", type=float, default=0.9,
+                    help="EMA weight for the noisy training curves, 0 = raw (default 0.9)")
+    mt.set_defaults(func=metrics_main)
     return parser
 
 
