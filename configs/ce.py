@@ -1,0 +1,7 @@
+"""The ``ce`` (one-hot cross-entropy) objective; ARGS as in configs/base.py, e.g. ``demo,seed=1``."""
+
+from configs import base
+
+
+def get_config(arg=None):
+    return base.family_config("ce", arg)
