@@ -42,6 +42,7 @@ from prefixlm import tasks as tasks_lib
 
 MIN_BUCKET = 32
 CONT_BUCKETS = (4, 16, 64)  # continuation positions scored per row; longer ones use the full length
+K_MAX = 16  # alternative targets per row (requests sharing one input, e.g. CharBench's 0..10)
 
 
 def _bucket(n: int, cap: int) -> int:
@@ -68,17 +69,21 @@ def with_compute_dtype(model, dtype: str):
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _score(graphdef, state, tokens_BxL, positions_BxC, targets_BxC):
-    """Log-prob and greedy-match of ``targets`` at ``positions`` (logits only where needed)."""
+def _score(graphdef, state, tokens_BxL, positions_BxC, targets_BxCxK):
+    """Log-prob and greedy-match of K alternative targets at each of C positions per row.
+
+    Logits are formed only at the C scored positions; K > 1 serves requests that share an input
+    (multiple choice with one-token answers: CharBench's " 0".." 10" are scored in one row).
+    """
     model = nnx.merge(graphdef, state)
     h_BxLxD = model(tokens_BxL)
     h_BxCxD = jnp.take_along_axis(h_BxLxD, positions_BxC[..., None], axis=1)
     e_VxD = model.unembedding().astype(h_BxCxD.dtype)
     logits_BxCxV = jnp.einsum("bcd,vd->bcv", h_BxCxD, e_VxD, preferred_element_type=jnp.float32)
     logp_BxCxV = jax.nn.log_softmax(logits_BxCxV, axis=-1)
-    lp_BxC = jnp.take_along_axis(logp_BxCxV, targets_BxC[..., None], axis=-1)[..., 0]
-    greedy_BxC = jnp.argmax(logits_BxCxV, axis=-1) == targets_BxC
-    return lp_BxC, greedy_BxC
+    lp_BxCxK = jnp.take_along_axis(logp_BxCxV, targets_BxCxK, axis=-1)
+    greedy_BxCxK = jnp.argmax(logits_BxCxV, axis=-1)[..., None] == targets_BxCxK
+    return lp_BxCxK, greedy_BxCxK
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -125,8 +130,9 @@ class JaxLM(TemplateLM):
         from prefixlm import train
 
         config, model, step = train.load_model(str(workdir), step=step)
-        name = _config_get(config, "tokenizer", "llama3")
-        lm = cls(model, tok_lib.load(name if isinstance(name, str) else "llama3"), **kwargs)
+        data = _config_get(config, "data", None)
+        name = _config_get(data, "tokenizer", "llama3") if data is not None else "llama3"
+        lm = cls(model, tok_lib.load(name), **kwargs)
         lm.step = step
         return lm
 
@@ -161,9 +167,13 @@ class JaxLM(TemplateLM):
 
     # ---- scoring ---------------------------------------------------------------------------
     def score_tokens(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
-        """(sum log p(continuation | context), continuation is greedy) per token pair."""
+        """(sum log p(continuation | context), continuation is greedy) per token pair.
+
+        Requests whose model input ``(context + continuation)[:-1]`` is identical share one row
+        (as HFLM's one-token-continuation cache does), each keeping its own targets.
+        """
         out: list[tuple[float, bool] | None] = [None] * len(pairs)
-        rows = []
+        groups: dict[tuple[int, ...], list[tuple[int, int, list[int]]]] = {}
         for i, (ctx, cont) in enumerate(pairs):
             if not ctx or not cont:
                 raise ValueError(f"request {i}: empty context or continuation ({len(ctx)}, "
@@ -172,30 +182,38 @@ class JaxLM(TemplateLM):
                 raise ValueError(f"request {i}: continuation of {len(cont)} tokens exceeds "
                                  f"max_length {self.max_length}")
             whole = (ctx + cont)[-(self.max_length + 1):]
-            rows.append((i, whole[:-1], len(cont)))
+            groups.setdefault(tuple(whole[:-1]), []).append((i, len(cont), whole[-len(cont):]))
+        rows = []  # (input, members) with at most K_MAX members each
+        for inp, members in groups.items():
+            for k in range(0, len(members), K_MAX):
+                rows.append((inp, members[k:k + K_MAX]))
         # Longest first (like HFLM), so each batch pads to a length its rows nearly fill.
-        rows.sort(key=lambda r: -len(r[1]))
+        rows.sort(key=lambda r: -len(r[0]))
         B = self._batch_size
         for start in range(0, len(rows), B):
             batch = rows[start:start + B]
-            L = _bucket(max(len(r[1]) for r in batch), self.max_length)
-            C = _cont_bucket(max(r[2] for r in batch), L)
+            L = _bucket(max(len(inp) for inp, _ in batch), self.max_length)
+            C = _cont_bucket(max(n for _, ms in batch for _, n, _ in ms), L)
+            K = 1 if all(len(ms) == 1 for _, ms in batch) else K_MAX
             tokens = np.full((B, L), self.tok.eos_id, np.int32)
             positions = np.zeros((B, C), np.int32)
-            targets = np.zeros((B, C), np.int32)
-            valid = np.zeros((B, C), bool)
-            for b, (_, inp, n_cont) in enumerate(batch):
+            targets = np.zeros((B, C, K), np.int32)
+            valid = np.zeros((B, C, K), bool)
+            for b, (inp, members) in enumerate(batch):
                 n = len(inp)
                 tokens[b, :n] = inp
-                pos = np.arange(n - n_cont, n)
-                positions[b, :n_cont] = pos
-                targets[b, :n_cont] = np.asarray(pairs[batch[b][0]][1][-n_cont:])
-                valid[b, :n_cont] = True
-            self.compiled_shapes.add((B, L, C))
+                c = min(C, n)  # the last c positions of the row are scored
+                positions[b, C - c:] = np.arange(n - c, n)
+                for k, (_, n_cont, tail) in enumerate(members):
+                    targets[b, C - n_cont:, k] = tail
+                    valid[b, C - n_cont:, k] = True
+            self.compiled_shapes.add((B, L, C, K))
             lp, greedy = _score(self.graphdef, self.state, tokens, positions, targets)
             lp, greedy = np.asarray(lp, np.float64), np.asarray(greedy)
-            for b, (i, _, _) in enumerate(batch):
-                out[i] = (float(lp[b][valid[b]].sum()), bool(greedy[b][valid[b]].all()))
+            for b, (_, members) in enumerate(batch):
+                for k, (i, _, _) in enumerate(members):
+                    v = valid[b, :, k]
+                    out[i] = (float(lp[b, v, k].sum()), bool(greedy[b, v, k].all()))
         return out  # type: ignore[return-value]
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
@@ -281,9 +299,9 @@ class JaxLM(TemplateLM):
 
 def _config_get(config, key: str, default):
     try:
-        return config[key] if isinstance(config, dict) else getattr(config, key)
-    except (KeyError, AttributeError):
-        return default
+        return config[key]
+    except (KeyError, AttributeError, TypeError):
+        return getattr(config, key, default)
 
 
 # ---- results -------------------------------------------------------------------------------

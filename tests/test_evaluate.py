@@ -18,6 +18,12 @@ LL_REQUESTS = [
     ("Trailing space moves to the continuation ", "word"),
     ("x", " a continuation" * 6),
     ("Numbers 1234", "5678"),
+    # one shared input, several one-token answers (scored in one row), and a request whose
+    # input equals theirs but whose continuation is two tokens
+    ("Question: How many?\nAnswer:", " 1"),
+    ("Question: How many?\nAnswer:", " 2"),
+    ("Question: How many?\nAnswer:", " 10"),
+    ("Question: How many?", "\nAnswer: 3"),
 ]
 
 
@@ -47,6 +53,7 @@ def test_loglikelihood_matches_hflm(pair):
         assert ga == gb
     assert all(v < -1.0 for v, _ in ours)  # random weights: nothing is trivially likely
     assert len(jax_lm.compiled_shapes) <= 4  # a few padded shapes, not one per request
+    assert any(k > 1 for *_, k in jax_lm.compiled_shapes)  # shared inputs were grouped
 
 
 def test_rolling_and_greedy_generation_match_hflm(pair):
