@@ -147,12 +147,20 @@ def test_orbax_checkpoint_roundtrip(tmp_path):
         np.testing.assert_array_equal(a["inputs"], b["inputs"])
 
 
-def test_multiprocess_workers_match_in_process(tmp_path):
+def test_multiprocess_workers_match_in_process_and_resume(tmp_path):
     path = make_tokens(tmp_path / "tok", [300])
     kw = dict(seq_len=8, batch_size=2, seed=2, num_epochs=1)
     want = collect(pipeline.build_iterator(path, **kw))
-    got = collect(pipeline.build_iterator(path, worker_count=1, **kw))
+    it = pipeline.build_iterator(path, worker_count=1, **kw)
+    got = collect(it, 5)
+    state = it.get_state()
+    got += collect(it)
     assert [b["inputs"].tolist() for b in got] == [b["inputs"].tolist() for b in want]
+    del it
+    resumed = pipeline.build_iterator(path, worker_count=1, **kw)
+    resumed.set_state(state)
+    assert [b["inputs"].tolist() for b in collect(resumed)] == [
+        b["inputs"].tolist() for b in want[5:]]
 
 
 def test_validation_split(tmp_path):

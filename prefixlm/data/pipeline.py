@@ -205,7 +205,9 @@ def build_iterator(
 
     Returns:
       An iterator with ``get_state()``/``set_state()``; checkpoint it with
-      :func:`checkpoint_args` (orbax) or by saving ``get_state()`` yourself.
+      :func:`checkpoint_args` (orbax) or by saving ``get_state()`` yourself. Restore into an
+      iterator built with the same arguments: the state of a ``worker_count > 0`` iterator has
+      grain's multiprocessing layout and does not fit an in-process one (and vice versa).
     """
     import grain
 
