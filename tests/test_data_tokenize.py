@@ -187,6 +187,12 @@ def test_truncated_parquet_is_refused_by_name(tmp_path, capsys):
                               progress=False)
     assert [c["file"] for c in stats["corrupt"]] == [str(bad)]
     assert stats["documents"] == 50
+    # Rerunning a directory with --skip-corrupt reuses shards finished before.
+    tokenize.tokenize(str(tmp_path / "in" / "000_good.parquet"), tmp_path / "out", progress=False)
+    part = tmp_path / "out" / "parts" / "000_good-0000.json"
+    mtime = part.stat().st_mtime_ns
+    assert tokenize.tokenize(glob, tmp_path / "out", skip_corrupt=True, progress=False)["corrupt"]
+    assert part.stat().st_mtime_ns == mtime
 
 
 def test_missing_text_column_and_no_inputs(tmp_path):

@@ -154,7 +154,10 @@ def _part_path(out: pathlib.Path, unit: Unit) -> pathlib.Path:
 
 
 def _signature(unit: Unit, settings: Settings) -> dict:
-    return {"unit": dataclasses.asdict(unit), "settings": dataclasses.asdict(settings)}
+    """What a shard's bytes depend on: its input rows, the tokenizer and the holdout fraction."""
+    return {"unit": dataclasses.asdict(unit), "tokenizer": settings.tokenizer,
+            "tokenizer_hash": settings.tokenizer_hash, "eos_id": settings.eos_id,
+            "val_fraction": settings.val_fraction}
 
 
 def _load_done(out: pathlib.Path, unit: Unit, settings: Settings) -> dict | None:
@@ -167,7 +170,7 @@ def _load_done(out: pathlib.Path, unit: Unit, settings: Settings) -> dict | None
     except json.JSONDecodeError:
         return None
     sig = json.loads(json.dumps(_signature(unit, settings)))  # tuples -> lists, as stored
-    if part.get("signature") != sig:
+    if part.get("signature") != sig or ("corrupt" in part and not settings.skip_corrupt):
         return None
     for split in shards.SPLITS:
         f = out / part[split]["file"]
