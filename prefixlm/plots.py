@@ -75,13 +75,11 @@ def prefix_count_table(stats: dict) -> str:
 
 
 def plot_prefix_counts(stats: dict, path: pathlib.Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend alone
 
     hist = np.asarray(stats["histogram"])
-    fig, (ax, ax_log) = plt.subplots(1, 2, figsize=(12, 4.2))
+    fig = Figure(figsize=(12, 4.2))
+    ax, ax_log = fig.subplots(1, 2)
     sizes = np.arange(len(hist))
     shown = sizes <= 20
     ax.bar(sizes[shown], hist[shown], color="#3b6ea8")
@@ -102,7 +100,6 @@ def plot_prefix_counts(stats: dict, path: pathlib.Path) -> None:
     )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def prefix_counts_main(args) -> int:
@@ -149,10 +146,7 @@ def target_rows(tok, gold_id: int, runs=SEVEN_TARGETS, **kwargs) -> tuple[list[i
 
 def plot_targets(tok, word: str, path: pathlib.Path, **kwargs) -> None:
     """Bar charts of the seven target distributions over the gold token's prefixes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     ids = tok.encode(word)
     if len(ids) != 1:
@@ -160,7 +154,8 @@ def plot_targets(tok, word: str, path: pathlib.Path, **kwargs) -> None:
                          "(a leading space often helps: ' personality')")
     support, rows = target_rows(tok, ids[0], **kwargs)
     labels = [_printable(tok.token_bytes[i]) for i in support]
-    fig, axes = plt.subplots(1, len(rows), figsize=(2.6 * len(rows), 3.8), sharey=True)
+    fig = Figure(figsize=(2.6 * len(rows), 3.8))
+    axes = fig.subplots(1, len(rows), sharey=True)
     for ax, (label, q) in zip(axes, rows.items(), strict=True):
         colors = ["#3b6ea8"] * (len(q) - 1) + ["#a83b3b"]
         ax.barh(range(len(q)), q, color=colors)
@@ -174,7 +169,6 @@ def plot_targets(tok, word: str, path: pathlib.Path, **kwargs) -> None:
     fig.suptitle(f"Target distributions for gold token {word!r} (red) over its prefixes P(s)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def targets_main(args) -> int:
