@@ -129,7 +129,6 @@ def demo(c: ml_collections.ConfigDict) -> None:
     c.train.batch_size = 4
     c.train.steps = 300
     c.optim.lr = 1e-2
-    c.optim.warmup_steps = 20
     c.objective.chunk_size = 512
     c.log_every = 10
     c.eval.every = 0  # lm-eval on a 2-layer model is noise; `make demo` evaluates at the end

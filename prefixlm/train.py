@@ -223,16 +223,35 @@ def state_shardings(abstract_state, mesh):
 
 
 def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW with linear warmup and cosine decay; no weight decay on 1-D (norm) parameters."""
-    p, steps = config.optim, config.train.steps
+    """AdamW with linear warmup and cosine decay; no weight decay on 1-D (norm) parameters.
+
+    Cached on the hyper-parameters, so equal configs get the *same* (tx, schedule) objects and
+    the module-level jitted step below is compiled once per process, not once per run.
+    """
+    p = config.optim
+    return _optimizer(float(p.lr), int(p.warmup_steps), int(config.train.steps),
+                      float(p.min_lr_ratio), float(p.b1), float(p.b2), float(p.eps),
+                      float(p.weight_decay), float(p.clip_norm))
+
+
+@functools.lru_cache(maxsize=32)
+def _optimizer(lr, warmup_steps, steps, min_lr_ratio, b1, b2, eps, weight_decay, clip_norm):
     schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=p.lr, warmup_steps=p.warmup_steps,
-        decay_steps=max(steps, p.warmup_steps + 1), end_value=p.lr * p.min_lr_ratio)
+        init_value=0.0, peak_value=lr, warmup_steps=warmup_steps,
+        decay_steps=max(steps, warmup_steps + 1), end_value=lr * min_lr_ratio)
     decay_mask = lambda params: jax.tree.map(lambda x: x.ndim > 1, params)  # noqa: E731
-    adamw = optax.adamw(schedule, b1=p.b1, b2=p.b2, eps=p.eps, weight_decay=p.weight_decay,
+    adamw = optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
                         mask=decay_mask)
-    tx = optax.chain(optax.clip_by_global_norm(p.clip_norm), adamw) if p.clip_norm else adamw
+    tx = optax.chain(optax.clip_by_global_norm(clip_norm), adamw) if clip_norm else adamw
     return tx, schedule
+
+
+def constrain(tree, mesh):
+    """Pins every array of a state-like tree to its ``state_shardings`` layout (inside jit)."""
+    fsdp = mesh.shape["fsdp"]
+    return jax.tree.map(
+        lambda x: jax.lax.with_sharding_constraint(x, NamedSharding(mesh, _leaf_spec(x, fsdp))),
+        tree)
 
 
 def _init_state(mcfg: model_lib.ModelConfig, tx, seed: int) -> dict:
@@ -346,6 +365,22 @@ def eval_sums(params, batch, tables, obj, spec: StepSpec):
     return jnp.concatenate([loss[None], sums])
 
 
+# Module-level jits with hashable static arguments: runs with equal configs in one process
+# (tests, sweeps, resume) reuse one executable. Output layouts are pinned with ``constrain``.
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _init_jit(mcfg, tx, seed, mesh):
+    return constrain(_init_state(mcfg, tx, seed), mesh)
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4, 5, 6), donate_argnums=(0,))
+def _train_step_jit(state, batch, tables, obj, spec, tx, schedule):
+    new_state, metrics = train_step(state, batch, tables, obj, spec, tx, schedule)
+    return constrain(new_state, spec.mesh), metrics
+
+
+_eval_jit = jax.jit(eval_sums, static_argnums=(3, 4))
+
+
 # ---- the trainer -------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Trainer:
@@ -388,23 +423,19 @@ class Trainer:
                    ckpt_lib.abstract_like(abstract, shardings),
                    NamedSharding(mesh, P(BATCH_AXES)), NamedSharding(mesh, P()))
 
-    @functools.cached_property
     def init_fn(self):
-        return jax.jit(functools.partial(_init_state, self.mcfg, self.tx, self.config.seed),
-                       out_shardings=self.state_sharding)
+        """A freshly initialised, sharded state."""
+        return _init_jit(self.mcfg, self.tx, self.config.seed, self.mesh)
 
-    @functools.cached_property
-    def step_fn(self):
-        step = functools.partial(train_step, spec=self.spec, tx=self.tx, schedule=self.schedule)
-        return jax.jit(step, static_argnums=(3,), donate_argnums=(0,),
-                       in_shardings=(self.state_sharding, self.batch_sharding, self.replicated),
-                       out_shardings=(self.state_sharding, self.replicated))
+    def step_fn(self, state, batch):
+        """One training step (donates ``state``)."""
+        return _train_step_jit(state, batch, self.tables, self.obj, self.spec, self.tx,
+                               self.schedule)
 
-    @functools.cached_property
-    def eval_fn(self):
+    def eval_fn(self, params, batch):
         spec = dataclasses.replace(
             self.spec, tokens_per_step=self.eval_batch_size * self.config.data.seq_len)
-        return jax.jit(functools.partial(eval_sums, spec=spec), static_argnums=(3,))
+        return _eval_jit(params, batch, self.tables, self.obj, spec)
 
     @property
     def eval_batch_size(self) -> int:
@@ -616,14 +647,15 @@ def validation_metrics(trainer: Trainer, params) -> dict:
     sums = []
     for _ in range(n):
         batch = trainer.global_batch(next(it))
-        sums.append(trainer.eval_fn(params, batch, trainer.tables, trainer.obj))
+        sums.append(trainer.eval_fn(params, batch))
     loss, nll, acc = np.mean(np.asarray(jax.device_get(sums)), axis=0)
     return {"val/loss": loss, "val/nll": nll, "val/accuracy": acc}
 
 
 def train_and_evaluate(config, workdir, *, tokenizer=None,
                        step_hook: Callable[[int], None] | None = None) -> dict:
-    """Trains (resuming from DIR/checkpoints if present); returns the last logged metrics.
+    """Trains (resuming from DIR/checkpoints if present); returns the last logged metrics
+    (plus ``preempted_at``: the step saved, when SIGTERM stopped the run early).
 
     ``step_hook(step)`` runs after every step (tests use it to simulate a crash or SIGTERM).
     """
@@ -666,8 +698,13 @@ def train_and_evaluate(config, workdir, *, tokenizer=None,
             ckpt.save(step, state, it)
             last_saved = step
 
-    def log_metrics(step, extra):
-        nonlocal pending, t_mark, steps_timed, last
+    def check_finite(step) -> dict:
+        """Fetches the metrics of the steps since the last check; raises on a non-finite loss.
+
+        Runs before every log line and every save, so no checkpoint ever holds a state
+        reached through a NaN/inf loss.
+        """
+        nonlocal pending
         host = jax.device_get(pending)
         pending = []
         losses = np.array([m["loss"] for m in host])
@@ -677,9 +714,13 @@ def train_and_evaluate(config, workdir, *, tokenizer=None,
                 f"non-finite loss at step {bad + 1} ({losses.tolist()}); stopping without "
                 f"saving. The last good checkpoint is step {ckpt.latest_step()} in "
                 f"{ckpt.directory}; lower optim.lr or raise optim.warmup_steps and resume")
-        row = {k: float(np.mean([m[k] for m in host])) for k in ("loss", "nll", "accuracy",
-                                                                  "grad_norm")}
-        row["lr"] = float(host[-1]["lr"])
+        return host[-1]
+
+    def log_metrics(step, metrics, extra):
+        # A line holds the metrics of its own step (not an average since the last line), so a
+        # run resumed from any checkpoint writes exactly the lines an uninterrupted run would.
+        nonlocal t_mark, steps_timed, last
+        row = {k: float(metrics[k]) for k in ("loss", "nll", "accuracy", "grad_norm", "lr")}
         row["tokens"] = step * tokens_per_step
         now = time.perf_counter()
         if t_mark is not None and steps_timed:
@@ -700,7 +741,7 @@ def train_and_evaluate(config, workdir, *, tokenizer=None,
             step = start
             while step < total:
                 batch = trainer.global_batch(next(it))
-                state, metrics = trainer.step_fn(state, batch, trainer.tables, trainer.obj)
+                state, metrics = trainer.step_fn(state, batch)
                 pending.append(metrics)
                 step += 1
                 steps_timed += 1
@@ -715,16 +756,20 @@ def train_and_evaluate(config, workdir, *, tokenizer=None,
                 do_ckpt = done or (config.checkpoint.every and step % config.checkpoint.every == 0)
                 stop = preempt.requested if jax.process_count() == 1 else (
                     step % config.log_every == 0 and _any_process(preempt.requested))
-                if do_eval or do_ckpt or stop or done or step % config.log_every == 0:
+                do_log = do_eval or done or step % config.log_every == 0
+                if do_log or do_ckpt or stop:
+                    metrics = check_finite(step)
+                if do_log:
                     extra = {}
                     if do_eval:
                         extra.update(validation_metrics(trainer, state["params"]))
                         extra.update(evaluate_downstream(trainer, state["params"]))
-                    log_metrics(step, extra)  # also the NaN check before any save
+                    log_metrics(step, metrics, extra)
                 if do_ckpt or stop:
                     save(step)
                 if stop and not done:
                     log.warning("SIGTERM: saved checkpoint %d, exiting", step)
+                    last = {**last, "preempted_at": step}
                     break
     finally:
         bar.close()
