@@ -27,7 +27,14 @@ lint: setup
 prefix-counts: setup
 	$(PY) -m prefixlm.plots prefix-counts --tokenizer llama3 --output out/prefix_counts
 
+# Demo: the embedded offline corpus (built once into data/demo), then a few minutes of the
+# prefix_norm demo config on the CPU; rerunning resumes and finishes at once (rm -rf runs/demo).
+DEMO_RUN := runs/demo/prefix_norm
 demo: setup prefix-counts
+	$(PY) -c "from prefixlm.data import corpus; print(corpus.prepare_demo())"
+	$(PY) -m prefixlm.main --config=configs/prefix_norm.py:demo --workdir=$(DEMO_RUN)
+	$(PY) -m prefixlm.train summary $(DEMO_RUN)
+	# --- lead: evaluation / export / plots of $(DEMO_RUN) go here ---
 
 bench: setup
 	$(PY) bench/loss.py

@@ -777,3 +777,31 @@ def train_and_evaluate(config, workdir, *, tokenizer=None,
         writer.close()
     return last
 
+
+
+def summarize(workdir, windows: int = 4) -> str:
+    """A one-paragraph account of a run's metrics.jsonl: mean loss per stretch of steps."""
+    rows = [json.loads(ln) for ln in (pathlib.Path(workdir) / "metrics.jsonl").read_text()
+            .splitlines() if ln.strip()]
+    if not rows:
+        return f"{workdir}: no metrics yet"
+    parts = np.array_split(np.arange(len(rows)), min(windows, len(rows)))
+    stretch = [f"steps {rows[p[0]]['step']}-{rows[p[-1]]['step']}: loss "
+               f"{np.mean([rows[i]['loss'] for i in p]):.3f} nll "
+               f"{np.mean([rows[i]['nll'] for i in p]):.3f}" for p in parts]
+    val = [f"{r['step']}: {r['val/nll']:.3f}" for r in rows if "val/nll" in r]
+    speed = [r["tokens_per_sec"] for r in rows if r.get("tokens_per_sec")]
+    out = f"{workdir}: " + "; ".join(stretch)
+    if val:
+        out += "\nvalidation nll by step: " + ", ".join(val)
+    if speed:
+        out += f"\nthroughput: {np.median(speed):.0f} tokens/s (median over log lines)"
+    return out
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 3 or sys.argv[1] != "summary":
+        sys.exit("usage: python -m prefixlm.train summary WORKDIR")
+    print(summarize(sys.argv[2]))
