@@ -373,6 +373,8 @@ def run_lm_eval(lm, *, tasks, limit, num_fewshot, offline=None, verbose=False,
         for name in ("lm_eval", "lm-eval", "datasets"):
             logging.getLogger(name).setLevel(logging.ERROR)
     names = tasks_lib.resolve(tasks, offline=offline)
+    if limit is not None and limit <= 0:
+        limit = None  # "no limit"; lm-eval would read 0 as a fraction and score nothing
     t0 = time.time()
     results = lm_eval.simple_evaluate(
         model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit,
