@@ -6,7 +6,7 @@ the resolved config as ``DIR/config.json``.
 
 Multi-process: ``--coordinator_address host:port --num_processes N --process_id i`` call
 ``jax.distributed.initialize``; on a Cloud TPU VM no flags are needed (``--distributed=auto``
-initializes from the TPU metadata whenever TPU devices are attached).
+initializes from the TPU metadata when the slice has more than one host).
 """
 
 from __future__ import annotations
@@ -36,9 +36,26 @@ def _on_tpu_vm() -> bool:
     """A Cloud TPU VM, detected without touching the JAX backend (initialize must come first)."""
     if os.environ.get("JAX_PLATFORMS", "").strip().lower() in ("cpu", "cuda", "gpu"):
         return False
-    return (os.path.exists("/dev/accel0") or os.path.isdir("/dev/vfio")
-            and bool(os.environ.get("TPU_ACCELERATOR_TYPE") or os.environ.get("TPU_NAME"))
+    return (os.path.exists("/dev/accel0") or os.path.exists("/dev/vfio/0")
             or bool(os.environ.get("TPU_WORKER_HOSTNAMES")))
+
+
+def _tpu_worker_count() -> int | None:
+    """Hosts in this TPU slice (env or GCE metadata, as JAX itself reads them); None = unknown."""
+    hosts = os.environ.get("TPU_WORKER_HOSTNAMES")
+    if hosts:
+        return len([h for h in hosts.split(",") if h.strip()])
+    import urllib.request
+
+    url = ("http://metadata.google.internal/computeMetadata/v1/instance/attributes/"
+           "worker-network-endpoints")
+    try:
+        req = urllib.request.Request(url, headers={"Metadata-Flavor": "Google"})
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            body = resp.read().decode()
+        return len([e for e in body.split(",") if e.strip()])
+    except OSError:
+        return None
 
 
 def init_distributed() -> None:
@@ -51,8 +68,12 @@ def init_distributed() -> None:
                                  "together; give all three (or none on a TPU VM)")
         jax.distributed.initialize(coordinator_address=_COORD.value,
                                    num_processes=_NPROC.value, process_id=_PID.value)
-    elif _DIST.value == "on" or (_DIST.value == "auto" and _on_tpu_vm()):
-        jax.distributed.initialize()  # Cloud TPU: hosts and coordinator from the metadata
+    elif _DIST.value == "on":
+        jax.distributed.initialize()
+    elif _DIST.value == "auto" and _on_tpu_vm():
+        workers = _tpu_worker_count()
+        if workers is None or workers > 1:  # multi-host slice: coordinator from the metadata
+            jax.distributed.initialize()
 
 
 def main(argv) -> int:

@@ -526,7 +526,7 @@ class MetricsWriter:
 
 
 def _jsonable(v):
-    if v is None or isinstance(v, str | bool):
+    if v is None or isinstance(v, str | bool | int):
         return v
     v = float(v)
     return v if math.isfinite(v) else str(v)
@@ -682,6 +682,9 @@ def train_and_evaluate(config, workdir, *, tokenizer=None,
         start = 0
         state = trainer.init_fn()
     writer = MetricsWriter(workdir, start, is_main)
+    if start >= config.train.steps:
+        log.info("%s is already trained to step %d (train.steps=%d)", workdir, start,
+                 config.train.steps)
     total = config.train.steps
     peak = peak_flops(config)
     tokens_per_step = config.train.batch_tokens
