@@ -102,8 +102,11 @@ def main(argv) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     if last:
-        print("final: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                    for k, v in last.items() if v is not None), flush=True)
+        shown = ("step", "loss", "nll", "accuracy", "val/loss", "val/nll", "tokens_per_sec",
+                 "mfu", "preempted_at")
+        print("final: " + ", ".join(f"{k}={last[k]:.4g}" if isinstance(last[k], float)
+                                    else f"{k}={last[k]}" for k in shown
+                                    if last.get(k) is not None), flush=True)
     return 0
 
 

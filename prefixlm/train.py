@@ -719,10 +719,11 @@ def train_and_evaluate(config, workdir, *, tokenizer=None,
                 f"{ckpt.directory}; lower optim.lr or raise optim.warmup_steps and resume")
         return host[-1]
 
-    def log_metrics(step, metrics, extra):
+    def train_row(step, metrics) -> dict:
         # A line holds the metrics of its own step (not an average since the last line), so a
         # run resumed from any checkpoint writes exactly the lines an uninterrupted run would.
-        nonlocal t_mark, steps_timed, last
+        # Throughput is the mean over the steps since the previous line.
+        nonlocal t_mark, steps_timed
         row = {k: float(metrics[k]) for k in ("loss", "nll", "accuracy", "grad_norm", "lr")}
         row["tokens"] = step * tokens_per_step
         now = time.perf_counter()
@@ -734,7 +735,10 @@ def train_and_evaluate(config, workdir, *, tokenizer=None,
         else:  # the first step of a process includes compilation: not a throughput sample
             row.update(step_time=None, tokens_per_sec=None, mfu=None)
         t_mark, steps_timed = now, 0
-        row.update(extra)
+        return row
+
+    def write_row(step, row):
+        nonlocal last
         writer.write(step, row)
         bar.set_postfix(loss=f"{row['loss']:.4f}", nll=f"{row['nll']:.4f}", refresh=False)
         last = {"step": step, **row}
@@ -763,11 +767,12 @@ def train_and_evaluate(config, workdir, *, tokenizer=None,
                 if do_log or do_ckpt or stop:
                     metrics = check_finite(step)
                 if do_log:
-                    extra = {}
+                    row = train_row(step, metrics)
                     if do_eval:
-                        extra.update(validation_metrics(trainer, state["params"]))
-                        extra.update(evaluate_downstream(trainer, state["params"]))
-                    log_metrics(step, metrics, extra)
+                        row.update(validation_metrics(trainer, state["params"]))
+                        row.update(evaluate_downstream(trainer, state["params"]))
+                        t_mark = time.perf_counter()  # evaluation time is not step time
+                    write_row(step, row)
                 if do_ckpt or stop:
                     save(step)
                 if stop and not done:
