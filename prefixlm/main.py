@@ -101,6 +101,9 @@ def main(argv) -> int:
     except train.ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    except FileNotFoundError as e:  # data.path / tokenizer files: the message says what to run
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if last:
         shown = ("step", "loss", "nll", "accuracy", "val/loss", "val/nll", "tokens_per_sec",
                  "mfu", "preempted_at")

@@ -207,6 +207,7 @@ def test_run_writes_metrics_checkpoints_config_and_tensorboard(uninterrupted):
     assert step == 12 and config.name == saved["name"]
     assert isinstance(model, model_lib.Llama)
     assert train.load_model(workdir, step=8)[2] == 8
+    assert "steps 2-" in train.summarize(workdir) and "validation nll" in train.summarize(workdir)
 
 
 class _Crash(Exception):
@@ -326,6 +327,12 @@ def test_cli_rejects_a_bad_config_before_compiling(tmp_path):
     assert proc.returncode == 2
     assert "objective.eps=2.0 must be in [0, 1]" in proc.stderr
     assert not (tmp_path / "checkpoints").exists()
+    proc = subprocess.run(
+        [sys.executable, "-m", "prefixlm.main", "--config=configs/ce.py:tiny",
+         f"--config.data.path={tmp_path / 'missing'}", f"--workdir={tmp_path / 'run'}"],
+        env=_subprocess_env(1), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "stats.json not found" in proc.stderr and "prefixlm.data.tokenize" in proc.stderr
 
 
 def test_cli_trains_with_overrides(tmp_path):
