@@ -27,17 +27,27 @@ lint: setup
 prefix-counts: setup
 	$(PY) -m prefixlm.plots prefix-counts --tokenizer llama3 --output out/prefix_counts
 
-# Demo: the embedded offline corpus (built once into data/demo), then a few minutes of the
-# prefix_norm demo config on the CPU; rerunning resumes and finishes at once (rm -rf runs/demo).
+# Demo: the embedded offline corpus (built once into data/demo), a few minutes of the prefix_norm
+# demo config on the CPU, then lm-eval on the five tasks (20 examples each), the HF export and the
+# plots. Rerunning resumes the finished run at once (rm -rf runs/demo to train again).
 DEMO_RUN := runs/demo/prefix_norm
 demo: setup prefix-counts
 	$(PY) -c "from prefixlm.data import corpus; print(corpus.prepare_demo())"
 	$(PY) -m prefixlm.main --config=configs/prefix_norm.py:demo --workdir=$(DEMO_RUN)
 	$(PY) -m prefixlm.train summary $(DEMO_RUN)
-	# --- lead: evaluation / export / plots of $(DEMO_RUN) go here ---
+	$(PY) -m prefixlm.evaluate --workdir $(DEMO_RUN) --limit 20 --num_fewshot 5 --output $(DEMO_RUN)/eval.json
+	$(PY) -m prefixlm.export --workdir $(DEMO_RUN) --output $(DEMO_RUN)/hf
+	$(PY) -m prefixlm.plots metrics $(DEMO_RUN) --output out/demo
+	$(PY) -m prefixlm.plots targets --word " personality" --output out/demo
+	@echo "demo done: run $(DEMO_RUN), eval $(DEMO_RUN)/eval.json, HF export $(DEMO_RUN)/hf,"
+	@echo "plots out/demo/*.png and out/prefix_counts/prefix_counts.png"
 
+# The tables in the README: loss cost, train step, data, evaluation (each prints a markdown table).
 bench: setup
 	$(PY) bench/loss.py
+	$(PY) bench/step.py
+	$(PY) bench/data.py
+	$(PY) bench/eval.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache out
