@@ -14,13 +14,21 @@ from the previous checkpoint.
 from __future__ import annotations
 
 import os
-import pathlib
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 
-def _manager(directory: pathlib.Path, *, max_to_keep: int | None = None,
+def _checkpoints_dir(workdir: str | os.PathLike) -> epath.Path:
+    """``WORKDIR/checkpoints``, local (absolute) or remote (``gs://``; pathlib would mangle it)."""
+    path = epath.Path(workdir)
+    if "://" not in os.fspath(path):
+        path = path.absolute()
+    return path / "checkpoints"
+
+
+def _manager(directory: epath.Path, *, max_to_keep: int | None = None,
              async_save: bool = True, read_only: bool = False) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep,
@@ -35,7 +43,7 @@ class Checkpointer:
     """A CheckpointManager for one training run (``DIR/checkpoints``)."""
 
     def __init__(self, workdir: str | os.PathLike, *, max_to_keep: int, async_save: bool = True):
-        self.directory = pathlib.Path(workdir).absolute() / "checkpoints"
+        self.directory = _checkpoints_dir(workdir)
         self.manager = _manager(self.directory, max_to_keep=max_to_keep, async_save=async_save)
 
     def latest_step(self) -> int | None:
@@ -73,10 +81,10 @@ class Checkpointer:
 
 
 def all_steps(workdir: str | os.PathLike) -> list[int]:
-    directory = pathlib.Path(workdir) / "checkpoints"
+    directory = _checkpoints_dir(workdir)
     if not directory.is_dir():
         return []
-    mngr = _manager(directory.absolute(), read_only=True)
+    mngr = _manager(directory, read_only=True)
     try:
         return sorted(mngr.all_steps())
     finally:
@@ -85,7 +93,7 @@ def all_steps(workdir: str | os.PathLike) -> list[int]:
 
 def restore_params(workdir: str | os.PathLike, abstract_params, step: int | None = None):
     """(params, step): the parameters alone of checkpoint ``step`` (None = newest)."""
-    directory = pathlib.Path(workdir).absolute() / "checkpoints"
+    directory = _checkpoints_dir(workdir)
     if not directory.is_dir():
         raise FileNotFoundError(
             f"{directory} does not exist: {workdir} holds no checkpoints; train with "

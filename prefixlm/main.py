@@ -5,12 +5,25 @@ TensorBoard events under ``DIR/tensorboard``, checkpoints under ``DIR/checkpoint
 the resolved config as ``DIR/config.json``.
 
 Multi-process: ``--coordinator_address host:port --num_processes N --process_id i`` call
-``jax.distributed.initialize``; on a Cloud TPU VM no flags are needed (``--distributed=auto``
-initializes from the TPU metadata when the slice has more than one host).
+``jax.distributed.initialize`` (on CPU with gloo collectives); on a Cloud TPU VM no flags are
+needed (``--distributed=auto`` initializes from the TPU metadata when the slice has more than one
+host). Every process runs this same command; the global batch is sharded over all devices, each
+process reads its own share of the data, checkpoints are written collectively, and only process 0
+prints, logs and writes metrics.jsonl / TensorBoard / config.json. ``--workdir`` may be a local
+path or ``gs://bucket/dir``.
+
+Exit status (launch/sweep.sh writes DONE only on 0):
+  0    trained to ``train.steps`` (or the workdir already was)
+  2    config, data or tokenizer error, before training
+  143  preempted: SIGTERM arrived, a checkpoint of the current step was saved, and the run
+       stopped early; run the same command again to resume (128 + SIGTERM, what a shell
+       reports for a process killed by SIGTERM)
+  other non-zero: a crash (e.g. 1 for a non-finite loss; the last good checkpoint is kept)
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -26,6 +39,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (created; resumed
 _COORD = flags.DEFINE_string("coordinator_address", None, "host:port of process 0")
 _NPROC = flags.DEFINE_integer("num_processes", None, "number of JAX processes")
 _PID = flags.DEFINE_integer("process_id", None, "this process's index")
+EXIT_PREEMPTED = 128 + 15  # 143: stopped by SIGTERM after saving a checkpoint; resume by rerunning
+
 _DIST = flags.DEFINE_enum(
     "distributed", "auto", ["auto", "on", "off"],
     "auto: initialize jax.distributed from the flags above, or from TPU metadata on a TPU VM; "
@@ -66,6 +81,11 @@ def init_distributed() -> None:
         if any(v is None for v in explicit):
             raise app.UsageError("--coordinator_address, --num_processes and --process_id go "
                                  "together; give all three (or none on a TPU VM)")
+        if _NPROC.value > 1 and not os.environ.get("JAX_CPU_COLLECTIVES_IMPLEMENTATION"):
+            # Cross-process collectives of the CPU backend (processes without accelerators, and
+            # tests); it must be chosen before initialize creates the backend. Accelerator
+            # backends ignore it. An explicit JAX_CPU_COLLECTIVES_IMPLEMENTATION (mpi) wins.
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator_address=_COORD.value,
                                    num_processes=_NPROC.value, process_id=_PID.value)
     elif _DIST.value == "on":
@@ -82,8 +102,13 @@ def main(argv) -> int:
     if _WORKDIR.value is None:
         raise app.UsageError("--workdir is required (the run directory)")
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
-    logging.getLogger("prefixlm").setLevel(logging.INFO)
     init_distributed()
+    import jax
+
+    is_main = jax.process_index() == 0
+    # Process 0 speaks for the run; the others only warn (a problem of their own host).
+    logging.getLogger("prefixlm").setLevel(logging.INFO if is_main else logging.WARNING)
+    say = functools.partial(print, flush=True) if is_main else (lambda *a, **k: None)
 
     from prefixlm import model as model_lib
     from prefixlm import train
@@ -94,8 +119,10 @@ def main(argv) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     n = model_lib.count_params(train.model_config(config))
-    print(f"{config.name}: {n:,} parameters ({n / 1e6:.1f}M), {config.train.steps} steps x "
-          f"{config.train.batch_tokens:,} tokens -> {_WORKDIR.value}", flush=True)
+    say(f"{config.name}: {n:,} parameters ({n / 1e6:.1f}M), {config.train.steps} steps x "
+        f"{config.train.batch_tokens:,} tokens -> {_WORKDIR.value}"
+        + (f" ({jax.process_count()} processes, {jax.device_count()} devices)"
+           if jax.process_count() > 1 else ""))
     try:
         last = train.train_and_evaluate(config, _WORKDIR.value)
     except train.ConfigError as e:
@@ -107,9 +134,14 @@ def main(argv) -> int:
     if last:
         shown = ("step", "loss", "nll", "accuracy", "val/loss", "val/nll", "tokens_per_sec",
                  "mfu", "preempted_at")
-        print("final: " + ", ".join(f"{k}={last[k]:.4g}" if isinstance(last[k], float)
-                                    else f"{k}={last[k]}" for k in shown
-                                    if last.get(k) is not None), flush=True)
+        say("final: " + ", ".join(f"{k}={last[k]:.4g}" if isinstance(last[k], float)
+                                  else f"{k}={last[k]}" for k in shown
+                                  if last.get(k) is not None))
+    if last.get("preempted_at") is not None:
+        # Not finished: a non-zero status keeps launch/sweep.sh from marking the run DONE.
+        say(f"preempted at step {last['preempted_at']} of {config.train.steps} (checkpoint "
+            f"saved); exit {EXIT_PREEMPTED}, run the same command again to resume")
+        return EXIT_PREEMPTED
     return 0
 
 

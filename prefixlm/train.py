@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -483,46 +484,110 @@ def peak_flops(config) -> float | None:
     return None
 
 
-# ---- metrics files -----------------------------------------------------------------------------
-class MetricsWriter:
-    """``DIR/metrics.jsonl`` (appended across restarts) and TensorBoard events, process 0 only."""
+# ---- run directory files (local or gs://) ------------------------------------------------------
+def run_path(workdir) -> epath.Path:
+    """``workdir`` as an ``etils.epath.Path``: a local path (made absolute) or ``gs://...``.
 
-    def __init__(self, workdir: pathlib.Path, resume_step: int, enabled: bool):
+    Everything written into a run directory (metrics.jsonl, config.json, TensorBoard, and the
+    checkpoints through orbax) goes through this path layer, so ``--workdir=gs://bucket/run``
+    works like a local directory. (``pathlib`` cannot: it folds ``gs://`` into ``gs:/``.)
+    """
+    path = epath.Path(workdir)
+    return path if is_remote(path) else path.absolute()
+
+
+def is_remote(path) -> bool:
+    """Object storage (gs://, s3://, ...): no appends, no renames; writing an object is atomic."""
+    return "://" in os.fspath(path)
+
+
+def write_text_atomic(path: epath.Path, text: str) -> None:
+    """Replaces ``path``'s contents at once: a reader sees the old or the new file, never half."""
+    if is_remote(path):
+        path.write_text(text)  # an object upload is atomic
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class MetricsWriter:
+    """``DIR/metrics.jsonl`` (kept across restarts) and TensorBoard events, process 0 only.
+
+    Local: each line is appended, so ``tail -f`` works. Remote (gs://): object storage cannot
+    append, so the whole file is rewritten at each line (it stays small: one line per
+    ``log_every`` steps), and TensorBoard events are written to a local temporary directory
+    and copied to ``DIR/tensorboard`` after each line (TensorBoard reads them from there).
+    """
+
+    def __init__(self, workdir, resume_step: int, enabled: bool):
         self.enabled = enabled
-        self.path = workdir / "metrics.jsonl"
+        self.workdir = run_path(workdir)
+        self.path = self.workdir / "metrics.jsonl"
+        self.remote = is_remote(self.path)
+        self.lines: list[str] = []
         self.tb = None
+        self._tb_local: str | None = None
         if not enabled:
             return
         if self.path.exists():
             # Lines past the restored step were logged after the checkpoint we resume from;
             # they will be logged again, so drop them rather than duplicate.
-            kept = [ln for ln in self.path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
-            tmp = self.path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(ln + "\n" for ln in kept))
-            os.replace(tmp, self.path)
+            self.lines = [ln for ln in self.path.read_text().splitlines()
+                          if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            write_text_atomic(self.path, "".join(ln + "\n" for ln in self.lines))
         try:
             from tensorboardX import SummaryWriter
-
-            self.tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=resume_step + 1)
         except ImportError:  # optional: metrics.jsonl is the record
             log.warning("tensorboardX not installed; writing metrics.jsonl only")
+            return
+        tb_dir = self.workdir / "tensorboard"
+        if self.remote:
+            import tempfile
+
+            self._tb_local = tempfile.mkdtemp(prefix="prefixlm-tb-")
+        self.tb = SummaryWriter(self._tb_local or os.fspath(tb_dir), purge_step=resume_step + 1)
 
     def write(self, step: int, metrics: dict) -> None:
         if not self.enabled:
             return
         row = {"step": int(step), **{k: _jsonable(v) for k, v in metrics.items()}}
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        line = json.dumps(row)
+        self.lines.append(line)
+        if self.remote:
+            self.path.write_text("".join(ln + "\n" for ln in self.lines))
+        else:
+            with self.path.open("a") as f:
+                f.write(line + "\n")
         if self.tb is not None:
             for k, v in row.items():
                 if k != "step" and isinstance(v, int | float):
                     self.tb.add_scalar(k if "/" in k else f"train/{k}", v, step)
             self.tb.flush()
+            self._sync_tensorboard()
+
+    def _sync_tensorboard(self) -> None:
+        """Copies the local event files of a remote run to DIR/tensorboard (whole files)."""
+        if self._tb_local is None:
+            return
+        target = self.workdir / "tensorboard"
+        target.mkdir(parents=True, exist_ok=True)
+        for f in pathlib.Path(self._tb_local).rglob("*"):
+            if f.is_file():
+                dest = target / f.relative_to(self._tb_local).as_posix()
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                dest.write_bytes(f.read_bytes())
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+            self._sync_tensorboard()
+            self.tb = None
+        if self._tb_local is not None:
+            import shutil
+
+            shutil.rmtree(self._tb_local, ignore_errors=True)
+            self._tb_local = None
 
 
 def _jsonable(v):
@@ -532,32 +597,41 @@ def _jsonable(v):
     return v if math.isfinite(v) else str(v)
 
 
-def _save_config(workdir: pathlib.Path, config) -> None:
-    path = workdir / "config.json"
-    if path.exists():
-        old = json.loads(path.read_text())
-        new = json.loads(config.to_json_best_effort())
-        for key in ("model", "objective", "seed"):
-            if old.get(key) != new.get(key):
-                raise ConfigError(
-                    f"{workdir} holds a run with a different {key} ({old.get(key)} vs "
-                    f"{new.get(key)}); resume it with its own config or use a new --workdir")
-        for key in ("seq_len", "path"):
-            if old.get("data", {}).get(key) != new["data"][key]:
-                raise ConfigError(f"{workdir} was trained with data.{key}="
-                                  f"{old['data'][key]!r}, not {new['data'][key]!r}; use a new "
-                                  "--workdir")
-        if old.get("train", {}).get("batch_size") != new["train"]["batch_size"]:
-            raise ConfigError(f"{workdir} was trained with train.batch_size="
-                              f"{old['train']['batch_size']}; resuming with another batch would "
-                              "not continue the same data order; use a new --workdir")
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(config.to_json_best_effort(indent=2) + "\n")
-    os.replace(tmp, path)
+def _check_saved_config(workdir, config) -> None:
+    """Refuses to resume a workdir whose config.json differs in what defines the run.
+
+    Runs on every process (reading is safe), so a mismatch stops all of them, not only the one
+    that writes, which would leave the others waiting in a collective.
+    """
+    path = run_path(workdir) / "config.json"
+    if not path.exists():
+        return
+    old = json.loads(path.read_text())
+    new = json.loads(config.to_json_best_effort())
+    for key in ("model", "objective", "seed"):
+        if old.get(key) != new.get(key):
+            raise ConfigError(
+                f"{workdir} holds a run with a different {key} ({old.get(key)} vs "
+                f"{new.get(key)}); resume it with its own config or use a new --workdir")
+    for key in ("seq_len", "path"):
+        if old.get("data", {}).get(key) != new["data"][key]:
+            raise ConfigError(f"{workdir} was trained with data.{key}="
+                              f"{old['data'][key]!r}, not {new['data'][key]!r}; use a new "
+                              "--workdir")
+    if old.get("train", {}).get("batch_size") != new["train"]["batch_size"]:
+        raise ConfigError(f"{workdir} was trained with train.batch_size="
+                          f"{old['train']['batch_size']}; resuming with another batch would "
+                          "not continue the same data order; use a new --workdir")
+
+
+def _save_config(workdir, config) -> None:
+    _check_saved_config(workdir, config)
+    write_text_atomic(run_path(workdir) / "config.json",
+                      config.to_json_best_effort(indent=2) + "\n")
 
 
 def load_config(workdir) -> ml_collections.ConfigDict:
-    path = pathlib.Path(workdir) / "config.json"
+    path = run_path(workdir) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: {workdir} is not a training workdir")
     return ml_collections.ConfigDict(json.loads(path.read_text()))
@@ -628,6 +702,14 @@ def evaluate_downstream(trainer: Trainer, params) -> dict:
     tasks = [s.strip() for s in str(e.tasks).split(",") if s.strip()]
     if not tasks:
         return {}
+    if jax.process_count() > 1:
+        # lm-eval drives JaxLM with host data one process at a time, which cannot feed arrays
+        # spanning other hosts' devices: every process evaluates its own full copy on its first
+        # device (same tasks and seeds, so the same numbers; process 0 logs them).
+        from jax.experimental import multihost_utils
+
+        full = multihost_utils.process_allgather(params, tiled=True)
+        params = jax.device_put(full, jax.local_devices()[0])
     return evaluate.evaluate_model(trainer.model(params), trainer.tokenizer, tasks=tasks,
                                    limit=e.limit, num_fewshot=e.num_fewshot,
                                    batch_size=e.batch_size)
@@ -660,11 +742,13 @@ def train_and_evaluate(config, workdir, *, tokenizer=None,
     ``step_hook(step)`` runs after every step (tests use it to simulate a crash or SIGTERM).
     """
     config = resolve_config(config)
-    workdir = pathlib.Path(workdir)
+    workdir = run_path(workdir)
     is_main = jax.process_index() == 0
     if is_main:
         workdir.mkdir(parents=True, exist_ok=True)
         _save_config(workdir, config)
+    else:
+        _check_saved_config(workdir, config)
     trainer = Trainer.create(config, tokenizer)
     n_params = model_lib.count_params(trainer.mcfg)
     log.info("run %s: %s parameters, %d steps of %d x %d tokens on %d devices (mesh %s)",
@@ -789,7 +873,7 @@ def train_and_evaluate(config, workdir, *, tokenizer=None,
 
 def summarize(workdir, windows: int = 4) -> str:
     """A one-paragraph account of a run's metrics.jsonl: mean loss per stretch of steps."""
-    rows = [json.loads(ln) for ln in (pathlib.Path(workdir) / "metrics.jsonl").read_text()
+    rows = [json.loads(ln) for ln in (run_path(workdir) / "metrics.jsonl").read_text()
             .splitlines() if ln.strip()]
     if not rows:
         return f"{workdir}: no metrics yet"

@@ -1,0 +1,232 @@
+"""``prefixlm.main`` as launch scripts run it: 2 JAX processes on this machine (CPU, gloo
+collectives) train exactly like 1 process with the same global batch, only process 0 writes,
+checkpoints are collective and resume; SIGTERM exits 143 (not 0, so launch/sweep.sh does not mark
+the run DONE); metrics/config/TensorBoard go through the path layer used for gs:// workdirs.
+
+The runs use a 544-id tiktoken vocabulary (256 bytes, 32 merges, 256 specials) so that each
+process starts, compiles and trains in seconds on 2 CPU cores."""
+
+import base64
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from prefixlm import checkpoint as ckpt_lib
+from prefixlm import tokenizer as tokenizer_lib
+from prefixlm import train
+from test_train import write_token_dir
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+MERGES = [b"th", b"he", b"the", b" t", b" th", b" the", b"in", b"ing", b"an", b"and", b" a",
+          b" an", b" and", b"er", b"re", b"on", b" o", b" on", b"es", b"st", b"est", b"en",
+          b"at", b" at", b"or", b"ou", b"it", b" i", b" in", b" it", b"is", b" is"]
+COMPARED = ("loss", "nll", "accuracy", "grad_norm", "lr", "tokens")
+TIMEOUT = 60  # seconds for one launch (both processes); a run here takes ~10-20 s
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """(tokenizer file, vocabulary size, token directory)."""
+    root = tmp_path_factory.mktemp("mp")
+    ranks = [bytes([b]) for b in range(256)] + MERGES
+    model = root / "tiny.model"  # tokenizer.load takes a path ending in .model (tiktoken ranks)
+    model.write_text("".join(f"{base64.b64encode(t).decode()} {i}\n"
+                             for i, t in enumerate(ranks)))
+    tok = tokenizer_lib.load(str(model))
+    data = write_token_dir(root / "tokens", tok.vocab_hash, n_train=4000, n_val=600,
+                           n_ids=len(ranks))
+    return model, tok.vocab_size, data
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _argv(setup, workdir, *extra):
+    model, vocab, data = setup
+    return [sys.executable, "-m", "prefixlm.main", "--config=configs/prefix_norm.py:tiny",
+            f"--workdir={workdir}", f"--config.data.tokenizer={model}",
+            f"--config.model.vocab_size={vocab}", f"--config.data.path={data}",
+            "--config.train.batch_size=4", "--config.train.steps=8", "--config.log_every=1",
+            "--config.checkpoint.every=4", "--config.eval.every=4",
+            "--config.eval.val_batches=1", "--config.progress=false", *extra]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _compilation_cache(tmp_path_factory):
+    """Launches share compiled programs (a resumed run reuses its first launch's)."""
+    global _CACHE
+    _CACHE = str(tmp_path_factory.mktemp("jax_cache"))
+
+
+_CACHE = ""
+
+
+def _env():
+    # One CPU device per process. XLA's CPU compile dominates these runs (6 programs, most of the
+    # time of a launch); its cheap mode halves it, and every run here uses the same mode.
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
+               XLA_FLAGS="--xla_backend_optimization_level=0 "
+                         "--xla_llvm_disable_expensive_passes=true",
+               JAX_COMPILATION_CACHE_DIR=_CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    return env
+
+
+def launch(setup, workdir, processes: int = 1, *extra) -> list[tuple[int, str, str]]:
+    """Runs prefixlm.main as ``processes`` JAX processes; [(returncode, stdout, stderr)]."""
+    if processes == 1:
+        cmds = [_argv(setup, workdir, *extra)]
+    else:
+        coord = f"127.0.0.1:{_free_port()}"
+        cmds = [_argv(setup, workdir, *extra, f"--coordinator_address={coord}",
+                      f"--num_processes={processes}", f"--process_id={i}")
+                for i in range(processes)]
+    procs = [subprocess.Popen(c, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for c in cmds]
+    deadline = time.monotonic() + TIMEOUT
+    out = []
+    try:
+        for p in procs:
+            stdout, stderr = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            out.append((p.returncode, stdout, stderr))
+    finally:
+        for p in procs:  # a process that failed leaves the others waiting in a collective
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return out
+
+
+def metrics(workdir):
+    return [json.loads(ln) for ln in (pathlib.Path(workdir) / "metrics.jsonl").read_text()
+            .splitlines() if ln.strip()]
+
+
+def _ok(results):
+    for i, (rc, stdout, stderr) in enumerate(results):
+        assert rc == 0, f"process {i} exited {rc}\n{stdout[-2000:]}\n{stderr[-4000:]}"
+
+
+def _compare(a_rows, b_rows, rtol):
+    assert [r["step"] for r in a_rows] == [r["step"] for r in b_rows]
+    for a, b in zip(a_rows, b_rows, strict=True):
+        for k in (*COMPARED, "val/loss", "val/nll"):
+            if k in a or k in b:
+                np.testing.assert_allclose(b[k], a[k], rtol=rtol, err_msg=f"step {a['step']} {k}")
+
+
+def test_two_processes_train_like_one_and_resume(setup, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    _ok(launch(setup, one, 1))
+    results = launch(setup, two, 2)
+    _ok(results)
+
+    rows = metrics(two)
+    assert [r["step"] for r in rows] == list(range(1, 9))  # written once: by process 0 only
+    # Process 0 reads windows 0, 2, ... of the shuffled stream and process 1 windows 1, 3, ...;
+    # together they are the same global batches as one process reads, in another row order.
+    _compare(metrics(one), rows, rtol=1e-5)
+    assert "val/nll" in rows[3] and "val/nll" in rows[7]
+
+    (_, out0, _), (_, out1, err1) = results
+    assert "final: step=8" in out0 and "2 processes, 2 devices" in out0
+    assert "final:" not in out1 and "parameters" not in out1, out1  # (gloo prints a line)
+    assert "run prefix_norm" not in err1  # process 1 does not log INFO
+    assert json.loads((two / "config.json").read_text())["mesh"] == {"data": 2, "fsdp": 1}
+    assert len(list((two / "tensorboard").glob("events.out.tfevents*"))) == 1
+
+    # Collective checkpoints: orbax wrote both processes' parts, grain one file per process.
+    assert ckpt_lib.all_steps(two) == [4, 8]
+    assert sorted(p.name for p in (two / "checkpoints" / "8" / "data").glob("*.json")) == \
+        ["process_0-of-2.json", "process_1-of-2.json"]
+
+    # Lose the last checkpoint: both processes resume from step 4 and log steps 5-8 again,
+    # identically (same programs, same data position).
+    import shutil
+
+    shutil.rmtree(two / "checkpoints" / "8")
+    results = launch(setup, two, 2)
+    _ok(results)
+    assert "resumed from" in results[0][2] and "at step 4" in results[0][2]
+    again = metrics(two)
+    assert [{k: r[k] for k in ("step", *COMPARED)} for r in again] == \
+        [{k: r[k] for k in ("step", *COMPARED)} for r in rows]
+    assert ckpt_lib.all_steps(two) == [4, 8]
+
+
+def test_sigterm_saves_and_exits_143_then_the_rerun_finishes(setup, tmp_path):
+    """launch/sweep.sh marks a run DONE when prefixlm.main exits 0: a preempted run must not."""
+    workdir = tmp_path / "run"
+    cmd = _argv(setup, workdir, "--config.train.steps=100000", "--config.checkpoint.every=0",
+                "--config.eval.every=0")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        path = workdir / "metrics.jsonl"
+        while not (path.exists() and path.read_text().count("\n") >= 2):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no metrics within the timeout"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 143, (proc.returncode, stdout, stderr[-3000:])
+    steps = ckpt_lib.all_steps(workdir)
+    assert len(steps) == 1 and 2 <= steps[0] < 100000, steps
+    assert f"preempted at step {steps[0]} of 100000" in stdout
+    # The same command (here with a reachable end) resumes and exits 0.
+    results = launch(setup, workdir, 1, f"--config.train.steps={steps[0] + 2}",
+                     "--config.eval.every=0")
+    _ok(results)
+    assert metrics(workdir)[-1]["step"] == steps[0] + 2
+    assert "at step" in results[0][2]
+
+
+def test_remote_workdir_files_go_through_the_path_layer(tmp_path, monkeypatch):
+    """What a gs:// workdir gets (whole-file rewrites, TensorBoard mirrored from a local temp
+    directory), exercised on a local path by treating it as remote."""
+    assert str(train.run_path("gs://bucket/runs/a") / "metrics.jsonl") == \
+        "gs://bucket/runs/a/metrics.jsonl"
+    assert str(ckpt_lib._checkpoints_dir("gs://bucket/runs/a")) == "gs://bucket/runs/a/checkpoints"
+    assert train.is_remote(train.run_path("gs://b/r")) and not train.is_remote(tmp_path)
+    assert train.run_path("rel").is_absolute()
+
+    monkeypatch.setattr(train, "is_remote", lambda path: True)
+    w = train.MetricsWriter(tmp_path, resume_step=0, enabled=True)
+    assert w.remote and w._tb_local is not None
+    for step in (1, 2, 3):
+        w.write(step, {"loss": 1.0 / step, "nll": float("nan")})
+        assert len(metrics(tmp_path)) == step  # visible after every line, not only at close
+        assert list((tmp_path / "tensorboard").glob("events.out.tfevents*"))
+    local = w._tb_local
+    w.close()
+    assert not os.path.exists(local)
+    assert [r["step"] for r in metrics(tmp_path)] == [1, 2, 3]
+    assert metrics(tmp_path)[0]["nll"] == "nan"
+
+    # Resuming from step 2 drops line 3 (it will be logged again).
+    w = train.MetricsWriter(tmp_path, resume_step=2, enabled=True)
+    w.write(3, {"loss": 0.5})
+    w.close()
+    assert [(r["step"], r["loss"]) for r in metrics(tmp_path)] == [(1, 1.0), (2, 0.5), (3, 0.5)]
+
+    c = train.resolve_config(
+        __import__("configs.prefix_norm", fromlist=["x"]).get_config("tiny"), 1, 1)
+    train._save_config(tmp_path, c)
+    assert train.load_config(tmp_path).name == c.name
+    assert not list(tmp_path.glob("*.tmp"))
