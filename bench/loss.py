@@ -4,7 +4,8 @@
 
 Timing: value_and_grad of the weighted loss sum w.r.t. hidden states and the (tied) output
 projection, N tokens x V = 128,256 x d_model, through ``Objective.chunked_loss``; repetitions are
-interleaved across objectives so machine noise hits all of them alike, and the median is kept.
+interleaved across objectives in a shuffled order so machine noise hits all of them alike,
+and the median is kept.
 Memory: XLA's own accounting of the compiled program (``memory_analysis``: arguments + outputs +
 temporaries) at ``--mem-tokens``, for the chunked path and for a naive implementation that
 materialises logits and the dense target q (compiled, not run: at N = 8192 it needs ~13 GB).
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -94,8 +96,12 @@ def main(argv=None) -> int:
     times = {k: [] for k in timed}
     for f, label in timed.values():  # compile + warm up
         jax.block_until_ready(f(h, e, ids, tables[label]))
-    for _ in range(args.reps):
-        for k, (f, label) in timed.items():
+    order = list(timed)
+    for rep in range(args.reps):
+        # A new order each repetition, so no objective always runs first (or after the naive ones).
+        random.Random(rep).shuffle(order)
+        for k in order:
+            f, label = timed[k]
             t0 = time.perf_counter()
             jax.block_until_ready(f(h, e, ids, tables[label]))
             times[k].append(time.perf_counter() - t0)
