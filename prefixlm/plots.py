@@ -288,7 +288,7 @@ def plot_training_curves(runs: dict[str, list[dict]], path: pathlib.Path,
             ax.text(0.5, 0.5, f"no '{key}' logged", ha="center", va="center",
                     transform=ax.transAxes, color="gray")
     fig.suptitle("Own-objective losses are not comparable across objectives (smoothing adds "
-                 "entropy); gold-token NLL is", fontsize=11)
+                 "entropy): compare runs on the gold-token NLL", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
