@@ -29,15 +29,7 @@ import numpy as np  # noqa: E402
 
 from prefixlm import objectives, prefixes, tokenizer  # noqa: E402
 
-RUNS = [  # (label, name, eps)
-    ("ce", "ce", 0.0),
-    ("label_smoothing eps0.1", "label_smoothing", 0.1),
-    ("prefix_simple eps0.1", "prefix_simple", 0.1),
-    ("prefix_unnorm eps0.1", "prefix_unnorm", 0.1),
-    ("prefix_unnorm eps1.0", "prefix_unnorm", 1.0),
-    ("prefix_norm eps0.1", "prefix_norm", 0.1),
-    ("prefix_norm eps1.0", "prefix_norm", 1.0),
-]
+RUNS = objectives.SEVEN_RUNS  # (label, name, eps)
 
 
 def chunked_fn(obj, chunk):
@@ -90,7 +82,7 @@ def main(argv=None) -> int:
     h, e, ids = inputs(args.tokens, d, V)
 
     fns = {label: chunked_fn(o, args.chunk) for label, o in objs.items()}
-    naive = {"ce": naive_fn(objs["ce"]), "prefix_norm eps0.1": naive_fn(objs["prefix_norm eps0.1"])}
+    naive = {"ce": naive_fn(objs["ce"]), "prefix_norm eps=0.1": naive_fn(objs["prefix_norm eps=0.1"])}
     timed = {**{k: (f, k) for k, f in fns.items()},
              **{f"naive {k}": (f, k) for k, f in naive.items()}}
     times = {k: [] for k in timed}
@@ -109,7 +101,7 @@ def main(argv=None) -> int:
 
     hm, em, idsm = inputs(args.mem_tokens, d, V)
     mem = {}
-    for label in ("ce", "prefix_norm eps0.1"):
+    for label in ("ce", "prefix_norm eps=0.1"):
         mem[label] = peak_bytes(fns[label], hm, em, idsm, tables[label])
         mem[f"naive {label}"] = peak_bytes(naive[label], hm, em, idsm, tables[label])
 
@@ -126,13 +118,13 @@ def main(argv=None) -> int:
     print(f"| path | loss+grad s @N={args.tokens} | peak MB @N={args.mem_tokens} "
           "| peak vs naive |")
     print("|---|---|---|---|")
-    for label in ("ce", "prefix_norm eps0.1"):
+    for label in ("ce", "prefix_norm eps=0.1"):
         for path in (label, f"naive {label}"):
             ratio = mem[path] / mem[f"naive {label}"]
             print(f"| {'naive (dense q)' if path.startswith('naive') else 'chunked'} {label} "
                   f"| {med[path]:.3f} | {mem[path] / 2**20:,.0f} | {ratio:.3f} |")
     worst = max(med[label] / med["ce"] for label, _, _ in RUNS)
-    mem_ratio = mem["prefix_norm eps0.1"] / mem["naive prefix_norm eps0.1"]
+    mem_ratio = mem["prefix_norm eps=0.1"] / mem["naive prefix_norm eps=0.1"]
     print()
     print(f"targets: every prefix objective <= 1.10x CE: {'PASS' if worst <= 1.10 else 'FAIL'} "
           f"(worst {worst:.3f}x); chunked peak <= 1/4 naive: "

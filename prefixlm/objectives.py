@@ -50,6 +50,16 @@ from prefixlm import prefixes as prefixes_lib
 NAMES = ("ce", "label_smoothing", "prefix_simple", "prefix_unnorm", "prefix_norm")
 PREFIX_NAMES = ("prefix_simple", "prefix_unnorm", "prefix_norm")
 PREFIX_SETS = ("proper", "with_gold")
+# The seed's seven runs as (label, name, eps), for plots and benchmarks that show them side by side.
+SEVEN_RUNS = (
+    ("ce", "ce", 0.0),
+    ("label_smoothing eps=0.1", "label_smoothing", 0.1),
+    ("prefix_simple eps=0.1", "prefix_simple", 0.1),
+    ("prefix_unnorm eps=0.1", "prefix_unnorm", 0.1),
+    ("prefix_unnorm eps=1.0", "prefix_unnorm", 1.0),
+    ("prefix_norm eps=0.1", "prefix_norm", 0.1),
+    ("prefix_norm eps=1.0", "prefix_norm", 1.0),
+)
 
 
 class ObjectiveTables(NamedTuple):

@@ -120,21 +120,14 @@ def prefix_counts_main(args) -> int:
     return 0
 
 
-SEVEN_TARGETS = (  # (label, objective name, eps): the seed's seven runs
-    ("ce", "ce", 0.0),
-    ("label_smoothing eps=0.1", "label_smoothing", 0.1),
-    ("prefix_simple eps=0.1", "prefix_simple", 0.1),
-    ("prefix_unnorm eps=0.1", "prefix_unnorm", 0.1),
-    ("prefix_unnorm eps=1.0", "prefix_unnorm", 1.0),
-    ("prefix_norm eps=0.1", "prefix_norm", 0.1),
-    ("prefix_norm eps=1.0", "prefix_norm", 1.0),
-)
+def target_rows(tok, gold_id: int, runs=None, **kwargs) -> tuple[list[int], dict]:
+    """q restricted to the gold token and its prefixes, for each objective; plus the support.
 
-
-def target_rows(tok, gold_id: int, runs=SEVEN_TARGETS, **kwargs) -> tuple[list[int], dict]:
-    """q restricted to the gold token and its prefixes, for each objective; plus the support."""
+    ``runs`` is a sequence of (label, name, eps); default the seed's seven runs.
+    """
     from prefixlm import objectives, prefixes
 
+    runs = objectives.SEVEN_RUNS if runs is None else runs
     index = prefixes.build(tok.token_bytes)
     support = index.prefixes_of(gold_id) + [gold_id]
     rows = {}
