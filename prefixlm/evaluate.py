@@ -383,6 +383,10 @@ def run_lm_eval(lm, *, tasks, limit, num_fewshot, offline=None, verbose=False,
     if not verbose:
         for name in ("lm_eval", "lm-eval", "datasets"):
             logging.getLogger(name).setLevel(logging.ERROR)
+        # One "Filter" bar per task and split from datasets drowns the results table.
+        import datasets
+
+        datasets.disable_progress_bars()
     names = tasks_lib.resolve(tasks, offline=offline)
     if limit is not None and limit <= 0:
         limit = None  # "no limit"; lm-eval would read 0 as a fraction and score nothing
