@@ -28,6 +28,7 @@ import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import pathlib  # noqa: E402
 import shutil  # noqa: E402
+import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 
@@ -63,17 +64,6 @@ def pinned(cores):
         yield
     finally:
         os.sched_setaffinity(0, old)
-
-
-def hf_tokenizer():
-    from transformers import PreTrainedTokenizerFast
-    from transformers.convert_slow_tokenizer import TikTokenConverter
-
-    from prefixlm.tokenizer import LLAMA3_PATTERN, llama3_ranks_path, llama3_special_tokens
-
-    tk = TikTokenConverter(vocab_file=str(llama3_ranks_path()), pattern=LLAMA3_PATTERN,
-                           extra_special_tokens=llama3_special_tokens()).converted()
-    return PreTrainedTokenizerFast(tokenizer_object=tk)
 
 
 def run_ours(parquet_glob: str, out: pathlib.Path, workers: int) -> tuple[Timer, int]:
@@ -125,7 +115,10 @@ def bench_tokenize(root: pathlib.Path, repeat: int, copies: int) -> list[tuple]:
         for f in sorted(one.glob("*.parquet")):
             shutil.copyfile(f, many / f"c{k}_{f.name}")
     eos = tokenizer.load("llama3").eos_id
-    tok = hf_tokenizer()
+    from prefixlm.export import build_hf_tokenizer
+
+    # The exported tokenizer itself; documents are far longer than any model context here.
+    tok = build_hf_tokenizer(max_length=sys.maxsize)
     rows = []
     ncpu = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     for folder, cores, workers in ((one, {min(os.sched_getaffinity(0))}, 1),
