@@ -200,7 +200,11 @@ def resolve(config, num_devices: int | None = None,
     _require(c.checkpoint.max_to_keep >= 1,
              f"checkpoint.max_to_keep={c.checkpoint.max_to_keep} must be >= 1")
     _require(c.eval.every >= 0, f"eval.every={c.eval.every} must be >= 0 (0 disables)")
-    _require(c.eval.val_batches >= 0, f"eval.val_batches={c.eval.val_batches} must be >= 0")
+    _require(_is_int(c.eval.val_tokens) and c.eval.val_tokens >= 0,
+             f"eval.val_tokens={c.eval.val_tokens!r} must be an integer >= 0 (0 = off)")
+    _require(_is_int(c.checkpoint.preemption_check_every) and c.checkpoint.preemption_check_every
+             >= 1, f"checkpoint.preemption_check_every={c.checkpoint.preemption_check_every!r} "
+             "must be an integer >= 1")
     _require(c.peak_flops >= 0, f"peak_flops={c.peak_flops} must be >= 0 (0 = look up)")
     if not c.name:
         c.name = run_name(c)

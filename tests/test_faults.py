@@ -143,7 +143,7 @@ def _failing_hook(stop_on_error=False):
 
 def test_a_failed_evaluation_costs_no_training(token_dir, tmp_path):
     c = tiny_config(token_dir, train__steps=12, log_every=2, checkpoint__every=0,
-                    eval__every=6, eval__val_batches=0)
+                    eval__every=6, eval__val_tokens=0)
     run(c, tmp_path, hooks=[_failing_hook()])
     rows = {r["step"]: r for r in read_metrics(tmp_path)}
     assert rows[0]["eval/score"] == 1.0 and rows[12]["eval/score"] == 1.0
@@ -153,7 +153,7 @@ def test_a_failed_evaluation_costs_no_training(token_dir, tmp_path):
 
 def test_a_failed_evaluation_stops_only_when_asked_and_after_saving(token_dir, tmp_path):
     c = tiny_config(token_dir, train__steps=12, log_every=2, checkpoint__every=0,
-                    eval__every=6, eval__val_batches=0)
+                    eval__every=6, eval__val_tokens=0)
     with pytest.raises(RuntimeError, match="the hub went away"):
         run(c, tmp_path, hooks=[_failing_hook(stop_on_error=True)])
     assert _steps(tmp_path) == [6]

@@ -26,7 +26,7 @@ def test_hooks_run_at_step_0_every_n_and_at_the_end(token_dir, tmp_path):
         return {"eval/score": float(step)}
 
     c = tiny_config(token_dir, train__steps=20, log_every=5, eval__every=10,
-                    eval__val_batches=1, checkpoint__every=0)
+                    eval__val_tokens=256, checkpoint__every=0)
     run(c, tmp_path, hooks=[train.Hook("eval", hook, every=10, at_start=True)])
     assert seen == [(0, False, "Llama"), (10, False, "Llama"), (20, True, "Llama")]
     rows = {r["step"]: r for r in read_metrics(tmp_path)}
@@ -41,10 +41,10 @@ def test_a_resume_does_not_repeat_an_evaluation_already_logged(token_dir, tmp_pa
     calls = []
     hook = train.Hook("eval", lambda m, s, f: calls.append(s) or {"eval/x": 1.0}, every=4,
                       at_start=True)
-    c = tiny_config(token_dir, train__steps=4, log_every=2, eval__every=4, eval__val_batches=0)
+    c = tiny_config(token_dir, train__steps=4, log_every=2, eval__every=4, eval__val_tokens=0)
     run(c, tmp_path, hooks=[hook])
     c8 = tiny_config(token_dir, train__steps=8, log_every=2, eval__every=4,
-                     eval__val_batches=0)
+                     eval__val_tokens=0)
     run(c8, tmp_path, hooks=[hook], allow_changes=["train.steps"])
     assert calls == [0, 4, 8]
 
@@ -106,7 +106,7 @@ def test_in_loop_evaluation_builds_requests_once(tmp_path, llama3):
 
     data = write_token_dir(tmp_path / "tokens", llama3.vocab_hash, n_train=3000, n_val=600,
                            n_ids=1000)
-    c = tiny_config(data, train__steps=20, log_every=10, eval__every=10, eval__val_batches=0,
+    c = tiny_config(data, train__steps=20, log_every=10, eval__every=10, eval__val_tokens=0,
                     checkpoint__every=0, eval__tasks="piqa_local", eval__limit=8,
                     eval__limits="", eval__final_full=False, eval__batch_size=8)
     c.model.vocab_size = llama3.vocab_size

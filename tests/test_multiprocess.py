@@ -61,7 +61,7 @@ def _argv(setup, workdir, *extra):
             f"--config.model.vocab_size={vocab}", f"--config.data.path={data}",
             "--config.train.batch_size=4", "--config.train.steps=8", "--config.log_every=1",
             "--config.checkpoint.every=4", "--config.eval.every=4",
-            "--config.eval.val_batches=1", "--config.progress=false", *extra]
+            "--config.eval.val_tokens=256", "--config.progress=false", *extra]
 
 
 @pytest.fixture(scope="module", autouse=True)

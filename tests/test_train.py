@@ -187,7 +187,7 @@ def _params(workdir):
 def uninterrupted(token_dir, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("full")
     c = tiny_config(token_dir, train__steps=12, log_every=2, checkpoint__every=4,
-                    eval__every=6, eval__val_batches=2)
+                    eval__every=6, eval__val_tokens=512)
     last = run(c, workdir)
     return c, workdir, last
 
