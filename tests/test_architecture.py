@@ -137,3 +137,47 @@ def test_no_private_name_is_used_across_modules():
             offenders.append(f"{path.name}: from-import of {aliases.pop('<from-import>')}")
         offenders += [f"{path.name}: {u}" for u in _private_uses(tree, aliases)]
     assert not offenders, offenders
+
+
+MAX_FUNCTION_LINES = 80
+
+
+def long_functions(tree: ast.Module, limit: int = MAX_FUNCTION_LINES) -> list[tuple[str, int]]:
+    """(qualified name, lines) of every function or method in ``tree`` longer than ``limit``
+    lines, decorators and docstring included (nested functions count on their own and inside
+    their parent)."""
+    out = []
+
+    def visit(node, prefix):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef):
+                first = min([child.lineno] + [d.lineno for d in child.decorator_list])
+                n = child.end_lineno - first + 1
+                if n > limit:
+                    out.append((prefix + child.name, n))
+                visit(child, f"{prefix}{child.name}.")
+            elif isinstance(child, ast.ClassDef):
+                visit(child, f"{prefix}{child.name}.")
+            else:
+                visit(child, prefix)
+
+    visit(tree, "")
+    return out
+
+
+def test_the_long_function_finder_finds_a_planted_one():
+    def function(name, n_lines, indent=""):  # n_lines in all: the def, body, the return
+        body = "".join(f"{indent}    x{i} = {i}\n" for i in range(n_lines - 2))
+        return f"{indent}def {name}():\n{body}{indent}    return 0\n"
+
+    source = (function("fits", 80) + "\n\nclass A:\n    @staticmethod\n"
+              + function("long", 82, "    ") + "\n\ndef outer():\n"
+              + function("inner", 81, "    ") + "    return inner\n")
+    assert long_functions(ast.parse(source)) == [("A.long", 83), ("outer", 83),
+                                                 ("outer.inner", 81)]
+
+
+def test_no_function_is_over_80_lines():
+    long = {f"{_module_name(p)}.{name}": n for p in sorted(PACKAGE.rglob("*.py"))
+            for name, n in long_functions(ast.parse(p.read_text()))}
+    assert not long, f"split these functions (over {MAX_FUNCTION_LINES} lines): {long}"
