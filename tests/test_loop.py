@@ -124,3 +124,65 @@ def test_in_loop_evaluation_builds_requests_once(tmp_path, llama3):
     items = (tmp_path / "run" / "eval" / "step_00000010.jsonl").read_text().splitlines()
     assert len(items) == 8 and json.loads(items[0])["task"] == "piqa_local"
     assert json.loads((tmp_path / "run" / "eval" / "tasks.json").read_text())
+
+
+# ---- evaluations at resume ------------------------------------------------------------------------
+class _Killed(BaseException):
+    """A crash (not an Exception, so the loop does not log it as eval/error and go on)."""
+
+
+def _flaky(calls, fail_at):
+    """An evaluation hook that raises ``fail_at[step]`` once, then succeeds."""
+    def fn(model, step, final):
+        calls.append((step, final))
+        if step in fail_at:
+            raise fail_at.pop(step)
+        return {"eval/x": float(step)}
+
+    return train.Hook("eval", fn, every=4, at_start=True)
+
+
+def _eval_rows(workdir):
+    return [(r["step"], r.get("eval/x"), r.get("eval/error", "-")) for r in read_metrics(workdir)
+            if "eval/seconds" in r]
+
+
+def test_a_failed_evaluation_at_the_restored_step_is_retried_on_resume(token_dir, tmp_path):
+    """The final evaluation fails; rerunning the finished run retries it (once), and the retry's
+    row marks the failure resolved (eval/error: null)."""
+    calls = []
+    c = tiny_config(token_dir, train__steps=4, log_every=2, eval__every=4, eval__val_tokens=0,
+                    checkpoint__every=4)
+    hook = _flaky(calls, {4: RuntimeError("the hub went away")})
+    run(c, tmp_path, hooks=[hook])
+    assert _eval_rows(tmp_path) == [(0, 0.0, "-"), (4, None, "RuntimeError: the hub went away")]
+    last = run(c, tmp_path, hooks=[hook])
+    assert calls == [(0, False), (4, True), (4, True)]
+    assert _eval_rows(tmp_path)[-1] == (4, 4.0, None) and last["eval/x"] == 4.0
+    run(c, tmp_path, hooks=[hook])  # nothing left to retry
+    assert len(calls) == 3
+
+
+def test_an_evaluation_killed_before_it_logged_runs_at_resume(token_dir, tmp_path):
+    """A crash during the final evaluation (after its checkpoint): the rerun evaluates step 4."""
+    calls = []
+    c = tiny_config(token_dir, train__steps=4, log_every=2, eval__every=4, eval__val_tokens=0,
+                    checkpoint__every=4)
+    hook = _flaky(calls, {4: _Killed()})
+    with pytest.raises(_Killed):
+        run(c, tmp_path, hooks=[hook])
+    run(c, tmp_path, hooks=[hook])
+    assert calls == [(0, False), (4, True), (4, True)]
+    assert _eval_rows(tmp_path) == [(0, 0.0, "-"), (4, 4.0, "-")]
+
+
+def test_a_failed_evaluation_of_an_older_step_is_named_at_resume(token_dir, tmp_path, caplog):
+    calls = []
+    c = tiny_config(token_dir, train__steps=8, log_every=2, eval__every=4, eval__val_tokens=0,
+                    checkpoint__every=4)
+    hook = _flaky(calls, {4: RuntimeError("the hub went away")})
+    run(c, tmp_path, hooks=[hook])
+    with caplog.at_level(logging.WARNING, logger="prefixlm"):
+        run(c, tmp_path, hooks=[hook])
+    assert calls == [(0, False), (4, False), (8, True)]  # step 4's model is gone: no retry
+    assert "the eval evaluation failed at step(s) [4]" in caplog.text
