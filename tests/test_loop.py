@@ -186,3 +186,31 @@ def test_a_failed_evaluation_of_an_older_step_is_named_at_resume(token_dir, tmp_
         run(c, tmp_path, hooks=[hook])
     assert calls == [(0, False), (4, False), (8, True)]  # step 4's model is gone: no retry
     assert "the eval evaluation failed at step(s) [4]" in caplog.text
+
+
+# ---- preemption -----------------------------------------------------------------------------------
+def test_several_processes_agree_on_sigterm_only_every_n_steps(monkeypatch):
+    """The agreement is an all-gather that waits for the device: with several processes it
+    runs every checkpoint.preemption_check_every steps, not every step; one process checks its
+    own flag after every step."""
+    import types
+
+    from prefixlm import hooks as hooks_lib
+
+    agreed = []
+    monkeypatch.setattr(hooks_lib.hosts, "any_process", lambda flag: agreed.append(flag) or flag)
+    flag = types.SimpleNamespace(requested=False)
+    hook = hooks_lib.Preemption(flag, every=4)
+    state = types.SimpleNamespace(step=0, total=100, stop=False, done=False)
+    monkeypatch.setattr(hooks_lib.jax, "process_count", lambda: 2)
+    for step in range(1, 11):
+        state.step = step
+        flag.requested = step >= 5  # SIGTERM arrives during step 5
+        if hook.due(state):
+            hook(state)
+        if state.stop:
+            break
+    assert len(agreed) == 2 and state.step == 8  # agreed at 4 (no) and 8 (stop)
+    monkeypatch.setattr(hooks_lib.jax, "process_count", lambda: 1)
+    state.stop = False
+    assert all(hook.due(types.SimpleNamespace(step=s)) for s in range(1, 9))

@@ -199,6 +199,37 @@ def test_sigterm_saves_a_checkpoint_and_exits_143(setup, tmp_path):
     # test_train.py; a rerun of the same command continues from this checkpoint)
 
 
+def test_sigterm_to_one_of_two_processes_stops_both_at_an_agreed_step(setup, tmp_path):
+    """Slurm may signal one task first: the processes agree every
+    checkpoint.preemption_check_every steps (not every step), save that step collectively and
+    both exit 143."""
+    workdir = tmp_path / "run"
+    cmds = commands(setup, workdir, 2, "--config.train.steps=100000",
+                    "--config.checkpoint.every=0", "--config.eval.every=0",
+                    "--config.checkpoint.preemption_check_every=3")
+    procs = [subprocess.Popen(c, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for c in cmds]
+    try:
+        deadline = time.monotonic() + 2 * TIMEOUT
+        path = workdir / "metrics.jsonl"
+        while not (path.exists() and path.read_text().count("\n") >= 2):
+            assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+            assert time.monotonic() < deadline, "no metrics within the timeout"
+            time.sleep(0.2)
+        procs[1].send_signal(signal.SIGTERM)
+        outs = [p.communicate(timeout=TIMEOUT) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert [p.returncode for p in procs] == [143, 143], [o[1][-3000:] for o in outs]
+    steps = ckpt_lib.all_steps(workdir)
+    assert len(steps) == 1 and steps[0] % 3 == 0, steps
+    assert f"preempted at step {steps[0]} of 100000" in outs[0][0]
+    assert metrics(workdir)[-1]["step"] == steps[0]
+
+
 def test_remote_workdir_files_go_through_the_path_layer(tmp_path, monkeypatch):
     """What a gs:// workdir gets (whole-file rewrites, TensorBoard mirrored from a local temp
     directory), exercised on a local path by treating it as remote."""
