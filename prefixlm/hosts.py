@@ -10,8 +10,9 @@ from jax.experimental import multihost_utils
 
 
 def any_process(flag: bool) -> bool:
-    """Whether ``flag`` is set on any process: a one-element all-gather, cheap next to a step
-    (used for SIGTERM, so all processes stop at the same step)."""
+    """Whether ``flag`` is set on any process: a one-element all-gather. It is queued behind
+    the device's work and waits for it, so calling it every step stops the host running ahead;
+    the SIGTERM agreement calls it every ``checkpoint.preemption_check_every`` steps."""
     if jax.process_count() == 1:
         return flag
     return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
