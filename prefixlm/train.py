@@ -67,8 +67,8 @@ def train_and_evaluate(config, workdir, *, tokenizer=None, hooks: Sequence[Hook]
         ckpt = ckpt_lib.Checkpointer(workdir, max_to_keep=config.checkpoint.max_to_keep,
                                      async_save=config.checkpoint.async_save)
         try:
+            val = validation.validation_hook(trainer)  # reads its windows before any write
             run = _resume(config, workdir, trainer, it, ckpt, allow_changes)
-            val = validation.validation_hook(trainer)
             run.evaluations = ([val] if val is not None else []) + list(hooks)
             return run_loop(run, _loop_hooks(config, workdir, run, sigterm, step_hook))
         finally:
