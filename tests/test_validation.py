@@ -96,3 +96,13 @@ def test_runs_with_other_data_seeds_and_grad_accum_log_the_same_step_0_val_nll(t
     assert rows["a"][0]["val/loss"] == pytest.approx(rows["b"][0]["val/loss"], rel=1e-7)
     assert rows["a"][1]["loss"] != rows["b"][1]["loss"]  # they did train on other batches
     assert jax.device_count() == 1
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(eval__val_tokens=-1), r"eval.val_tokens=-1 must be an integer >= 0"),
+    (dict(checkpoint__preemption_check_every=0),
+     r"checkpoint.preemption_check_every=0 must be an integer >= 1"),
+])
+def test_the_loops_fields_are_range_checked(token_dir, change, message):
+    with pytest.raises(config_lib.ConfigError, match=message):
+        config_lib.resolve(tiny_config(token_dir, **change), num_devices=1, process_count=1)
