@@ -180,9 +180,9 @@ class Evaluations(LoopHook):
         for hook in self.hooks:
             old = sorted(s for s in failed_steps(rows, hook.name) if s < run.start)
             if old:
-                log.warning("the %s evaluation failed at step(s) %s (%s/error in "
-                            "metrics.jsonl); only the restored step %d can be retried, so "
-                            "these stay failed", hook.name, old, hook.name, run.start)
+                log.warning("hook %r failed at step(s) %s (%s/error in metrics.jsonl); only "
+                            "the restored step %d can be retried, so these stay failed",
+                            hook.name, old, hook.name, run.start)
         retry = {h.name for h in self.hooks if run.start in failed_steps(rows, h.name)}
         metrics = self.evaluate(run, final=run.done)
         for name in retry:

@@ -185,7 +185,7 @@ def test_a_failed_evaluation_of_an_older_step_is_named_at_resume(token_dir, tmp_
     with caplog.at_level(logging.WARNING, logger="prefixlm"):
         run(c, tmp_path, hooks=[hook])
     assert calls == [(0, False), (4, False), (8, True)]  # step 4's model is gone: no retry
-    assert "the eval evaluation failed at step(s) [4]" in caplog.text
+    assert "hook 'eval' failed at step(s) [4]" in caplog.text
 
 
 # ---- preemption -----------------------------------------------------------------------------------
