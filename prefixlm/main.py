@@ -314,7 +314,7 @@ def _config_file_error(argv: list[str], e: BaseException) -> str | None:
                 "configs/prefix_norm.py")
     if isinstance(e, OSError):
         return f"--config={spec}: {path} cannot be read ({str(e).strip().splitlines()[0]})"
-    if "get_config" in str(e):
+    if isinstance(e, AttributeError) and "no attribute 'get_config'" in str(e):
         return (f"--config={spec}: {path} has no get_config() function; a config file defines "
                 "get_config(arg=None) returning an ml_collections.ConfigDict (see configs/ce.py)")
     return None
