@@ -32,7 +32,8 @@ from prefixlm.config import ConfigError
 log = logging.getLogger("prefixlm.preflight")
 
 FILES = ("metrics.jsonl", "config.json", "changes.jsonl", "kernels.json", "wandb_run_id")
-DIRS = ("checkpoints", "checkpoints_bad", "eval", "tensorboard", "profile")
+# (tensorboard/ is the sink check's: a file there costs the sink, not the run)
+DIRS = ("checkpoints", "checkpoints_bad", "eval", "profile")
 RESTARTED = "restarted-"  # prefix of the folders --restart moves an old record into
 
 
