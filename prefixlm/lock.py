@@ -62,9 +62,14 @@ class LocalLock:
     def acquire(self) -> None:
         import fcntl
 
-        self.workdir.mkdir(parents=True, exist_ok=True)
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                self.workdir.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise ConfigError(f"cannot write to --workdir={self.workdir} ({e.strerror}: "
+                                  f"{self.path}); fix its permissions or mount, or use another "
+                                  "--workdir") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
