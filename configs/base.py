@@ -155,6 +155,10 @@ def get_config() -> ml_collections.ConfigDict:
     g.wandb = ""  # Weights & Biases project; "" = off (pip install wandb)
     g.wandb_entity = ""  # W&B team or user; "" = your default
     g.wandb_mode = ""  # "online", "offline" (sync later), or "" = $WANDB_MODE / W&B's default
+    # Optional sinks (TensorBoard, W&B) are checked before the run writes anything: one that
+    # cannot work is dropped with a warning and training goes on. True stops the run instead
+    # (one line, exit 2, still before anything is written).
+    g.require = False
 
     c.profile = f = ml_collections.ConfigDict()
     # "START,END": a jax.profiler trace of steps START..END (inclusive) under DIR/profile, for

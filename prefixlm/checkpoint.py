@@ -14,8 +14,6 @@ from the previous checkpoint.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 import os
 import time
@@ -29,6 +27,7 @@ from prefixlm import attention, hosts
 from prefixlm import model as model_lib
 from prefixlm import workdir as workdir_lib
 from prefixlm.config import model_config
+from prefixlm.manifest import MANIFEST, verify, write_manifest
 
 log = logging.getLogger("prefixlm.checkpoint")
 
@@ -43,13 +42,15 @@ def _manager(directory: epath.Path, *, max_to_keep: int | None = None,
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep,
         enable_async_checkpointing=async_save,
+        # The step directory is made in the caller's thread, so an unwritable checkpoints/
+        # raises in save(); made in orbax's thread, the failure left the save waiting for ever.
+        async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
         create=not read_only,
         read_only=read_only,
     )
     return ocp.CheckpointManager(os.fspath(directory), options=options)
 
 
-MANIFEST = "prefixlm_manifest.json"  # per step: file sizes and sha256, written once finalized
 ITEMS = ("params", "train", "data")  # what a complete training checkpoint holds
 
 
@@ -58,10 +59,53 @@ class CheckpointError(RuntimeError):
 
 
 def _step_dirs(directory: epath.Path) -> list[int]:
-    """Step numbers of the directories under ``directory`` whose name is an integer."""
+    """Step numbers of the checkpoint directories under ``directory``.
+
+    Only a directory whose name is a plain integer (``40``, not ``0040`` or ``40.bak``) is a
+    step; anything else (a file, a user's copy) is named in a warning and left alone, so a stray
+    name never blocks a resume.
+    """
     if not directory.is_dir():
         return []
-    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+    steps = []
+    for p in directory.iterdir():
+        if p.name.isdigit() and str(int(p.name)) == p.name and p.is_dir():
+            steps.append(int(p.name))
+        elif not p.name.endswith(ORBAX_TMP) and not p.name.startswith(PROBE):
+            log.warning("ignoring %s: not a checkpoint step (a step is a directory named by "
+                        "its integer step)", p)
+    return sorted(steps)
+
+
+ORBAX_TMP = ".orbax-checkpoint-tmp"  # a save in progress (or cut short): orbax cleans it up
+PROBE = ".prefixlm-write-probe"
+
+
+def check_writable(workdir: str | os.PathLike) -> None:
+    """Raises CheckpointError unless ``WORKDIR/checkpoints`` can be written, before the first
+    step: a save that fails inside orbax's background threads can otherwise hang the process.
+    Writes and removes one probe file (object storage: one object) in the nearest existing
+    directory; permissions alone would not tell (root ignores them, read-only mounts do not)."""
+    directory = _checkpoints_dir(workdir)
+    target = directory
+    while not target.exists() and target.parent != target:
+        target = target.parent
+    if not target.is_dir():
+        raise CheckpointError(f"cannot save checkpoints in {directory}: {target} is a file, not "
+                              "a directory; move it aside or use another --workdir")
+    probe = target / f"{PROBE}-{os.getpid()}"
+    try:
+        probe.write_text("probe")
+        probe.unlink()
+    except Exception as e:  # noqa: BLE001 - any storage error means the saves would fail
+        raise CheckpointError(f"cannot save checkpoints in {directory}: {target} is not "
+                              f"writable ({type(e).__name__}: {_first_line(e)}); fix its "
+                              "permissions or mount, or use another --workdir") from e
+
+
+def _first_line(e: BaseException, limit: int = 200) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:limit] if text else type(e).__name__
 
 
 def is_complete(step_dir: epath.Path, items=ITEMS) -> bool:
@@ -72,55 +116,6 @@ def is_complete(step_dir: epath.Path, items=ITEMS) -> bool:
     """
     return (step_dir / "_CHECKPOINT_METADATA").exists() and all(
         (step_dir / item).is_dir() for item in items)
-
-
-def _files(root: epath.Path):
-    """Every file under ``root`` (epath has no recursive glob on object storage)."""
-    for path in sorted(root.iterdir(), key=lambda p: p.name):
-        if path.is_dir():
-            yield from _files(path)
-        else:
-            yield path
-
-
-def _file_digests(step_dir: epath.Path, with_hash: bool) -> dict[str, list]:
-    """{relative path: [size, sha256 or None]} of every file of a finalized step."""
-    out = {}
-    for path in _files(step_dir):
-        rel = os.fspath(path)[len(os.fspath(step_dir)):].lstrip("/")
-        if rel == MANIFEST or rel.endswith(".tmp"):
-            continue
-        data = path.read_bytes()
-        out[rel] = [len(data), hashlib.sha256(data).hexdigest() if with_hash else None]
-    return out
-
-
-def write_manifest(step_dir: epath.Path) -> None:
-    """Records size and sha256 of every file of a finalized checkpoint, so that a later restore
-    can tell a corrupt file (zeroed, truncated, random bytes) from a good one. On object
-    storage, sizes only: reading a checkpoint back to hash it would cost a full download."""
-    manifest = {"files": _file_digests(step_dir, with_hash=not workdir_lib.is_remote(step_dir))}
-    workdir_lib.write_text_atomic(step_dir / MANIFEST, json.dumps(manifest))
-
-
-def verify(step_dir: epath.Path) -> str | None:
-    """None when the step's files match its manifest (or it has none yet), else what differs."""
-    path = step_dir / MANIFEST
-    if not path.exists():
-        return None  # killed between orbax's commit and the manifest: the restore will tell
-    try:
-        expected = json.loads(path.read_text())["files"]
-    except (ValueError, KeyError) as e:
-        return f"unreadable {MANIFEST} ({e})"
-    actual = _file_digests(step_dir, with_hash=any(v[1] for v in expected.values()))
-    for rel, (size, digest) in expected.items():
-        if rel not in actual:
-            return f"{rel} is missing"
-        if actual[rel][0] != size:
-            return f"{rel} has {actual[rel][0]} bytes, {size} were written"
-        if digest and actual[rel][1] != digest:
-            return f"{rel} does not match the sha256 recorded at save time"
-    return None
 
 
 def _quarantine(directory: epath.Path, step: int, why: str) -> None:
@@ -144,16 +139,27 @@ def _quarantine(directory: epath.Path, step: int, why: str) -> None:
 class Checkpointer:
     """A CheckpointManager for one training run (``DIR/checkpoints``), with health checks.
 
-    Every finalized step gets a manifest of file sizes and sha256 (written after orbax commits,
-    so an async save is hashed once it is on disk). ``restore_latest`` walks the steps newest
-    first and takes the first that is complete and matches its manifest, moving corrupt ones
-    aside with a warning: a corrupt newest checkpoint costs one checkpoint interval, not the
-    run.
+    Trust: a step is trusted only with a manifest (file sizes and sha256) that the process which
+    saved it wrote after orbax committed it; a process never writes one for a step it did not
+    save. ``restore_latest`` walks the steps newest first: a step that is incomplete, differs
+    from its manifest, does not restore, or holds non-finite parameters is moved aside
+    (``checkpoints_bad/``) with a warning and the previous one is tried, so corruption costs one
+    checkpoint interval, not the run. A step without a manifest (the saving run died first) is
+    restored, checked (finite parameters, its identity) and adopted or moved aside. Only a
+    genuine config mismatch (another process count) refuses in one line.
+
+    A save that fails, synchronously or in orbax's background thread, raises CheckpointError
+    naming the path (exit 2), from ``save``, ``wait`` or ``close``: never a hang.
     """
 
-    def __init__(self, workdir: str | os.PathLike, *, max_to_keep: int, async_save: bool = True):
+    def __init__(self, workdir: str | os.PathLike, *, max_to_keep: int, async_save: bool = True,
+                 identity: dict | None = None, allow_changes=()):
         self.directory = _checkpoints_dir(workdir)
         self.manager = _manager(self.directory, max_to_keep=max_to_keep, async_save=async_save)
+        self.expected_identity = identity  # what an unverified step's identity must match
+        self.allow_changes = set(allow_changes)
+        self._mine: set[int] = set()  # steps this process saved whose manifest is not written
+        self._failed = False
 
     def latest_step(self) -> int | None:
         """The newest complete step (not verified; ``restore_latest`` verifies)."""
@@ -161,20 +167,28 @@ class Checkpointer:
         return steps[-1] if steps else None
 
     def _finish_manifests(self) -> None:
-        """Writes the manifest of every finalized step that lacks one (process 0)."""
+        """Writes the manifest of every step this process saved and orbax has committed."""
+        mine, self._mine = self._mine, set()
         if jax.process_index() != 0:
             return
-        for s in _step_dirs(self.directory):
+        for s in sorted(mine):
             step_dir = self.directory / str(s)
-            if is_complete(step_dir) and not (step_dir / MANIFEST).exists():
+            if is_complete(step_dir):  # max_to_keep may have removed it already
                 write_manifest(step_dir)
+
+    def _save_error(self, step: int, e: BaseException) -> CheckpointError:
+        self._failed = True
+        return CheckpointError(
+            f"checkpoint {self.directory / str(step)} could not be saved ({type(e).__name__}: "
+            f"{_first_line(e)}); free space or fix permissions on {self.directory}, then run the "
+            "same command again to resume from the last good checkpoint")
 
     def save(self, step: int, state: dict, data_iterator, identity: dict | None = None) -> None:
         """Saves ``state`` ({"params", "opt_state", "step", "rng"}), the iterator and the run's
         identity (the config fields that change results) at ``step``."""
         import grain.checkpoint
 
-        self.manager.wait_until_finished()  # the previous async save is committed: hash it
+        self.wait()  # the previous async save is committed (or raises): hash it
         self._finish_manifests()
         items = dict(
             params=ocp.args.StandardSave(state["params"]),
@@ -183,7 +197,11 @@ class Checkpointer:
         )
         if identity is not None:
             items["identity"] = ocp.args.JsonSave(identity)
-        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        try:
+            self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        except Exception as e:  # noqa: BLE001 - whatever orbax raised, the save is lost
+            raise self._save_error(step, e) from e
+        self._mine.add(step)
 
     def restore(self, step: int, abstract_state: dict, data_iterator) -> dict:
         """Restores into ``abstract_state``'s shapes/shardings; sets the iterator's state."""
@@ -205,22 +223,11 @@ class Checkpointer:
             identity=ocp.args.JsonRestore()))
         return dict(out["identity"])
 
-    def restore_latest(self, abstract_state: dict, data_iterator):
-        """(step, state) of the newest intact checkpoint, or None when there is none at all.
-
-        Only evidence of corruption moves a step aside (``checkpoints_bad/``, with a warning):
-        an incomplete step, or files that differ from the manifest written at save time. Process
-        0 judges and every process restores the step it chose, so all resume from the same one.
-        A step that is intact but fails to restore (another grain worker count, a missing
-        process file, a read error) is left where it is and raises ``CheckpointError``: falling
-        back past it would silently throw away training.
-        """
-        steps = _step_dirs(self.directory)
-        if not steps:
-            return None
+    def _judge(self) -> tuple[int, list]:
+        """Process 0 picks the newest step whose files are whole: (step or -1, [(bad, why)])."""
         chosen, faults = -1, []
         if jax.process_index() == 0:
-            for s in reversed(steps):
+            for s in reversed(_step_dirs(self.directory)):
                 step_dir = self.directory / str(s)
                 try:
                     why = (None if is_complete(step_dir)
@@ -232,35 +239,110 @@ class Checkpointer:
                     chosen = s
                     break
                 faults.append((s, why))
-        chosen = int(hosts.from_process_0(chosen))
+        return int(hosts.from_process_0(chosen)), faults
+
+    def _set_aside(self, faults: list) -> None:
         if jax.process_index() == 0:
             for s, why in faults:
                 _quarantine(self.directory, s, why)
         hosts.barrier("prefixlm-checkpoint-quarantine")
-        if faults:
+        if int(hosts.from_process_0(len(faults))):
             self.manager.reload()
-        if chosen < 0:
+
+    def _check_process_count(self, step: int) -> None:
+        """The one restore failure that is the user's config: another number of processes
+        (grain saved one iterator file per process). Refused, the step kept."""
+        names = [p.name for p in (self.directory / str(step) / "data").iterdir()]
+        counts = {n.rsplit("-of-", 1)[1].removesuffix(".json") for n in names if "-of-" in n}
+        if counts and str(jax.process_count()) not in counts:
             raise CheckpointError(
-                f"no intact checkpoint in {self.directory}: "
-                + "; ".join(f"step {s}: {w}" for s, w in faults)
-                + f". The bad steps are in {self.directory.parent / 'checkpoints_bad'}; move the "
-                "run directory aside to start again")
+                f"checkpoint {self.directory / str(step)} was saved by {'/'.join(counts)} "
+                f"processes and this run has {jax.process_count()}; the data iterator's state "
+                "is per process. Resume with the process count it was saved with")
+
+    def _unverified_fault(self, step: int) -> str | None:
+        """Why a step without a manifest cannot be adopted (its identity), or None."""
         try:
-            return chosen, self.restore(chosen, abstract_state, data_iterator)
-        except Exception as e:  # noqa: BLE001 - intact on disk, so not corruption: say what
-            raise CheckpointError(
-                f"checkpoint {self.directory / str(chosen)} is intact but does not restore "
-                f"({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}); a "
-                "changed data.worker_count or process count changes the data iterator's state. "
-                "Resume with the settings it was saved with") from e
+            saved = self.identity(step)
+        except Exception as e:  # noqa: BLE001 - an unreadable identity is corruption
+            return f"no manifest and its identity does not restore ({_first_line(e)})"
+        if saved is None or self.expected_identity is None:
+            return None
+        differ = sorted(k for k in set(saved) | set(self.expected_identity)
+                        if saved.get(k) != self.expected_identity.get(k)
+                        and k not in self.allow_changes)
+        return f"no manifest and its identity differs ({', '.join(differ)})" if differ else None
+
+    def _try_restore(self, step: int, abstract_state: dict, data_iterator):
+        """(state, None) when ``step`` restores and passes its checks, else (None, why)."""
+        try:
+            state = self.restore(step, abstract_state, data_iterator)
+        except Exception as e:  # noqa: BLE001 - identity matched, so this is the step's fault
+            return None, f"does not restore ({type(e).__name__}: {_first_line(e)})"
+        if not params_finite(state["params"]):
+            return None, "non-finite parameters"
+        if not (self.directory / str(step) / MANIFEST).exists():
+            why = self._unverified_fault(step)
+            if why:
+                return None, why
+            log.warning("checkpoint %s has no manifest (the run that saved it stopped first); "
+                        "restored, checked (finite parameters, identity) and adopted",
+                        self.directory / str(step))
+        return state, None
+
+    def restore_latest(self, abstract_state: dict, data_iterator):
+        """(step, state) of the newest intact checkpoint, or None when there is none at all.
+
+        Process 0 judges the files and every process restores the step it chose; a step that
+        fails on any process is moved aside on all and the previous one is tried, so all
+        resume from the same step.
+        """
+        if not _step_dirs(self.directory):
+            return None
+        faults: list = []
+        while True:
+            chosen, bad = self._judge()
+            self._set_aside(bad)
+            faults += bad
+            if chosen < 0:
+                raise CheckpointError(
+                    f"no intact checkpoint in {self.directory}: "
+                    + "; ".join(f"step {s}: {w}" for s, w in faults)
+                    + f". The bad steps are in {self.directory.parent / 'checkpoints_bad'}; "
+                    "rerun with --restart to move the old record aside and start again")
+            self._check_process_count(chosen)
+            state, why = self._try_restore(chosen, abstract_state, data_iterator)
+            if not hosts.any_process(why is not None):
+                return chosen, state
+            bad = [(chosen, why or "failed to restore on another process")]
+            self._set_aside(bad)
+            faults += bad
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Blocks until the pending async save is committed; raises CheckpointError if it
+        failed (never retried: the next save or close would wait on it for ever)."""
+        if self._failed:
+            return
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            raise self._save_error(max(self._mine, default=-1), e) from e
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        """Commits the last save and writes its manifest. After a failed save nothing is
+        waited for (orbax's threads may never finish)."""
+        if self._failed:
+            return
+        self.wait()
         self._finish_manifests()
         self.manager.close()
+
+
+def params_finite(params) -> bool:
+    """Every parameter is finite (a global reduction: every process gets the same answer)."""
+    import jax.numpy as jnp
+
+    return all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(params))
 
 
 def all_steps(workdir: str | os.PathLike) -> list[int]:
@@ -278,7 +360,10 @@ def restore_params(workdir: str | os.PathLike, abstract_params, step: int | None
             f"`python -m prefixlm.main --config=... --workdir={workdir}` first")
     steps = all_steps(workdir)
     if not steps:
-        raise FileNotFoundError(f"{directory} holds no finished checkpoint")
+        bad = directory.parent / "checkpoints_bad"
+        raise FileNotFoundError(
+            f"{directory} holds no finished checkpoint"
+            + (f"; the unusable ones were moved aside to {bad}" if bad.is_dir() else ""))
     if step is not None and step not in steps:
         raise FileNotFoundError(f"no checkpoint for step {step} in {directory}; "
                                 f"available: {steps}")
@@ -292,11 +377,13 @@ def restore_params(workdir: str | os.PathLike, abstract_params, step: int | None
                 try:
                     out = mngr.restore(s, args=ocp.args.Composite(
                         params=ocp.args.StandardRestore(abstract_params)))
+                    if not params_finite(out["params"]):
+                        raise FloatingPointError("non-finite parameters")
                     if faults:
                         log.warning("skipped corrupt checkpoint(s) %s; using step %d", faults, s)
                     return out["params"], int(s)
                 except Exception as e:  # noqa: BLE001 - try the previous step
-                    why = f"restore failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                    why = f"restore failed: {type(e).__name__}: {_first_line(e)}"
             faults.append(f"step {s}: {why}")
         raise CheckpointError(f"no intact checkpoint in {directory}: {'; '.join(faults)}")
     finally:

@@ -47,6 +47,9 @@ def run_name(config) -> str:
     return "_".join(parts)
 
 
+MODEL_INTS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len")
+
+
 def model_config(config) -> model_lib.ModelConfig:
     """The ModelConfig of a (resolved or raw) run config."""
     m = config.model
@@ -55,8 +58,7 @@ def model_config(config) -> model_lib.ModelConfig:
     if unknown:
         raise ConfigError(f"unknown model field(s) {sorted(unknown)}; known: {sorted(fields)}")
     kwargs = {k: m[k] for k in m.keys()}
-    for k in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff",
-              "max_seq_len"):
+    for k in MODEL_INTS:
         if isinstance(kwargs.get(k), float) and float(kwargs[k]).is_integer():
             kwargs[k] = int(kwargs[k])
     try:
@@ -102,18 +104,110 @@ def _require(cond: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def resolve(config, num_devices: int | None = None,
-                   process_count: int | None = None) -> ml_collections.ConfigDict:
-    """A copy with every derived value filled in, validated. Fails before any compilation.
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """Allowed values of one numeric field: an int or a finite number within [lo, hi] (an open
+    end where ``lo_open``/``hi_open``; None = unbounded); ``note`` says what the field is."""
 
-    Fills: name, train.batch_size (from batch_tokens), train.steps (from tokens),
-    optim.warmup_steps (5% of steps, at most 1000), mesh.data (-1 -> remaining devices).
-    """
-    c = ml_collections.ConfigDict(config.to_dict())
-    num_devices = jax.device_count() if num_devices is None else num_devices
-    process_count = jax.process_count() if process_count is None else process_count
-    o, d, t, p = c.objective, c.data, c.train, c.optim
+    kind: type
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    note: str = ""
+    optional: bool = False  # None is allowed (a placeholder that means "derive" or "all")
 
+    def message(self, field: str, value) -> str:
+        what = "an integer" if self.kind is int else "a finite number"
+        if self.lo is not None and self.hi is not None:
+            what = "an integer" if self.kind is int else ""
+            bounds = (f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}"
+                      f"{')' if self.hi_open else ']'}")
+        elif self.lo is not None:
+            bounds = f"{'>' if self.lo_open else '>='} {self.lo:g}"
+        else:
+            bounds = f"{'<' if self.hi_open else '<='} {self.hi:g}"
+        text = f"{field}={value!r} must be {what} {bounds}".replace("  ", " ")
+        return text + (f" ({self.note})" if self.note else "")
+
+    def ok(self, value) -> bool:
+        if value is None:
+            return self.optional
+        if not (_is_int(value) if self.kind is int else _is_number(value)):
+            return False
+        if self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo):
+            return False
+        return self.hi is None or (value < self.hi if self.hi_open else value <= self.hi)
+
+
+# Every numeric field of a run config and what it may be: the one list (resolve checks each
+# after deriving placeholders). Relations between fields (seq_len <= max_seq_len, warmup <=
+# steps, divisibility by devices) are checked in resolve; model shapes also by ModelConfig,
+# objective.eps / temperature / eps_decay_fraction by the objective registry.
+RANGES = {
+    "seed": Range(int, 0, note="init seed"),
+    "data_seed": Range(int, -1, note="-1 for the same as seed"),
+    "log_every": Range(int, 1),
+    "peak_flops": Range(float, 0, note="0 = look up"),
+    "grad_accum": Range(int, 1),
+    "model.vocab_size": Range(int, 1),
+    "model.d_model": Range(int, 1),
+    "model.n_layers": Range(int, 1),
+    "model.n_heads": Range(int, 1),
+    "model.n_kv_heads": Range(int, 1),
+    "model.d_ff": Range(int, 1),
+    "model.max_seq_len": Range(int, 1),
+    "model.rope_theta": Range(float, 1, lo_open=True, note="Llama 3: 500000"),
+    "model.norm_eps": Range(float, 0, lo_open=True, note="Llama uses 1e-5"),
+    "objective.chunk_size": Range(int, 1),
+    "data.seq_len": Range(int, 1),
+    "data.worker_count": Range(int, 0, note="grain worker processes; 0 = in-process"),
+    "data.prefetch_threads": Range(int, 0),
+    "train.tokens": Range(int, 1, note="the training budget"),
+    "train.batch_tokens": Range(int, 1),
+    "train.batch_size": Range(int, 1, optional=True),
+    "train.steps": Range(int, 1, optional=True),
+    "optim.lr": Range(float, 0, lo_open=True),
+    "optim.warmup_steps": Range(int, 0, optional=True),
+    "optim.min_lr_ratio": Range(float, 0, 1),
+    "optim.b1": Range(float, 0, 1, hi_open=True, note="an Adam moment decay, e.g. 0.9"),
+    "optim.b2": Range(float, 0, 1, hi_open=True, note="an Adam moment decay, e.g. 0.95"),
+    "optim.eps": Range(float, 0, lo_open=True, note="Adam's denominator, e.g. 1e-8"),
+    "optim.weight_decay": Range(float, 0, note="e.g. 0.1"),
+    "optim.clip_norm": Range(float, 0, note="0 disables"),
+    "eval.every": Range(int, 0, note="0 disables"),
+    "eval.limit": Range(int, 1, optional=True, note="documents per task; None = all"),
+    "eval.num_fewshot": Range(int, 0),
+    "eval.batch_size": Range(int, 1, note="sequences per evaluation forward pass"),
+    "eval.val_tokens": Range(int, 0, note="validation tokens, the same windows for every run; 0 = off"),
+    "checkpoint.every": Range(int, 0, note="0 saves only at the end and on SIGTERM"),
+    "checkpoint.max_to_keep": Range(int, 1),
+    "checkpoint.preemption_check_every": Range(int, 1, note="steps between SIGTERM agreements"),
+    "mesh.data": Range(int, -1, note="-1 = the devices fsdp leaves"),
+    "mesh.fsdp": Range(int, 1),
+}
+
+
+def _lookup(c, field: str):
+    """(present, value) of a dotted field."""
+    node = c
+    for part in field.split("."):
+        if part not in node:
+            return False, None
+        node = node[part]
+    return True, node
+
+
+def check_ranges(c, fields=None) -> None:
+    """Raises ConfigError for the first field of RANGES (or ``fields``) out of its range."""
+    for field in fields or RANGES:
+        present, value = _lookup(c, field)
+        if present and not RANGES[field].ok(value):
+            raise ConfigError(RANGES[field].message(field, value))
+
+
+def _check_objective(c) -> None:
+    o = c.objective
     try:
         objectives.validate(o.name, eps=o.eps, temperature=o.temperature,
                             prefix_set=o.prefix_set,
@@ -121,35 +215,38 @@ def resolve(config, num_devices: int | None = None,
                             eps_decay_fraction=o.get("eps_decay_fraction", 1.0))
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    _require(_is_int(o.chunk_size) and o.chunk_size >= 1,
-             f"objective.chunk_size={o.chunk_size!r} must be an integer >= 1")
 
+
+def _derive_batch(c) -> None:
+    """train.batch_size from batch_tokens, train.steps from tokens; checks the data fields."""
+    d, t = c.data, c.train
     mcfg = model_config(c)
-    _require(1 <= d.seq_len <= mcfg.max_seq_len,
+    _require(d.seq_len <= mcfg.max_seq_len,
              f"data.seq_len={d.seq_len} exceeds model.max_seq_len={mcfg.max_seq_len}; lower "
-             f"data.seq_len or raise model.max_seq_len" if d.seq_len > 1 else
-             f"data.seq_len={d.seq_len} must be >= 1")
+             f"data.seq_len or raise model.max_seq_len")
     _require(bool(d.path), "data.path is empty; point it at a tokenized directory "
              "(python -m prefixlm.data.tokenize --output DIR)")
-
     if t.batch_size is None:
         _require(t.batch_tokens % d.seq_len == 0,
                  f"train.batch_tokens={t.batch_tokens} is not a multiple of data.seq_len="
                  f"{d.seq_len}; set train.batch_size (sequences) or change batch_tokens")
         t.batch_size = t.batch_tokens // d.seq_len
-    _require(t.batch_size >= 1, f"train.batch_size={t.batch_size} must be >= 1")
+    check_ranges(c, ["train.batch_size"])
     if t.steps is None:
-        t.steps = max(1, t.tokens // (t.batch_size * d.seq_len))
-    _require(t.steps >= 1, f"train.steps={t.steps} must be >= 1")
+        t.steps = t.tokens // (t.batch_size * d.seq_len)
+        _require(t.steps >= 1, f"train.tokens={t.tokens} is less than one batch of "
+                 f"{t.batch_size * d.seq_len} tokens; raise train.tokens or set train.steps")
     t.batch_tokens = t.batch_size * d.seq_len
 
-    _require(c.grad_accum >= 1, f"grad_accum={c.grad_accum} must be >= 1")
+
+def _check_layout(c, num_devices: int, process_count: int) -> None:
+    """grad_accum, the mesh and the batch fit the devices and processes; fills mesh.data."""
+    t = c.train
     _require(t.batch_size % c.grad_accum == 0,
              f"train.batch_size={t.batch_size} is not divisible by grad_accum={c.grad_accum}; "
              "pick a grad_accum that divides the batch")
-
     fsdp, data = c.mesh.fsdp, c.mesh.data
-    _require(fsdp >= 1 and num_devices % fsdp == 0,
+    _require(num_devices % fsdp == 0,
              f"mesh.fsdp={fsdp} does not divide the {num_devices} devices; use a divisor")
     if data == -1:
         data = c.mesh.data = num_devices // fsdp
@@ -164,50 +261,35 @@ def resolve(config, num_devices: int | None = None,
     _require(t.batch_size % process_count == 0,
              f"train.batch_size={t.batch_size} is not divisible by the {process_count} processes")
 
+
+def resolve(config, num_devices: int | None = None,
+            process_count: int | None = None) -> ml_collections.ConfigDict:
+    """A copy with every derived value filled in, validated. Fails before any compilation.
+
+    Fills: name, train.batch_size (from batch_tokens), train.steps (from tokens),
+    optim.warmup_steps (5% of steps, at most 1000), mesh.data (-1 -> remaining devices).
+    Every numeric field is checked against RANGES.
+    """
+    c = ml_collections.ConfigDict(config.to_dict())
+    num_devices = jax.device_count() if num_devices is None else num_devices
+    process_count = jax.process_count() if process_count is None else process_count
+    _check_objective(c)
+    for k in MODEL_INTS:  # 512.0 from a YAML-minded user is 512 (as model_config reads it)
+        if isinstance(c.model.get(k), float) and float(c.model[k]).is_integer():
+            c.model[k] = int(c.model[k])
+    check_ranges(c)
+    _derive_batch(c)
+    _check_layout(c, num_devices, process_count)
+    t, p = c.train, c.optim
     if p.warmup_steps is None:
         p.warmup_steps = min(1000, max(1, t.steps // 20))
-    _require(0 <= p.warmup_steps <= t.steps,
+    _require(p.warmup_steps <= t.steps,
              f"optim.warmup_steps={p.warmup_steps} must be in [0, train.steps={t.steps}]")
-    _require(p.lr > 0 and math.isfinite(p.lr), f"optim.lr={p.lr} must be a finite number > 0")
-    _require(0 <= p.min_lr_ratio <= 1, f"optim.min_lr_ratio={p.min_lr_ratio} must be in [0, 1]")
-    _require(p.clip_norm >= 0, f"optim.clip_norm={p.clip_norm} must be >= 0 (0 disables)")
-    for name in ("b1", "b2"):
-        v = p[name]
-        _require(_is_number(v) and 0.0 <= v < 1.0,
-                 f"optim.{name}={v!r} must be in [0, 1) (an Adam moment decay, e.g. 0.9 / 0.95)")
-    _require(_is_number(p.eps) and p.eps > 0,
-             f"optim.eps={p.eps!r} must be a finite number > 0 (Adam's denominator, e.g. 1e-8)")
-    _require(_is_number(p.weight_decay) and p.weight_decay >= 0,
-             f"optim.weight_decay={p.weight_decay!r} must be a finite number >= 0 (e.g. 0.1)")
-    m = c.model
-    _require(_is_number(m.norm_eps) and m.norm_eps > 0,
-             f"model.norm_eps={m.norm_eps!r} must be a finite number > 0 (Llama uses 1e-5)")
-    _require(_is_number(m.rope_theta) and m.rope_theta > 1,
-             f"model.rope_theta={m.rope_theta!r} must be a finite number > 1 (Llama 3: 500000)")
-    seed = c.seed
-    _require(_is_int(seed) and seed >= 0, f"seed={seed!r} must be an integer >= 0")
-    data_seed = c.get("data_seed", -1)
-    _require(_is_int(data_seed) and data_seed >= -1,
-             f"data_seed={data_seed!r} must be an integer >= 0, or -1 for the same as seed")
     if "log" in c:
         _require(c.log.wandb_mode in WANDB_MODES,
                  f"log.wandb_mode={c.log.wandb_mode!r}; use one of {WANDB_MODES}")
     if "profile" in c:
         profile_steps(c)  # raises on a malformed range
-    _require(c.log_every >= 1, f"log_every={c.log_every} must be >= 1")
-    _require(c.checkpoint.every >= 0, f"checkpoint.every={c.checkpoint.every} must be >= 0 "
-             "(0 saves only at the end and on SIGTERM)")
-    _require(c.checkpoint.max_to_keep >= 1,
-             f"checkpoint.max_to_keep={c.checkpoint.max_to_keep} must be >= 1")
-    _require(c.eval.every >= 0, f"eval.every={c.eval.every} must be >= 0 (0 disables)")
-    _require(_is_int(c.eval.val_tokens) and c.eval.val_tokens >= 0,
-             f"eval.val_tokens={c.eval.val_tokens!r} must be an integer >= 0 (0 = off)")
-    _require(_is_int(c.checkpoint.preemption_check_every) and c.checkpoint.preemption_check_every
-             >= 1, f"checkpoint.preemption_check_every={c.checkpoint.preemption_check_every!r} "
-             "must be an integer >= 1")
-    _require(c.peak_flops >= 0, f"peak_flops={c.peak_flops} must be >= 0 (0 = look up)")
     if not c.name:
         c.name = run_name(c)
     return c
-
-

@@ -248,7 +248,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         out = export_workdir(args.workdir, args.output, args.step, overwrite=args.overwrite)
-    except FileExistsError as e:
+    except (FileExistsError, FileNotFoundError, checkpoint.CheckpointError, ValueError) as e:
+        # ValueError: a corrupt config.json (ConfigError) or a model export cannot take
         print(f"error: {e}", file=sys.stderr)
         return 2
     step = json.loads((out / "prefixlm_export.json").read_text()).get("step")

@@ -60,7 +60,14 @@ _ALLOW_CPU = flags.DEFINE_boolean(
     "default: on a GPU host that means the CUDA install is missing)")
 _ALLOW_CHANGES = flags.DEFINE_list(
     "allow_changes", [], "identity fields that may differ from the saved run on resume, e.g. "
-    "train.steps,optim.lr (recorded in WORKDIR/changes.jsonl)")
+    "train.steps,optim.lr (recorded in WORKDIR/changes.jsonl). Any identity field can, except "
+    "those that define the run: seed, data_seed, objective.*, model.*, data.path and "
+    "data.worker_count never change (use a new --workdir)")
+_RESTART = flags.DEFINE_boolean(
+    "restart", False, "start this workdir again at step 0: the old record (metrics.jsonl, "
+    "eval/, checkpoints, checkpoints_bad, config.json, ...) moves into "
+    "WORKDIR/restarted-<time>/, nothing is deleted. Needed when metrics.jsonl records training "
+    "but no checkpoint is left to resume from")
 _VERBOSE = flags.DEFINE_boolean("verbose", False, "show tracebacks for config/data errors")
 
 _DIST = flags.DEFINE_enum(
@@ -203,13 +210,27 @@ def validate_tasks(config) -> None:
                              tasks_lib.resolve(tasks, offline=True))
 
 
+def _loaded_config():
+    """--config's ConfigDict; a file that failed to load is a one-line ConfigError (absl defers
+    the failure of a missing file to the first access)."""
+    try:
+        value = _CONFIG.value
+        value.keys()  # a failed load hands back a stand-in that raises on first use
+        return value
+    except (OSError, SyntaxError) as e:
+        from prefixlm import config as config_lib
+
+        cause = e.__cause__ or e
+        raise config_lib.ConfigError(_config_file_error(sys.argv, cause) or str(e)) from None
+
+
 def main(argv) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if _WORKDIR.value is None and not _DRY_RUN.value:
         raise app.UsageError("--workdir is required (the run directory)")
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
-    _set_xla_flags(_CONFIG.value)
+    _set_xla_flags(_loaded_config())
     init_distributed()
     import jax
 
@@ -244,7 +265,7 @@ def main(argv) -> int:
 
     hooks = build_hooks(config, config.data.tokenizer, _WORKDIR.value)
     last = train.train_and_evaluate(config, _WORKDIR.value, hooks=hooks,
-                                    allow_changes=_ALLOW_CHANGES.value)
+                                    allow_changes=_ALLOW_CHANGES.value, restart=_RESTART.value)
     if last:
         shown = ("step", "loss", "nll", "accuracy", "val/loss", "val/nll", "tokens_per_sec",
                  "mfu", "preempted_at")
@@ -281,18 +302,38 @@ def guarded_main(argv) -> int:
         return EXIT_USAGE
 
 
+def _config_file_error(argv: list[str], e: BaseException) -> str | None:
+    """One line for a --config file that cannot load (missing, a syntax error, no get_config),
+    or None when ``e`` is about something else."""
+    spec = next((a.split("=", 1)[1] for a in argv if a.startswith(("--config=", "-config="))), "")
+    path = spec.split(":", 1)[0]
+    if isinstance(e, SyntaxError):
+        return f"--config={spec}: {path} line {e.lineno}: {e.msg}; fix the file"
+    if path and not os.path.isfile(path):
+        return (f"--config={spec}: no such file {path}; give a config file such as "
+                "configs/prefix_norm.py")
+    if isinstance(e, OSError):
+        return f"--config={spec}: {path} cannot be read ({str(e).strip().splitlines()[0]})"
+    if isinstance(e, AttributeError) and "no attribute 'get_config'" in str(e):
+        return (f"--config={spec}: {path} has no get_config() function; a config file defines "
+                "get_config(arg=None) returning an ml_collections.ConfigDict (see configs/ce.py)")
+    return None
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
     """absl flag parsing with config errors (an unknown --config.x, a bad preset or value in
-    --config=FILE:ARGS) reported in one line and exit 2, not a 40-line traceback. A bare
-    --dry_run means --dry_run=plan."""
+    --config=FILE:ARGS, a config file that cannot load) reported in one line and exit 2, not a
+    40-line traceback. A bare --dry_run means --dry_run=plan."""
     argv = ["--dry_run=plan" if a in ("--dry_run", "-dry_run") else a for a in argv]
     try:
         return flags.FLAGS(argv)
-    except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as e:
+    except (flags.Error, AttributeError, KeyError, ValueError, TypeError, OSError,
+            SyntaxError) as e:
         message = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         message = message.strip(chr(34)).strip(chr(39)).removeprefix("ValueError: ")
         if isinstance(e, AttributeError | KeyError):  # ml_collections: a field that is not there
             message = f"no config field {message!r} (a --config.* flag names an unknown key)"
+        message = _config_file_error(argv, e) or message
         if "--verbose" in argv:
             traceback.print_exc()
         print(f"config error: {message}; see --helpshort and configs/base.py for the fields",

@@ -2,7 +2,10 @@
 
 ``metrics.jsonl`` is the record: plots, the report and resume read it. TensorBoard and Weights &
 Biases are views, each optional: a missing package or a failing service costs a warning, never
-the run. ``MetricsWriter`` fans one row out to every enabled sink on process 0 only.
+the run. ``problems`` checks them before anything is written (the run then drops a failing one
+with a warning, or stops in one line with ``log.require=True``); a sink that still fails when
+built or written is dropped with a warning. ``MetricsWriter`` fans one row out to every enabled
+sink on process 0 only.
 
 Resume semantics (all sinks): rows past the restored step were logged after the checkpoint the
 run resumes from and will be logged again, so the jsonl drops them, TensorBoard purges them
@@ -133,6 +136,54 @@ class WandbSink:
         self.run.finish()
 
 
+def _wandb_key_known() -> bool:
+    """An API key W&B can find without asking (env or ~/.netrc); the service itself is only
+    reached when the sink is built."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    import netrc
+
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def _tensorboard_problem(workdir) -> str | None:
+    try:
+        import tensorboardX  # noqa: F401
+    except ImportError:
+        return "tensorboardX is not installed (pip install tensorboardX)"
+    target = run_path(workdir) / "tensorboard"
+    if target.exists() and not target.is_dir():
+        return f"{target} is a file, not a directory"
+    return None
+
+
+def _wandb_problem(log_config) -> str | None:
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        return "wandb is not installed (pip install wandb)"
+    mode = log_config.get("wandb_mode", "") or os.environ.get("WANDB_MODE", "")
+    if mode not in ("offline", "disabled") and not _wandb_key_known():
+        return ("no W&B API key (set WANDB_API_KEY or run `wandb login`, or set "
+                "log.wandb_mode=offline)")
+    return None
+
+
+def problems(workdir, log_config) -> dict[str, str]:
+    """{config field that enables the sink: why it cannot work} for each enabled optional sink,
+    found without writing anything (called before the run's first file)."""
+    get = (lambda k, d: log_config.get(k, d)) if log_config is not None else (lambda k, d: d)
+    out = {}
+    if get("tensorboard", True) and (why := _tensorboard_problem(workdir)):
+        out["log.tensorboard"] = why
+    if get("wandb", "") and (why := _wandb_problem(log_config)):
+        out["log.wandb"] = why
+    return out
+
+
 class MetricsWriter:
     """Sends each row to metrics.jsonl and, when enabled and installed, TensorBoard and W&B.
 
@@ -150,19 +201,22 @@ class MetricsWriter:
         self.jsonl = JsonlSink(workdir, resume_step)
         self.sinks.append(self.jsonl)
         get = (lambda k, d: log_config.get(k, d)) if log_config is not None else (lambda k, d: d)
+        builders = []
         if get("tensorboard", True):
-            try:
-                self.sinks.append(TensorBoardSink(workdir, resume_step))
-            except ImportError:
-                log.warning("tensorboardX not installed; writing metrics.jsonl only")
+            builders.append(("log.tensorboard", lambda: TensorBoardSink(workdir, resume_step)))
         if get("wandb", ""):
+            builders.append(("log.wandb", lambda: WandbSink(
+                workdir, resume_step, project=get("wandb", ""), config=run_config or {},
+                name=name, entity=get("wandb_entity", ""), mode=get("wandb_mode", ""))))
+        for field, build in builders:
             try:
-                self.sinks.append(WandbSink(
-                    workdir, resume_step, project=get("wandb", ""), config=run_config or {},
-                    name=name, entity=get("wandb_entity", ""), mode=get("wandb_mode", "")))
-            except ImportError:
-                log.warning("log.wandb is set but wandb is not installed (pip install wandb); "
-                            "writing metrics.jsonl and TensorBoard only")
+                self.sinks.append(build())
+            except Exception as e:  # noqa: BLE001 - an optional view never costs the run
+                if get("require", False):
+                    raise
+                log.warning("%s could not start (%s: %s); continuing without it", field,
+                            type(e).__name__, str(e).strip().splitlines()[0][:200] if str(e)
+                            .strip() else "")
 
     def steps_with(self, key: str) -> set[int]:
         """Steps already logged with ``key`` (to skip an evaluation done before a restart)."""

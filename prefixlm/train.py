@@ -21,7 +21,7 @@ from prefixlm import checkpoint as ckpt_lib
 from prefixlm import config as config_lib
 from prefixlm import hooks as hooks_lib
 from prefixlm import model as model_lib
-from prefixlm import sinks, validation
+from prefixlm import preflight, sinks, validation
 from prefixlm import workdir as workdir_lib
 from prefixlm.loop import Hook, LoopHook, Run, run_loop
 from prefixlm.step import Trainer, data_iterator, peak_flops
@@ -44,7 +44,8 @@ def _open_data(config, trainer: Trainer):
 
 def train_and_evaluate(config, workdir, *, tokenizer=None, hooks: Sequence[Hook] = (),
                        allow_changes: Sequence[str] = (),
-                       step_hook: Callable[[int], None] | None = None) -> dict:
+                       step_hook: Callable[[int], None] | None = None,
+                       restart: bool = False) -> dict:
     """Trains (resuming from the newest intact checkpoint in DIR/checkpoints); returns the last
     logged metrics (plus ``preempted_at``: the step saved, when SIGTERM stopped the run early).
 
@@ -52,10 +53,18 @@ def train_and_evaluate(config, workdir, *, tokenizer=None, hooks: Sequence[Hook]
     run identity checks have passed, so a mistyped first command leaves no trace.
     ``hooks`` run at evaluation steps (see ``Hook``); ``allow_changes`` names identity fields
     that may differ from the saved run (recorded in DIR/changes.jsonl); ``step_hook(step)`` runs
-    after every step (tests use it to simulate a crash or SIGTERM).
+    after every step (tests use it to simulate a crash or SIGTERM). ``restart`` moves the old
+    record aside first (see prefixlm.preflight). One run per workdir: the lock is held
+    throughout (prefixlm.lock).
     """
     config = config_lib.resolve(config)
     workdir = workdir_lib.run_path(workdir)
+    with preflight.claimed(workdir, config, restart=restart) as config:
+        return _run(config, workdir, tokenizer, hooks, allow_changes, step_hook)
+
+
+def _run(config, workdir, tokenizer, hooks, allow_changes, step_hook) -> dict:
+    """train_and_evaluate once the workdir is claimed and checked."""
     trainer = Trainer.create(config, tokenizer)
     log.info("run %s: %s parameters, %d steps of %d x %d tokens on %d devices (mesh %s), "
              "attention %s", config.name, f"{model_lib.count_params(trainer.mcfg):,}",
@@ -65,7 +74,9 @@ def train_and_evaluate(config, workdir, *, tokenizer=None, hooks: Sequence[Hook]
 
     with hooks_lib.SigtermFlag() as sigterm:
         ckpt = ckpt_lib.Checkpointer(workdir, max_to_keep=config.checkpoint.max_to_keep,
-                                     async_save=config.checkpoint.async_save)
+                                     async_save=config.checkpoint.async_save,
+                                     identity=workdir_lib.identity(config),
+                                     allow_changes=allow_changes)
         try:
             val = validation.validation_hook(trainer)  # reads its windows before any write
             run = _resume(config, workdir, trainer, it, ckpt, allow_changes)

@@ -56,6 +56,18 @@ NOT_IDENTITY = ("name", "preset", "log_every", "progress", "peak_flops", "grad_a
                 "eval.", "checkpoint.", "mesh.", "log.", "profile.")
 
 
+# Identity fields that --allow_changes can never change: they define which run this is (its
+# name, its init and data order, its objective and model, its data), so a change would relabel
+# training done under other values. data.worker_count is here too: grain's saved iterator state
+# has another layout per worker count, so no checkpoint would restore. Every other identity
+# field (train.*, optim.*, data.seq_len, ...) may change when named in --allow_changes.
+IMMUTABLE = ("seed", "data_seed", "objective.", "model.", "data.path", "data.worker_count")
+
+
+def is_immutable(field: str) -> bool:
+    return any(field == f or (f.endswith(".") and field.startswith(f)) for f in IMMUTABLE)
+
+
 def flatten(tree: dict, prefix: str = "") -> dict:
     """{"a": {"b": 1}} -> {"a.b": 1}."""
     out = {}
@@ -78,7 +90,20 @@ def identity(config) -> dict:
 def saved_identity(workdir) -> dict | None:
     """The identity recorded in ``config.json`` (None for a fresh directory)."""
     path = run_path(workdir) / "config.json"
-    return identity(json.loads(path.read_text())) if path.exists() else None
+    return identity(read_config_json(path)) if path.exists() else None
+
+
+def read_config_json(path) -> dict:
+    """A run's config.json as a dict; ConfigError (one line) when it is not one."""
+    try:
+        tree = json.loads(run_path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path} is not a readable config.json ({type(e).__name__}: "
+                          f"{str(e)[:120]}); restore it from a backup, or move it aside (the "
+                          "identity saved with the checkpoints still guards a resume)") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path} holds {type(tree).__name__}, not a config; move it aside")
+    return tree
 
 
 def identity_changes(saved: dict, config) -> dict:
@@ -98,6 +123,13 @@ def check_identity(workdir, saved: dict | None, config, allow_changes=()) -> dic
     if saved is None:
         return {}
     changes = identity_changes(saved, config)
+    fixed = {k: v for k, v in changes.items() if is_immutable(k)}
+    if fixed:
+        shown = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in fixed.items())
+        raise ConfigError(
+            f"{workdir} holds another run ({shown}); seed, data_seed, objective.*, model.*, "
+            "data.path and data.worker_count define a run and cannot change, even with "
+            "--allow_changes: use a new --workdir")
     refused = {k: v for k, v in changes.items() if k not in set(allow_changes)}
     if refused:
         shown = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in refused.items())
@@ -112,7 +144,8 @@ def read_rows(path) -> list[dict]:
     """The rows of a metrics.jsonl, skipping a torn line (a write cut short by a full disk or a
     kill): the row it held is logged again after resume, so nothing is lost by dropping it."""
     rows = []
-    for i, line in enumerate(run_path(path).read_text().splitlines()):
+    text = run_path(path).read_bytes().decode("utf-8", errors="replace")
+    for i, line in enumerate(text.splitlines()):
         if not line.strip():
             continue
         try:
@@ -143,7 +176,7 @@ def load_config(workdir) -> ml_collections.ConfigDict:
     path = run_path(workdir) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: {workdir} is not a training workdir")
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
+    return ml_collections.ConfigDict(read_config_json(path))
 
 
 
