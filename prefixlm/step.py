@@ -278,9 +278,6 @@ def load_tokenizer(name: str):
                           ) from e
 
 
-FALLBACKS = ("none", "blockwise")  # model.attention_fallback
-
-
 def choose_attention(mcfg: model_lib.ModelConfig, devices=None
                      ) -> tuple[model_lib.ModelConfig, dict]:
     """The model config with a concrete attention kernel for the target, and a record of it.
@@ -296,9 +293,6 @@ def choose_attention(mcfg: model_lib.ModelConfig, devices=None
     ``devices`` (compile-only devices of another platform, for an AOT compile): the kernel is
     resolved for their platform and not run, since they cannot run anything.
     """
-    if mcfg.attention_fallback not in FALLBACKS:
-        raise ConfigError(f"model.attention_fallback={mcfg.attention_fallback!r}; use one of "
-                          f"{', '.join(FALLBACKS)}")
     device = (devices or jax.devices())[0]
     backend = device.platform
     requested = getattr(mcfg, "attention", "xla")
