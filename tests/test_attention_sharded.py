@@ -97,7 +97,7 @@ assert jax.device_count() == 8
 mesh = jax.make_mesh((4, 2), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
 
 # splash under an automatic mesh: wrapped in shard_map over the batch, interpret mode (CPU)
-q, k, v, w = ta.random_qkvw(8, 128, 4, 2, 16)
+q, k, v, w = ta.random_qkvw(8, 128, 2, 1, 8)
 batch = NamedSharding(mesh, P(("data", "fsdp")))
 q, k, v, w = (jax.device_put(x, batch) for x in (q, k, v, w))
 with jax.set_mesh(mesh):
@@ -114,7 +114,9 @@ graphdef, state = nnx.split(model)
 state = jax.device_put(state, NamedSharding(mesh, P()))
 tok = type("Tok", (), {"eos_id": 1})()
 pairs = [([1, 5, 7, 9], [11, 3]), ([1, 2], [4, 4, 4])]
-splash = jaxlm.JaxLM(nnx.merge(graphdef, state), tok, batch_size=2).score_tokens(pairs)
+lm = jaxlm.JaxLM(nnx.merge(graphdef, state), tok, batch_size=2)
+assert {d for x in jax.tree.leaves(lm.state) for d in x.devices()} == {jax.local_devices()[0]}
+splash = lm.score_tokens(pairs)
 blockwise = jaxlm.JaxLM(model_lib.Llama(dataclasses.replace(cfg, attention="blockwise"),
                                         rngs=nnx.Rngs(0)), tok, batch_size=2).score_tokens(pairs)
 np.testing.assert_allclose([s for s, _ in splash], [b for b, _ in blockwise], rtol=1e-5)
