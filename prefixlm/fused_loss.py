@@ -33,6 +33,12 @@ import jax.numpy as jnp
 import numpy as np
 
 
+# G = exp(z - z_gold - SHIFT): the gold's G is e^-SHIFT, a normal number in bfloat16 and float32,
+# and every logit up to SHIFT + 47 below... see the module docstring.
+SHIFT = 40.0
+CLIP = 64.0  # G's exponent is clipped here: V e^CLIP < float32 max, so the row sum is finite
+
+
 class SparseTarget(NamedTuple):
     """Per-token q in sparse form (see the module docstring). ``ids_NxK`` pads carry weight 0
     and may point at any valid id; ``uniform`` is a float32 scalar or None (no uniform part)."""
@@ -59,10 +65,8 @@ class _Partials(NamedTuple):
     row_sum_N: jax.Array | None
 
 
-def loss_terms(logits_NxV, ids_N, target: SparseTarget, with_grad: bool = False):
-    """(LossOutput, dloss/dlogits = softmax - q or None, _Partials) for float32 logits."""
-    n = ids_N.shape[0]
-    rows_N = jnp.arange(n)
+def loss_terms(logits_NxV, ids_N, target: SparseTarget) -> tuple[LossOutput, _Partials]:
+    """(LossOutput, _Partials) from given float32 logits: the dense path of ``Objective.loss``."""
     lse_N = jax.nn.logsumexp(logits_NxV, axis=-1)
     z_gold_N = jnp.take_along_axis(logits_NxV, ids_N[:, None], axis=-1)[:, 0]
     u = target.uniform
@@ -80,17 +84,7 @@ def loss_terms(logits_NxV, ids_N, target: SparseTarget, with_grad: bool = False)
         nll_N=lse_N - z_gold_N,
         correct_N=(jnp.argmax(logits_NxV, axis=-1) == ids_N).astype(jnp.float32),
     )
-    partials = _Partials(z_gold_N, z_sparse_NxK, row_sum_N)
-    if not with_grad:
-        return out, None, partials
-    dz_NxV = jnp.exp(logits_NxV - lse_N[:, None])
-    if u is not None:
-        dz_NxV = dz_NxV - u
-    dz_NxV = dz_NxV.at[rows_N, ids_N].add(-gold_N)
-    if target.ids_NxK is not None:
-        rows_NxK = jnp.broadcast_to(rows_N[:, None], target.ids_NxK.shape)
-        dz_NxV = dz_NxV.at[rows_NxK, target.ids_NxK].add(-target.weight_NxK)
-    return out, dz_NxV, partials
+    return out, _Partials(z_gold_N, z_sparse_NxK, row_sum_N)
 
 
 def dense(target: SparseTarget, ids_N, vocab_size: int) -> jax.Array:
@@ -112,6 +106,65 @@ def _split_chunks(x, n_chunks, chunk, fill):
     return x.reshape(n_chunks, chunk, *x.shape[1:])
 
 
+def _exact_logits(h_cxD, e_VxD, ids_cxK):
+    """float32 h . E[id] for a few ids per token, from gathered rows: no pass over V."""
+    return jnp.einsum("cd,ckd->ck", h_cxD, e_VxD[ids_cxK], preferred_element_type=jnp.float32)
+
+
+def _sum_and_argmax(g_cxV):
+    """(sum_i G_i in float32, argmax_i G_i) in one pass over G (a variadic reduction)."""
+    g32_cxV = g_cxV.astype(jnp.float32)
+    iota_cxV = jax.lax.broadcasted_iota(jnp.int32, g_cxV.shape, 1)
+
+    def combine(a, b):
+        take_b = (b[1] > a[1]) | ((b[1] == a[1]) & (b[2] < a[2]))  # first index on ties
+        return a[0] + b[0], jnp.where(take_b, b[1], a[1]), jnp.where(take_b, b[2], a[2])
+
+    init = (jnp.float32(0), jnp.float32(-jnp.inf), jnp.int32(np.iinfo(np.int32).max))
+    s_c, _, argmax_c = jax.lax.reduce((g32_cxV, g32_cxV, iota_cxV), init, combine, (1,))
+    return s_c, argmax_c
+
+
+def _chunk(h_cxD, e_VxD, esum_D, ids_c, w_c, t: SparseTarget, with_grad: bool):
+    """One chunk's (LossOutput, _Partials, dh or None, dE term or None); see the module doc."""
+    V = e_VxD.shape[0]
+    z_gold_c = _exact_logits(h_cxD, e_VxD, ids_c[:, None])[:, 0]
+    z_sparse_cxK = None if t.ids_NxK is None else _exact_logits(h_cxD, e_VxD, t.ids_NxK)
+    row_sum_c = None if t.uniform is None else h_cxD.astype(jnp.float32) @ esum_D
+    shift_c = z_gold_c + SHIFT
+    logits_cxV = jnp.dot(h_cxD, e_VxD.T, preferred_element_type=jnp.float32)
+    g_cxV = jnp.exp(jnp.minimum(logits_cxV - shift_c[:, None], CLIP)).astype(h_cxD.dtype)
+    s_c, argmax_c = _sum_and_argmax(g_cxV)
+    nll_c = SHIFT + jnp.log(s_c)  # lse - z_gold: the gold's G is exactly e^-SHIFT
+    # sum_i q_i (z_i - z_gold), using sum_i q_i = 1: no large logit cancels in the loss.
+    qy_c = jnp.zeros_like(nll_c)
+    if z_sparse_cxK is not None:
+        qy_c = qy_c + jnp.sum(t.weight_NxK * (z_sparse_cxK - z_gold_c[:, None]), axis=-1)
+    if row_sum_c is not None:
+        qy_c = qy_c + t.uniform * (row_sum_c - V * z_gold_c)
+    out = LossOutput(nll_c - qy_c, nll_c, (argmax_c == ids_c).astype(jnp.float32))
+    partials = _Partials(z_gold_c, z_sparse_cxK, row_sum_c)
+    if not with_grad:
+        return out, partials, None, None
+    u = jnp.float32(0) if t.uniform is None else t.uniform
+    rows_c = jnp.arange(ids_c.shape[0])
+    # dz = (w / s) (G - s q): the sparse entries of G - s q are set from exact logits, each
+    # rounded once (as softmax - q was); the uniform part -s u is applied after the matmuls.
+    g_cxV = g_cxV.at[rows_c, ids_c].set((jnp.exp(-SHIFT) - s_c * (t.gold_N - u)).astype(
+        g_cxV.dtype))
+    if z_sparse_cxK is not None:
+        g_k = jnp.exp(jnp.minimum(z_sparse_cxK - shift_c[:, None], CLIP))
+        ids_cxK = jnp.where(t.weight_NxK != 0, t.ids_NxK, V)  # pads (weight 0): dropped
+        g_cxV = g_cxV.at[jnp.broadcast_to(rows_c[:, None], ids_cxK.shape), ids_cxK].set(
+            (g_k - s_c[:, None] * t.weight_NxK).astype(g_cxV.dtype), mode="drop")
+    r_c = w_c / s_c
+    dh_cxD = jnp.dot(g_cxV, e_VxD, preferred_element_type=jnp.float32) * r_c[:, None]
+    dh_cxD = dh_cxD - (w_c * u)[:, None] * esum_D
+    rh_cxD = (h_cxD.astype(jnp.float32) * r_c[:, None]).astype(h_cxD.dtype)
+    de_VxD = jnp.dot(g_cxV.T, rh_cxD, preferred_element_type=jnp.float32)
+    return out, partials, dh_cxD, de_VxD
+
+
 def _chunked_scan(chunk_size, h_NxD, e_VxD, ids_N, w_N, target: SparseTarget, with_grad):
     n = ids_N.shape[0]
     chunk = min(chunk_size, max(n, 1))
@@ -120,18 +173,16 @@ def _chunked_scan(chunk_size, h_NxD, e_VxD, ids_N, w_N, target: SparseTarget, wi
     xs = jax.tree.map(lambda a: _split_chunks(a, n_chunks, chunk, 0),
                       (h_NxD, ids_N, w_N, per_token))
     e_compute = e_VxD.astype(h_NxD.dtype)
+    esum_D = jnp.sum(e_compute.astype(jnp.float32), axis=0)  # row sums of z: h . esum
 
     def body(de_VxD, x):
         h_cxD, ids_c, w_c, target_c = x
-        logits_cxV = jnp.dot(h_cxD, e_compute.T, preferred_element_type=jnp.float32)
-        out, dz_cxV, partials = loss_terms(logits_cxV, ids_c, target_c._replace(
-            uniform=target.uniform), with_grad)
+        out, partials, dh_cxD, de_term = _chunk(h_cxD, e_compute, esum_D, ids_c, w_c,
+                                                target_c._replace(uniform=target.uniform),
+                                                with_grad)
         if not with_grad:
             return de_VxD, (out, None, None)
-        dz_cxV = (dz_cxV * w_c[:, None]).astype(h_NxD.dtype)
-        dh_cxD = jnp.dot(dz_cxV, e_compute, preferred_element_type=jnp.float32)
-        de_VxD = de_VxD + jnp.dot(dz_cxV.T, h_cxD, preferred_element_type=jnp.float32)
-        return de_VxD, (out, dh_cxD.astype(h_NxD.dtype), partials)
+        return de_VxD + de_term, (out, dh_cxD.astype(h_NxD.dtype), partials)
 
     de0 = jnp.zeros(e_VxD.shape, jnp.float32) if with_grad else jnp.zeros((), jnp.float32)
     de_VxD, (out, dh, partials) = jax.lax.scan(body, de0, xs)
@@ -140,6 +191,8 @@ def _chunked_scan(chunk_size, h_NxD, e_VxD, ids_N, w_N, target: SparseTarget, wi
     total = jnp.sum(out.loss_N * w_N)
     if not with_grad:
         return total, out, None
+    if target.uniform is not None:  # the -s u part of dz, for every row of E at once
+        de_VxD = de_VxD - target.uniform * jnp.dot(w_N, h_NxD.astype(jnp.float32))
     grads = (unchunk(dh), de_VxD.astype(e_VxD.dtype), jax.tree.map(unchunk, partials))
     return total, out, grads
 
