@@ -1,11 +1,14 @@
 """Loss + gradient cost of each objective relative to CE, and chunked vs naive memory.
 
     python bench/loss.py [--tokens 1024] [--mem-tokens 8192] [--d-model 512] [--reps 3]
+                         [--before REV]
 
 Timing: value_and_grad of the weighted loss sum w.r.t. hidden states and the (tied) output
 projection, N tokens x V = 128,256 x d_model, through ``Objective.chunked_loss``; repetitions are
 interleaved across objectives in a shuffled order so machine noise hits all of them alike,
-and the median is kept.
+and the median is kept. ``--before REV`` adds ce and prefix_norm through prefixlm/fused_loss.py
+as it was at git revision REV (e.g. c189ca4, before the single-pass loss) to the same
+interleaving, so the old and new paths are compared on the same machine in the same minutes.
 Memory: XLA's own accounting of the compiled program (``memory_analysis``: arguments + outputs +
 temporaries) at ``--mem-tokens``, for the chunked path and for a naive implementation that
 materialises logits and the dense target q (compiled, not run: at N = 8192 it needs ~13 GB).
@@ -22,10 +25,13 @@ import sys
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "bench")]  # this tree's prefixlm, not an installed one
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from loss_hlo import load_module_at  # noqa: E402
 
 from prefixlm import objectives, prefixes, tokenizer  # noqa: E402
 
@@ -35,6 +41,16 @@ RUNS = objectives.SEVEN_RUNS  # (label, name, eps)
 def chunked_fn(obj, chunk):
     def f(h, e, ids, tables):
         return obj.chunked_loss(h, e, ids, tables, weights_N=None, chunk_size=chunk)[0]
+
+    return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))
+
+
+def before_fn(module, obj, chunk):
+    """The chunked loss through an older fused_loss module (same objective, same target)."""
+
+    def f(h, e, ids, tables):
+        target = module.SparseTarget(*obj.sparse_target(ids, tables))
+        return module.chunked(chunk, h, e, ids, jnp.ones(ids.shape, jnp.float32), target)[0]
 
     return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))
 
@@ -71,6 +87,7 @@ def main(argv=None) -> int:
     p.add_argument("--d-model", type=int, default=512)
     p.add_argument("--chunk", type=int, default=1024, help="tokens per chunk")
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--before", default="", help="git revision of an older fused_loss.py to time")
     args = p.parse_args(argv)
 
     tok = tokenizer.load("llama3")
@@ -85,6 +102,9 @@ def main(argv=None) -> int:
     naive = {"ce": naive_fn(objs["ce"]), "prefix_norm eps=0.1": naive_fn(objs["prefix_norm eps=0.1"])}
     timed = {**{k: (f, k) for k, f in fns.items()},
              **{f"naive {k}": (f, k) for k, f in naive.items()}}
+    if args.before:
+        old = load_module_at(args.before)
+        timed |= {f"before {k}": (before_fn(old, objs[k], args.chunk), k) for k in naive}
     times = {k: [] for k in timed}
     for f, label in timed.values():  # compile + warm up
         jax.block_until_ready(f(h, e, ids, tables[label]))
@@ -123,6 +143,14 @@ def main(argv=None) -> int:
             ratio = mem[path] / mem[f"naive {label}"]
             print(f"| {'naive (dense q)' if path.startswith('naive') else 'chunked'} {label} "
                   f"| {med[path]:.3f} | {mem[path] / 2**20:,.0f} | {ratio:.3f} |")
+    if args.before:
+        print()
+        print(f"| objective | loss+grad s, fused_loss.py at {args.before} | this tree | "
+              "this / before |")
+        print("|---|---|---|---|")
+        for label in naive:
+            b = med[f"before {label}"]
+            print(f"| {label} | {b:.3f} | {med[label]:.3f} | {med[label] / b:.3f}x |")
     worst = max(med[label] / med["ce"] for label, _, _ in RUNS)
     mem_ratio = mem["prefix_norm eps=0.1"] / mem["naive prefix_norm eps=0.1"]
     print()

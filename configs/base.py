@@ -95,11 +95,20 @@ def get_config() -> ml_collections.ConfigDict:
     o.eps = 0.0  # smoothing mass in [0, 1]; 0.1 for the smoothing families (family files)
     o.temperature = 1.0  # tau dividing the prefix lengths inside the softmax
     o.prefix_set = "proper"  # "proper" = the seed's P(s); "with_gold" = R(s) = P(s) + gold
-    o.chunk_size = 2048  # tokens per chunk of the fused loss; peak loss memory ~ chunk x V x 4 B
-    # eps over training: "constant", or "linear" decay to 0 over eps_decay_fraction of the steps
-    # (computed in the step from one set of tables: the target is linear in eps).
+    # Tokens per chunk of the fused loss; its [chunk, V] buffer is in the compute dtype
+    # (bfloat16 on accelerators: ~chunk x V x 2 B; prefixlm/fused_loss.py).
+    o.chunk_size = 2048
+    # eps over training (prefixlm/eps_schedule.py), computed in the step from one set of tables
+    # (the target is linear in eps): "constant"; "linear" decay to 0 over eps_decay_fraction of
+    # train.steps; "hold_linear": eps held for eps_hold_fraction of the steps, then the linear
+    # decay over eps_decay_fraction, then 0 (modded-nanogpt's record: hold 1/3, decay 1/3).
     o.eps_schedule = "constant"
-    o.eps_decay_fraction = 1.0
+    o.eps_decay_fraction = 1.0  # in (0, 1]; ignored by "constant"
+    o.eps_hold_fraction = 0.0  # in [0, 1), hold + decay <= 1; "hold_linear" only
+    # prefix_longest only: "smoothing" = (1 - eps) CE(y) + eps CE(p), p the longest proper
+    # prefix of y; "aux" = CE(y) + eps CE(p) (gold weight 1, prefix weight eps: not normalised),
+    # modded-nanogpt's 2026-07 record. Both are plain CE where y has no proper prefix.
+    o.prefix_longest_form = "smoothing"
 
     c.data = d = ml_collections.ConfigDict()
     d.path = "data/fineweb-edu/shards"  # made by prefixlm.data.fineweb + prefixlm.data.tokenize

@@ -36,9 +36,7 @@ def run_name(config) -> str:
     """
     o = config.objective
     parts = [objectives.run_tag(o.name, eps=o.eps, temperature=o.temperature,
-                                prefix_set=o.prefix_set,
-                                eps_schedule=o.get("eps_schedule", "constant"),
-                                eps_decay_fraction=o.get("eps_decay_fraction", 1.0)),
+                                prefix_set=o.prefix_set, **objectives.config_kwargs(o)),
              f"seed{config.seed}"]
     if data_seed(config) != config.seed:
         parts.append(f"data{data_seed(config)}")
@@ -210,9 +208,7 @@ def _check_objective(c) -> None:
     o = c.objective
     try:
         objectives.validate(o.name, eps=o.eps, temperature=o.temperature,
-                            prefix_set=o.prefix_set,
-                            eps_schedule=o.get("eps_schedule", "constant"),
-                            eps_decay_fraction=o.get("eps_decay_fraction", 1.0))
+                            prefix_set=o.prefix_set, **objectives.config_kwargs(o))
     except ValueError as e:
         raise ConfigError(str(e)) from None
 

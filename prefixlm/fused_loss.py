@@ -1,26 +1,45 @@
-"""The loss -sum_i q_i log_softmax(z)_i for a sparse target q, never a dense q or all logits.
+"""The loss sum_i q_i (lse(z) - z_i) for a sparse target q, never a dense q, float32 logits or
+a float32 [tokens, V] buffer.
 
 Every objective in ``prefixlm.objectives`` hands this module its target for each token n in one
 sparse form (``SparseTarget``):
 
     q_n = gold_N[n] onehot(y_n) + sum_k weight_NxK[n, k] onehot(ids_NxK[n, k])
-          + uniform * (1 - onehot(y_n))
+          + uniform * (1 - onehot(y_n)),      Q_n = sum_i q_i (1, or 1 + eps for an aux loss)
 
-so, since sum_i q_i = 1,
+so, with y_i = z_i - z_y (y_y = 0),
 
-    loss_n = lse(z_n) - sum_i q_i z_i
-           = lse(z_n) - (gold_n - u) z_y - sum_k weight_nk z[ids_nk] - u sum_i z_i
+    loss_n = sum_i q_i (lse - z_i) = Q_n (lse - z_y) - sum_k weight_nk y[ids_nk] - u sum_i y_i
 
-which costs a log-sum-exp, one gather of K logits and, only when ``uniform`` is given (label
-smoothing), one row sum. The gradient is dloss/dz = softmax(z) - q.
+and dloss/dz = Q softmax(z) - q. ``chunked`` is the training path: from final hidden states h
+and the output projection E it scans over chunks of tokens and computes each chunk's dh = dz E
+and dE += dz^T h in the forward pass (a custom VJP): three matmuls with E per chunk, none
+recomputed, and [N, V] logits never exist at once. Per chunk:
 
-``chunked`` is the training path: from final hidden states h and the output projection E it
-scans over chunks of tokens, and because dz = softmax(z) - q is known in the forward pass it
-computes each chunk's dh = dz E and dE += dz^T h there (a custom VJP), so [N, V] logits never
-exist at once and E is multiplied three times per step rather than four (no recomputation).
-The target's weights are differentiable too (dloss/dgold = -z_y, dloss/dweight = -z[ids],
-dloss/duniform = z_y - sum_i z_i, all known in the forward pass), so an eps that scales them,
-even a traced one, gets its exact gradient; the ids never do.
+  1. exact float32 logits of the few ids the target sits on, z_y and z[ids], from gathered rows
+     of E (h . E[id]); the row sum, when label smoothing needs it, is h . (sum_i E_i);
+  2. one matmul whose epilogue writes G = exp(z - shift) in the compute dtype (bfloat16 on
+     accelerators), shift = z_y + SHIFT riding in the matmul as an extra column; the gold's G
+     is e^-SHIFT, so every G that matters is a normal number (a logit more than SHIFT + 47
+     below the gold's weighs < e^-47 of the gold's term and may underflow) and none overflows
+     (the exponent is clipped at CLIP; exact while no logit is more than SHIFT + CLIP = 104
+     above the gold's, i.e. for token losses below ~104 nats);
+  3. one pass over G: s = sum_i G_i and argmax_i G_i together; the gold's and the sparse ids'
+     terms of s are replaced by their exact values, so lse = shift + log s;
+  4. dz = (w Q / s)(G - (s / Q) q): the sparse entries of G are overwritten in place with
+     exact values (each rounded once, as softmax - q was), the uniform part is a rank-one term
+     applied after the matmuls; then dh = dz E and dE += dz^T h read that one buffer.
+
+HBM traffic per chunk is therefore one write and three reads of a bfloat16 [chunk, V] buffer
+(plus E twice and the float32 dE carry), not the float32 logits, softmax and gradient of a
+textbook implementation (bench/loss_hlo.py measures both from the compiled H100 HLO).
+Precision: with float32 hidden states (CPU, tests) G is float32 and the results agree with a
+float64 reference to float32 rounding. With bfloat16 hidden states, as the old path did, the
+logits are exact float32 dot products of the bfloat16 inputs; G's entries carry bfloat16
+rounding (relative 2^-9) for the non-target ids only, so the loss's relative error is at most
+~2^-9 of the probability mass off the target's ids, and dz's entries are rounded to bfloat16
+once (as before). The target's weights are differentiable too (dloss/dq_i = lse - z_i, known in
+the forward pass), so an eps that scales them, even a traced one, gets its exact gradient.
 """
 
 from __future__ import annotations
@@ -31,6 +50,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+SHIFT = 40.0  # G = exp(z - z_gold - SHIFT): the gold's G, e^-40, is normal in bf16 and f32
+CLIP = 64.0  # G's exponent is clipped here: V e^CLIP < float32 max, so the row sum is finite
 
 
 class SparseTarget(NamedTuple):
@@ -52,45 +74,41 @@ class LossOutput(NamedTuple):
 
 
 class _Partials(NamedTuple):
-    """What the target weights' gradients need, gathered in the forward pass."""
+    """d loss_n / d (the target's weights), known in the forward pass: the per-id CE, lse - z_i,
+    at the gold id, at the sparse ids, and summed over the non-gold ids (the uniform part)."""
 
-    z_gold_N: jax.Array
-    z_sparse_NxK: jax.Array | None
-    row_sum_N: jax.Array | None
+    ce_gold_N: jax.Array
+    ce_sparse_NxK: jax.Array | None
+    ce_rest_N: jax.Array | None
 
 
-def loss_terms(logits_NxV, ids_N, target: SparseTarget, with_grad: bool = False):
-    """(LossOutput, dloss/dlogits = softmax - q or None, _Partials) for float32 logits."""
-    n = ids_N.shape[0]
-    rows_N = jnp.arange(n)
+def target_mass(target: SparseTarget, vocab_size: int) -> jax.Array:
+    """Q_n = sum_i q_i: 1 for a smoothing target, 1 + eps for prefix_longest's aux form."""
+    mass_N = target.gold_N
+    if target.weight_NxK is not None:
+        mass_N = mass_N + jnp.sum(target.weight_NxK, axis=-1)
+    if target.uniform is not None:
+        mass_N = mass_N + target.uniform * (vocab_size - 1)
+    return mass_N
+
+
+def loss_terms(logits_NxV, ids_N, target: SparseTarget) -> LossOutput:
+    """LossOutput from given float32 logits: the dense path of ``Objective.loss``,
+    loss_n = sum_i q_i (lse - z_i) = Q_n lse - sum_i q_i z_i."""
     lse_N = jax.nn.logsumexp(logits_NxV, axis=-1)
     z_gold_N = jnp.take_along_axis(logits_NxV, ids_N[:, None], axis=-1)[:, 0]
     u = target.uniform
-    gold_N = target.gold_N if u is None else target.gold_N - u
-    qz_N = gold_N * z_gold_N
-    row_sum_N = z_sparse_NxK = None
+    qz_N = (target.gold_N if u is None else target.gold_N - u) * z_gold_N
     if u is not None:
-        row_sum_N = jnp.sum(logits_NxV, axis=-1)
-        qz_N = qz_N + u * row_sum_N
+        qz_N = qz_N + u * jnp.sum(logits_NxV, axis=-1)
     if target.ids_NxK is not None:
         z_sparse_NxK = jnp.take_along_axis(logits_NxV, target.ids_NxK, axis=-1)
         qz_N = qz_N + jnp.sum(target.weight_NxK * z_sparse_NxK, axis=-1)
-    out = LossOutput(
-        loss_N=lse_N - qz_N,
+    return LossOutput(
+        loss_N=target_mass(target, logits_NxV.shape[-1]) * lse_N - qz_N,
         nll_N=lse_N - z_gold_N,
         correct_N=(jnp.argmax(logits_NxV, axis=-1) == ids_N).astype(jnp.float32),
     )
-    partials = _Partials(z_gold_N, z_sparse_NxK, row_sum_N)
-    if not with_grad:
-        return out, None, partials
-    dz_NxV = jnp.exp(logits_NxV - lse_N[:, None])
-    if u is not None:
-        dz_NxV = dz_NxV - u
-    dz_NxV = dz_NxV.at[rows_N, ids_N].add(-gold_N)
-    if target.ids_NxK is not None:
-        rows_NxK = jnp.broadcast_to(rows_N[:, None], target.ids_NxK.shape)
-        dz_NxV = dz_NxV.at[rows_NxK, target.ids_NxK].add(-target.weight_NxK)
-    return out, dz_NxV, partials
 
 
 def dense(target: SparseTarget, ids_N, vocab_size: int) -> jax.Array:
@@ -112,6 +130,108 @@ def _split_chunks(x, n_chunks, chunk, fill):
     return x.reshape(n_chunks, chunk, *x.shape[1:])
 
 
+def _augment(x_NxD, column_N):
+    """[x | column | 0...]: one extra column, padded so the width stays a multiple of 16."""
+    n, d = x_NxD.shape
+    pad = 16 - d % 16
+    return jnp.concatenate([x_NxD, column_N[:, None].astype(x_NxD.dtype),
+                            jnp.zeros((n, pad - 1), x_NxD.dtype)], axis=1)
+
+
+def _exact_logits(h_cxD, e_aug_VxA, ids_cxK):
+    """float32 h . E[id] for a few ids per token, from gathered rows: no pass over V."""
+    rows_cxKxD = e_aug_VxA[ids_cxK][..., :h_cxD.shape[1]]
+    return jnp.einsum("cd,ckd->ck", h_cxD, rows_cxKxD, preferred_element_type=jnp.float32)
+
+
+def _sum_and_argmax(g_cxV):
+    """(sum_i G_i in float32, argmax_i G_i) in one pass over G (a variadic reduction)."""
+    g32_cxV = g_cxV.astype(jnp.float32)
+    iota_cxV = jax.lax.broadcasted_iota(jnp.int32, g_cxV.shape, 1)
+
+    def combine(a, b):
+        take_b = (b[1] > a[1]) | ((b[1] == a[1]) & (b[2] < a[2]))  # first index on ties
+        return a[0] + b[0], jnp.where(take_b, b[1], a[1]), jnp.where(take_b, b[2], a[2])
+
+    init = (jnp.float32(0), jnp.float32(-jnp.inf), jnp.int32(np.iinfo(np.int32).max))
+    s_c, _, argmax_c = jax.lax.reduce((g32_cxV, g32_cxV, iota_cxV), init, combine, (1,))
+    return s_c, argmax_c
+
+
+class _Chunk(NamedTuple):
+    """A chunk's forward pass: G and what the loss and the gradient need from it."""
+
+    g_cxV: jax.Array  # exp(min(z - shift, CLIP)) in the compute dtype
+    shift_c: jax.Array  # float32, exactly the shift the matmul subtracted
+    s_c: jax.Array  # sum_i G_i, the gold's and prefixes' terms exact
+    mass_c: jax.Array  # Q = sum_i q_i
+    g_gold_c: jax.Array  # exact G at the gold id
+    g_sparse_cxK: jax.Array | None  # exact G at the prefix ids
+    out: LossOutput
+    partials: _Partials
+
+
+def _forward_chunk(h_cxD, e_aug_VxA, esum_D, ids_c, t: SparseTarget) -> _Chunk:
+    V = e_aug_VxA.shape[0]
+    rows_c = jnp.arange(ids_c.shape[0])
+    z_gold_c = _exact_logits(h_cxD, e_aug_VxA, ids_c[:, None])[:, 0]
+    z_sparse_cxK = None if t.ids_NxK is None else _exact_logits(h_cxD, e_aug_VxA, t.ids_NxK)
+    row_sum_c = None if t.uniform is None else h_cxD.astype(jnp.float32) @ esum_D
+    # The shift rides in the matmul as an extra column (h | -shift) . (E | 1), so exp and the
+    # cast stay in the matmul's epilogue (XLA does not fuse a per-row operand there).
+    shift_c = (z_gold_c + SHIFT).astype(h_cxD.dtype).astype(jnp.float32)
+    y_cxV = jnp.dot(_augment(h_cxD, -shift_c), e_aug_VxA.T, preferred_element_type=jnp.float32)
+    g_cxV = jnp.exp(jnp.minimum(y_cxV, CLIP)).astype(h_cxD.dtype)
+    s_c, argmax_c = _sum_and_argmax(g_cxV)
+    # Exact terms replace G's rounded ones in the sum: the gold's and the prefixes' (the mass
+    # the target sits on); the other ids keep G's rounding (bfloat16: relative 2^-9 each).
+    g_gold_c = jnp.exp(jnp.minimum(z_gold_c - shift_c, CLIP))
+    s_c = s_c + g_gold_c - g_cxV[rows_c, ids_c].astype(jnp.float32)
+    g_sparse_cxK = ce_sparse_cxK = ce_rest_c = None
+    if z_sparse_cxK is not None:
+        g_sparse_cxK = jnp.exp(jnp.minimum(z_sparse_cxK - shift_c[:, None], CLIP))
+        rounded_cxK = g_cxV[rows_c[:, None], t.ids_NxK].astype(jnp.float32)
+        s_c = s_c + jnp.sum(jnp.where(t.weight_NxK != 0, g_sparse_cxK - rounded_cxK, 0), -1)
+    nll_c = shift_c - z_gold_c + jnp.log(s_c)  # lse - z_gold
+    # loss = sum_i q_i (lse - z_i) = Q nll - sum_i q_i y_i with y = z - z_gold (y_gold = 0):
+    # no large logit cancels.
+    mass_c = target_mass(t, V)
+    loss_c = mass_c * nll_c
+    if z_sparse_cxK is not None:
+        ce_sparse_cxK = nll_c[:, None] - (z_sparse_cxK - z_gold_c[:, None])
+        loss_c = loss_c - jnp.sum(t.weight_NxK * (z_sparse_cxK - z_gold_c[:, None]), axis=-1)
+    if row_sum_c is not None:
+        y_rest_c = row_sum_c - V * z_gold_c  # sum over the non-gold ids of z_i - z_gold
+        ce_rest_c = (V - 1) * nll_c - y_rest_c
+        loss_c = loss_c - t.uniform * y_rest_c
+    out = LossOutput(loss_c, nll_c, (argmax_c == ids_c).astype(jnp.float32))
+    return _Chunk(g_cxV, shift_c, s_c, mass_c, g_gold_c, g_sparse_cxK, out,
+                  _Partials(nll_c, ce_sparse_cxK, ce_rest_c))
+
+
+def _chunk_grads(fw: _Chunk, h_cxD, e_aug_VxA, esum_D, ids_c, w_c, t: SparseTarget):
+    """(dh, dE term) of one chunk: dz = w (Q G / s - q) = r (G - s' q) with r = w Q / s and
+    s' = s / Q, one matmul each."""
+    V, D = e_aug_VxA.shape[0], h_cxD.shape[1]
+    u = jnp.float32(0) if t.uniform is None else t.uniform
+    rows_c = jnp.arange(ids_c.shape[0])
+    # The sparse entries of G - s q are set from exact values, each rounded once (as softmax - q
+    # was); the uniform part, -s u everywhere, is applied after the matmuls.
+    # s' = s / Q; padded tokens have Q = 0 (their target is zero), and then dz = 0.
+    s_c = jnp.where(fw.mass_c > 0, fw.s_c / jnp.where(fw.mass_c > 0, fw.mass_c, 1), 0)
+    g_cxV = fw.g_cxV.at[rows_c, ids_c].set((fw.g_gold_c - s_c * (t.gold_N - u)).astype(
+        fw.g_cxV.dtype))
+    if fw.g_sparse_cxK is not None:
+        ids_cxK = jnp.where(t.weight_NxK != 0, t.ids_NxK, V)  # pads (weight 0): dropped
+        g_cxV = g_cxV.at[jnp.broadcast_to(rows_c[:, None], ids_cxK.shape), ids_cxK].set(
+            (fw.g_sparse_cxK - s_c[:, None] * t.weight_NxK).astype(g_cxV.dtype), mode="drop")
+    r_c = jnp.where(s_c > 0, w_c / jnp.where(s_c > 0, s_c, 1), 0)
+    dh_cxA = jnp.dot(g_cxV, e_aug_VxA, preferred_element_type=jnp.float32)
+    dh_cxD = dh_cxA[:, :D] * r_c[:, None] - (w_c * u)[:, None] * esum_D
+    rh_cxD = (h_cxD.astype(jnp.float32) * r_c[:, None]).astype(h_cxD.dtype)
+    return dh_cxD, jnp.dot(g_cxV.T, rh_cxD, preferred_element_type=jnp.float32)
+
+
 def _chunked_scan(chunk_size, h_NxD, e_VxD, ids_N, w_N, target: SparseTarget, with_grad):
     n = ids_N.shape[0]
     chunk = min(chunk_size, max(n, 1))
@@ -120,18 +240,17 @@ def _chunked_scan(chunk_size, h_NxD, e_VxD, ids_N, w_N, target: SparseTarget, wi
     xs = jax.tree.map(lambda a: _split_chunks(a, n_chunks, chunk, 0),
                       (h_NxD, ids_N, w_N, per_token))
     e_compute = e_VxD.astype(h_NxD.dtype)
+    esum_D = jnp.sum(e_compute.astype(jnp.float32), axis=0)  # row sums of z: h . esum
+    e_aug_VxA = _augment(e_compute, jnp.ones(e_VxD.shape[0], e_compute.dtype))
 
     def body(de_VxD, x):
         h_cxD, ids_c, w_c, target_c = x
-        logits_cxV = jnp.dot(h_cxD, e_compute.T, preferred_element_type=jnp.float32)
-        out, dz_cxV, partials = loss_terms(logits_cxV, ids_c, target_c._replace(
-            uniform=target.uniform), with_grad)
+        t = target_c._replace(uniform=target.uniform)
+        fw = _forward_chunk(h_cxD, e_aug_VxA, esum_D, ids_c, t)
         if not with_grad:
-            return de_VxD, (out, None, None)
-        dz_cxV = (dz_cxV * w_c[:, None]).astype(h_NxD.dtype)
-        dh_cxD = jnp.dot(dz_cxV, e_compute, preferred_element_type=jnp.float32)
-        de_VxD = de_VxD + jnp.dot(dz_cxV.T, h_cxD, preferred_element_type=jnp.float32)
-        return de_VxD, (out, dh_cxD.astype(h_NxD.dtype), partials)
+            return de_VxD, (fw.out, None, None)
+        dh_cxD, de_term = _chunk_grads(fw, h_cxD, e_aug_VxA, esum_D, ids_c, w_c, t)
+        return de_VxD + de_term, (fw.out, dh_cxD.astype(h_NxD.dtype), fw.partials)
 
     de0 = jnp.zeros(e_VxD.shape, jnp.float32) if with_grad else jnp.zeros((), jnp.float32)
     de_VxD, (out, dh, partials) = jax.lax.scan(body, de0, xs)
@@ -140,6 +259,8 @@ def _chunked_scan(chunk_size, h_NxD, e_VxD, ids_N, w_N, target: SparseTarget, wi
     total = jnp.sum(out.loss_N * w_N)
     if not with_grad:
         return total, out, None
+    if target.uniform is not None:  # the -s u part of dz, for every row of E at once
+        de_VxD = de_VxD - target.uniform * jnp.dot(w_N, h_NxD.astype(jnp.float32))
     grads = (unchunk(dh), de_VxD.astype(e_VxD.dtype), jax.tree.map(unchunk, partials))
     return total, out, grads
 
@@ -167,10 +288,10 @@ def _chunked_bwd(chunk_size, res, cotangents):
     gw_N = g * w_N  # d total / d loss_n
     u = target.uniform
     target_cot = SparseTarget(
-        -gw_N * partials.z_gold_N,
+        gw_N * partials.ce_gold_N,
         int_zeros(target.ids_NxK),
-        None if target.ids_NxK is None else -gw_N[:, None] * partials.z_sparse_NxK,
-        None if u is None else jnp.sum(gw_N * (partials.z_gold_N - partials.row_sum_N)),
+        None if target.ids_NxK is None else gw_N[:, None] * partials.ce_sparse_NxK,
+        None if u is None else jnp.sum(gw_N * partials.ce_rest_N),
     )
     return (
         (g * dh).astype(dh.dtype),

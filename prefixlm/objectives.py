@@ -26,22 +26,31 @@ with P(s), so "proper" is the default.
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
-from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from prefixlm import eps_schedule as schedules
 from prefixlm import fused_loss
 from prefixlm import prefixes as prefixes_lib
 from prefixlm.fused_loss import LossOutput
+from prefixlm.objective_registry import (  # noqa: F401  (re-exported: the registry's names)
+    EPS_SCHEDULES,
+    FAMILIES,
+    HYPERPARAMS,
+    PREFIX_SETS,
+    Family,
+    ObjectiveTables,
+    SmoothingInputs,
+    config_kwargs,
+    family,
+    register,
+    run_tag,
+    validate,
+)
 
-PREFIX_SETS = ("proper", "with_gold")
-EPS_SCHEDULES = ("constant", "linear")
-HYPERPARAMS = ("eps", "temperature", "prefix_set")
 # The seed's seven runs as (label, name, eps), for plots and benchmarks that show them side by side.
 SEVEN_RUNS = (
     ("ce", "ce", 0.0),
@@ -54,142 +63,6 @@ SEVEN_RUNS = (
 )
 
 
-class ObjectiveTables(NamedTuple):
-    """Per-gold-id smoothing distribution s (the target at eps = 1); a pytree of arrays passed
-    into the jitted step. The target at any eps is (1 - eps) onehot(y) + eps s.
-
-    smooth_gold_V: float32 [V], s at the gold id (before the uniform part).
-    prefix_ids_VxK: int32 [V, K] prefix ids padded with -1, or None when unused.
-    smooth_prefix_VxK: float32 [V, K] s at each prefix id (0 at pads), or None when unused.
-    """
-
-    smooth_gold_V: jax.Array | np.ndarray
-    prefix_ids_VxK: jax.Array | np.ndarray | None = None
-    smooth_prefix_VxK: jax.Array | np.ndarray | None = None
-
-
-# ---- the registry ------------------------------------------------------------------------------
-class SmoothingInputs(NamedTuple):
-    """What a family's table builder may read: the vocabulary and its non-eps hyper-parameters."""
-
-    vocab_size: int
-    index: prefixes_lib.PrefixIndex | None  # None unless the family uses prefixes
-    temperature: float
-    prefix_set: str
-
-
-@dataclasses.dataclass(frozen=True)
-class Family:
-    """One objective family, declared once: everything else reads it from ``FAMILIES``.
-
-    Attributes:
-      name: ``objective.name``; the run name starts with it.
-      summary: one line with the formula of q.
-      hyperparams: which of ``HYPERPARAMS`` the target depends on; the run-name tag shows these.
-      default_eps: eps of the family's config file (configs/<name>.py).
-      smoothing: builds s, the target at eps = 1, as float64 tables (stored as float32); q at
-        any eps is (1 - eps) onehot(y) + eps s; s is one-hot where there is nothing to smooth.
-      uses_prefixes: s lives on the prefix index (the builder gets ``SmoothingInputs.index``).
-      uniform: s also spreads evenly over the V - 1 non-gold ids (the loss needs a row sum).
-      check: family-specific validation ``check(eps=, temperature=, prefix_set=)`` raising
-        ValueError naming the config field and the fix, run after the common checks.
-    """
-
-    name: str
-    summary: str
-    hyperparams: tuple[str, ...]
-    default_eps: float
-    smoothing: Callable[[SmoothingInputs], ObjectiveTables]
-    uses_prefixes: bool = False
-    uniform: bool = False
-    check: Callable[..., None] | None = None
-
-    def __post_init__(self):
-        if unknown := set(self.hyperparams) - set(HYPERPARAMS):
-            raise ValueError(f"family {self.name!r}: unknown hyper-parameters {sorted(unknown)}; "
-                             f"use some of {HYPERPARAMS}")
-
-    def tag(self, *, eps, temperature, prefix_set, eps_schedule="constant",
-            eps_decay_fraction=1.0) -> str:
-        """The run-name part before ``_seed{N}``: the name, then each declared hyper-parameter
-        that is set (eps always; tau and the prefix set when not the default), then the eps
-        schedule when not constant: ``lin{fraction}`` for linear decay over that fraction."""
-        parts = [self.name]
-        if "eps" in self.hyperparams:
-            parts.append(f"eps{_number_tag(eps)}")
-        if "temperature" in self.hyperparams and float(temperature) != 1.0:
-            parts.append(f"tau{_number_tag(temperature)}")
-        if "prefix_set" in self.hyperparams and prefix_set != "proper":
-            parts.append(prefix_set.replace("_", ""))
-        if "eps" in self.hyperparams and eps_schedule == "linear":
-            parts.append(f"lin{_number_tag(eps_decay_fraction)}")
-        return "_".join(parts)
-
-
-FAMILIES: dict[str, Family] = {}
-
-
-def register(family: Family | None = None, /, **fields) -> Family | Callable[..., Family]:
-    """Adds a family to ``FAMILIES`` (in order): ``register(Family(...))``, or as a decorator,
-    ``@register(name=..., summary=..., ...)`` on the table builder, which becomes the Family.
-    A name registered twice raises: two definitions of one objective would split the runs."""
-    if family is None:
-        return lambda smoothing: register(Family(smoothing=smoothing, **fields))
-    if family.name in FAMILIES:
-        raise ValueError(f"objective family {family.name!r} is already registered")
-    FAMILIES[family.name] = family
-    return family
-
-
-def _number_tag(x: float) -> str:
-    """0.1 -> "0p1", 1.0 -> "1p0": the seed's run-name spelling."""
-    return repr(float(x)).replace(".", "p").replace("-", "m")
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def family(name: str) -> Family:
-    """The registered family called ``name``; the error lists the known names."""
-    if name not in FAMILIES:
-        raise ValueError(f"objective.name={name!r} is not an objective; use one of "
-                         f"{', '.join(FAMILIES)} (or the matching configs/<name>.py)")
-    return FAMILIES[name]
-
-
-def validate(name: str, *, eps, temperature, prefix_set, eps_schedule="constant",
-             eps_decay_fraction=1.0) -> None:
-    """Checks an objective's config fields; the ValueError names the field and the fix (config
-    resolution wraps it in ConfigError, so a bad value fails before compiling)."""
-    fam = family(name)
-    if not _is_number(eps) or not 0.0 <= eps <= 1.0:
-        raise ValueError(f"objective.eps={eps!r} must be in [0, 1] (the smoothing mass); "
-                         "e.g. eps=0.1")
-    if not _is_number(temperature) or temperature <= 0:
-        raise ValueError(f"objective.temperature={temperature!r} must be a finite number > 0 "
-                         "(tau divides the prefix lengths in the softmax); e.g. 1.0")
-    if prefix_set not in PREFIX_SETS:
-        raise ValueError(f"objective.prefix_set={prefix_set!r}; use one of {PREFIX_SETS} "
-                         "('proper' = the seed's P(s), 'with_gold' = R(s) = P(s) + gold)")
-    if eps_schedule not in EPS_SCHEDULES:
-        raise ValueError(f"objective.eps_schedule={eps_schedule!r}; use one of {EPS_SCHEDULES}")
-    if not _is_number(eps_decay_fraction) or not 0.0 < eps_decay_fraction <= 1.0:
-        raise ValueError(f"objective.eps_decay_fraction={eps_decay_fraction!r} must be in (0, 1]"
-                         " (the share of train.steps over which eps decays to 0); e.g. 0.5")
-    if "eps" not in fam.hyperparams and eps_schedule != "constant":
-        raise ValueError(f"objective.eps_schedule={eps_schedule!r} with objective.name={name!r}:"
-                         f" {name} has no eps to schedule; use eps_schedule=constant")
-    if fam.check is not None:
-        fam.check(eps=eps, temperature=temperature, prefix_set=prefix_set)
-
-
-def run_tag(name: str, *, eps, temperature, prefix_set, eps_schedule="constant",
-            eps_decay_fraction=1.0) -> str:
-    """The run-name part before ``_seed{N}``: "ce", "label_smoothing_eps0p1",
-    "prefix_norm_eps0p1_tau0p5_withgold", "prefix_norm_eps1p0_lin0p5" (see ``Family.tag``)."""
-    return family(name).tag(eps=eps, temperature=temperature, prefix_set=prefix_set,
-                            eps_schedule=eps_schedule, eps_decay_fraction=eps_decay_fraction)
 
 
 # ---- the families ------------------------------------------------------------------------------
@@ -259,16 +132,21 @@ def _longest_check(*, eps, temperature, prefix_set):
 
 
 @register(name="prefix_longest", hyperparams=("eps",), default_eps=0.1, uses_prefixes=True,
-          check=_longest_check, summary="q = (1 - eps) onehot(y) + eps onehot(the longest token "
-          "in P(s)); one-hot if P(s) is empty")
+          check=_longest_check, forms=("smoothing", "aux"),
+          summary="q = (1 - eps) onehot(y) + eps onehot(the longest token in P(s)); one-hot if "
+          "P(s) is empty; form aux: q = onehot(y) + eps onehot(that token)")
 def _prefix_longest_smoothing(x: SmoothingInputs) -> ObjectiveTables:
     """s = onehot(longest proper prefix), a [V, 1] table (one gather per token, not K).
 
-    Closest prior work: modded-nanogpt's 2026-07 speedrun record "prefix token prediction
-    auxiliary loss" adds a CE toward the longest proper prefix with weight 0.25, i.e.
-    CE(y) + 0.25 CE(p) = 1.25 ((1 - eps) CE(y) + eps CE(p)) at eps = 0.2: this target up to a
-    constant factor (where P(s) is nonempty). Over R(s) ("with_gold") the longest token is the
-    gold, the target degenerates to one-hot, so validation rejects it.
+    Two forms (``objective.prefix_longest_form``):
+      "smoothing" (default): loss = (1 - eps) CE(y) + eps CE(p) where the longest proper prefix
+        p exists, CE(y) elsewhere: a label-smoothing target (sums to 1).
+      "aux": loss = CE(y) + eps CE(p) where p exists, CE(y) elsewhere: modded-nanogpt's
+        2026-07 speedrun record "prefix token prediction auxiliary loss" exactly (weight
+        eps = 0.25, held for the first third of training and decayed to 0 over the second:
+        ``eps_schedule=hold_linear``). Gold weight 1, prefix weight eps; not normalised.
+    Over R(s) ("with_gold") the longest token is the gold, the target degenerates to one-hot,
+    so validation rejects it.
     """
     has_V, V = x.index.counts_V > 0, x.vocab_size
     # Rows are sorted by byte length, so the longest prefix is the last one; the extra pad
@@ -297,9 +175,11 @@ class Objective:
     prefix_set: str
     vocab_size: int
     vocab_hash: str
-    eps_schedule: str  # "constant", or "linear" decay to 0 (see eps_at)
+    eps_schedule: str  # "constant", "linear" or "hold_linear" (see eps_at)
     eps_decay_fraction: float  # share of the steps the linear decay takes (1.0 when constant)
     tables: ObjectiveTables = dataclasses.field(compare=False, repr=False)
+    eps_hold_fraction: float = 0.0  # share of the steps eps is held first (hold_linear only)
+    form: str = "smoothing"  # the family's form (``Family.forms``): "smoothing" or "aux"
 
     @property
     def family(self) -> Family:
@@ -317,6 +197,8 @@ class Objective:
     @property
     def gold_weight_V(self) -> np.ndarray:
         """float32 [V]: q at the gold id at this objective's own eps (before the uniform part)."""
+        if self.form == "aux":
+            return np.ones(self.vocab_size, np.float32)
         return np.float32((1.0 - self.eps) + self.eps * np.float64(self.tables.smooth_gold_V))
 
     @property
@@ -326,14 +208,10 @@ class Objective:
         return None if s is None else np.float32(self.eps * np.float64(s))
 
     def eps_at(self, step, total_steps: int) -> jax.Array:
-        """eps (float32) of the update at ``step`` (0-based, may be traced) of ``total_steps``:
-        "constant": eps; "linear": eps max(0, 1 - step / (eps_decay_fraction total_steps)), so
-        eps at step 0 and 0 from eps_decay_fraction of the run on."""
-        eps = jnp.float32(self.eps)
-        if self.eps_schedule == "constant":
-            return eps
-        decay_steps = jnp.float32(self.eps_decay_fraction * total_steps)
-        return eps * jnp.clip(1.0 - jnp.asarray(step, jnp.float32) / decay_steps, 0.0, 1.0)
+        """eps (float32) of the update at ``step`` (0-based, may be traced) of ``total_steps``
+        under this objective's schedule (``prefixlm.eps_schedule``)."""
+        return schedules.eps_at(self.eps, step, total_steps, self.eps_schedule,
+                                self.eps_decay_fraction, self.eps_hold_fraction)
 
     def device_tables(self) -> ObjectiveTables:
         """The tables as device arrays, to pass into a jitted step."""
@@ -345,7 +223,10 @@ class Objective:
         float32 scalar (may be traced, e.g. ``eps_at(step, total)``) or None (own eps)."""
         t = self.tables if tables is None else tables
         eps = jnp.float32(self.eps) if eps is None else jnp.asarray(eps, jnp.float32)
-        gold_N = (1.0 - eps) + eps * jnp.asarray(t.smooth_gold_V)[ids_N]
+        if self.form == "aux":  # gold weight 1, prefix weight eps: CE(y) + eps CE(p)
+            gold_N = jnp.ones(ids_N.shape, jnp.float32)
+        else:
+            gold_N = (1.0 - eps) + eps * jnp.asarray(t.smooth_gold_V)[ids_N]
         uniform = eps / (self.vocab_size - 1) if self.family.uniform else None
         if not self.uses_prefixes:
             return fused_loss.SparseTarget(gold_N, uniform=uniform)
@@ -368,7 +249,7 @@ class Objective:
     def loss_and_metrics(self, logits_NxV, ids_N, tables=None, eps=None) -> LossOutput:
         ids_N = jnp.asarray(ids_N, jnp.int32)
         return fused_loss.loss_terms(jnp.asarray(logits_NxV, jnp.float32), ids_N,
-                                     self.sparse_target(ids_N, tables, eps))[0]
+                                     self.sparse_target(ids_N, tables, eps))
 
     # ---- chunked loss from hidden states, the training path ---------------------------------
     def chunked_loss(self, hidden_NxD, unembed_VxD, ids_N, tables: ObjectiveTables | None = None,
@@ -405,7 +286,8 @@ class Objective:
 def build(name: str, token_bytes: Sequence[bytes | None], eps: float = 0.1,
           temperature: float = 1.0, prefix_set: str = "proper", vocab_size: int | None = None,
           index: prefixes_lib.PrefixIndex | None = None, *, eps_schedule: str = "constant",
-          eps_decay_fraction: float = 1.0) -> Objective:
+          eps_decay_fraction: float = 1.0, eps_hold_fraction: float = 0.0,
+          prefix_longest_form: str = "smoothing") -> Objective:
     """Builds an objective over a byte vocabulary; bad arguments fail here, before any compile.
 
     Args:
@@ -416,14 +298,18 @@ def build(name: str, token_bytes: Sequence[bytes | None], eps: float = 0.1,
       prefix_set: "proper" (the seed's P(s)) or "with_gold" (R(s) = P(s) + gold).
       vocab_size: the model's vocabulary size; must equal len(token_bytes) when given.
       index: a prebuilt prefix index (else built, or loaded from the on-disk cache).
-      eps_schedule: "constant", or "linear": eps decays to 0 over ``eps_decay_fraction`` of the
-        steps (``Objective.eps_at``); the tables are the same either way.
+      eps_schedule: "constant", "linear" (eps decays to 0 over ``eps_decay_fraction`` of the
+        steps) or "hold_linear" (held for ``eps_hold_fraction`` first); see
+        ``prefixlm.eps_schedule``. The tables are the same for every schedule.
       eps_decay_fraction: in (0, 1].
+      eps_hold_fraction: in [0, 1), hold_linear only; hold + decay <= 1.
+      prefix_longest_form: "smoothing" or, for prefix_longest only, "aux" (``Family.forms``).
     """
     fam = family(name)
     eps = eps if "eps" in fam.hyperparams else 0.0
     validate(name, eps=eps, temperature=temperature, prefix_set=prefix_set,
-             eps_schedule=eps_schedule, eps_decay_fraction=eps_decay_fraction)
+             eps_schedule=eps_schedule, eps_decay_fraction=eps_decay_fraction,
+             eps_hold_fraction=eps_hold_fraction, prefix_longest_form=prefix_longest_form)
     if vocab_size is not None and len(token_bytes) != vocab_size:
         raise ValueError(f"token_bytes has {len(token_bytes)} entries but the model vocabulary has "
                          f"{vocab_size} ids; build the objective from the model's tokenizer")
@@ -441,7 +327,7 @@ def build(name: str, token_bytes: Sequence[bytes | None], eps: float = 0.1,
     s = fam.smoothing(SmoothingInputs(V, index, float(temperature), prefix_set))
     tables = ObjectiveTables(*(None if a is None else a.astype(np.float32 if a.dtype.kind == "f"
                                                               else np.int32) for a in s))
-    # A constant schedule ignores the fraction: keep it out of the hash (and the compile cache).
-    fraction = float(eps_decay_fraction) if eps_schedule != "constant" else 1.0
-    return Objective(name, eps, float(temperature), prefix_set, V, digest, eps_schedule,
-                     fraction, tables)
+    # Fractions a schedule ignores stay out of the hash (and the compile cache).
+    _, decay, hold = schedules.normalized(eps_schedule, eps_decay_fraction, eps_hold_fraction)
+    return Objective(name, eps, float(temperature), prefix_set, V, digest, eps_schedule, decay,
+                     tables, hold, prefix_longest_form)

@@ -339,8 +339,7 @@ class Trainer:
         o = config.objective
         obj = objectives.build(o.name, tok.token_bytes, eps=o.eps, temperature=o.temperature,
                                prefix_set=o.prefix_set, vocab_size=mcfg.vocab_size,
-                               eps_schedule=o.get("eps_schedule", "constant"),
-                               eps_decay_fraction=o.get("eps_decay_fraction", 1.0))
+                               **objectives.config_kwargs(o))
         mcfg, kernels = choose_attention(mcfg, devices)
         mesh = make_mesh(config, devices)
         tx, schedule = make_optimizer(config)

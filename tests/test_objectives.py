@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from prefixlm import objectives
+from prefixlm import eps_schedule, objective_registry, objectives
 
 jax.config.update("jax_enable_x64", False)
 
@@ -170,54 +170,119 @@ def test_real_vocab_128_spaces_spreads_over_85_prefixes(llama3):
     np.testing.assert_allclose(q[(q > 0) & (q < 0.5)], 0.1 / 85, rtol=1e-6)
 
 
-def _unchunked_grads(obj, h, e, ids, w):
-    def f(h, e):
-        loss = obj.loss(jnp.dot(h, e.T), ids)
-        return jnp.sum(loss * w)
+def reference_q(name, token_bytes, ids, eps, tau=1.0, prefix_set="proper", form="smoothing"):
+    """float64 [n, V] targets, and dq/deps: smoothing q = (1 - eps) onehot + eps s (so dq/deps
+    = s - onehot); aux q = onehot + eps onehot(longest proper prefix) (dq/deps = that onehot)."""
+    V = len(token_bytes)
+    onehot = np.eye(V)[np.asarray(ids)]
+    s = np.stack([reference_target(name, token_bytes, int(i), 1.0, tau, prefix_set) for i in ids])
+    if form == "aux":
+        aux = s * (1 - onehot)  # onehot(longest proper prefix), 0 where P(s) is empty
+        return onehot + eps * aux, aux
+    return (1 - eps) * onehot + eps * s, s - onehot
 
-    return jax.value_and_grad(f, argnums=(0, 1))(h, e)
+
+def reference_loss_and_grads(q, dq, h, e, w):
+    """Straight from the definition, float64: per-token loss sum_i q_i (lse - z_i), the weighted
+    total, dtotal/dh, dtotal/dE (dz = w (Q softmax - q)) and dtotal/deps."""
+    h, e, w = (np.asarray(a, np.float64) for a in (h, e, w))
+    logp = log_softmax64(h @ e.T)
+    loss = -(q * logp).sum(-1)
+    dz = w[:, None] * (q.sum(-1, keepdims=True) * np.exp(logp) - q)
+    return loss, (loss * w).sum(), dz @ e, dz.T @ h, -(w[:, None] * dq * logp).sum()
 
 
-@pytest.mark.parametrize("name", objectives.NAMES)
+# Tolerances of the float32 path against the float64 references (values O(0.1-10)).
+F32 = dict(rtol=1e-5, atol=2e-6)
+FAMILY_CASES = [(n, "smoothing") for n in objectives.NAMES] + [("prefix_longest", "aux")]
+
+
+def _chunked_value_and_grads(obj, h, e, ids, w, chunk, eps):
+    tables = obj.device_tables()
+
+    def f(h, e, w, eps):
+        return obj.chunked_loss(h, e, ids, tables, weights_N=w, chunk_size=chunk, eps=eps)[0]
+
+    grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3)))(h, e, w, jnp.float32(eps))
+    _, out = obj.chunked_loss(h, e, ids, tables, weights_N=w, chunk_size=chunk)
+    return grads, out
+
+
+@pytest.mark.parametrize("name,form", FAMILY_CASES)
 @pytest.mark.parametrize("chunk", [1, 7, 16, 64])
-def test_chunked_loss_matches_unchunked_values_and_gradients(tiny_token_bytes, name, chunk):
-    obj = objectives.build(name, tiny_token_bytes, eps=0.3)
+def test_chunked_loss_matches_the_float64_reference(tiny_token_bytes, name, form, chunk):
+    """Values, dh, dE, dw and d/deps of every family against the float64 definition."""
+    eps = 0.0 if name == "ce" else 0.3
+    obj = objectives.build(name, tiny_token_bytes, eps=eps, prefix_longest_form=form)
     rng = np.random.default_rng(3)
     n, d, V = 19, 8, len(tiny_token_bytes)
     h = jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
     e = jnp.asarray(rng.normal(size=(V, d)), jnp.float32)
     ids = jnp.asarray(rng.integers(0, V, size=n), jnp.int32)
     w = jnp.asarray(rng.uniform(size=n) * (rng.uniform(size=n) > 0.2), jnp.float32)
-    ref_total, (ref_dh, ref_de) = _unchunked_grads(obj, h, e, ids, w)
-    tables = obj.device_tables()
-
-    def f(h, e, w):
-        return obj.chunked_loss(h, e, ids, tables, weights_N=w, chunk_size=chunk)[0]
-
-    total, (dh, de, dw) = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(h, e, w)
-    np.testing.assert_allclose(total, ref_total, rtol=1e-5)
-    np.testing.assert_allclose(dh, ref_dh, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(de, ref_de, rtol=1e-5, atol=1e-6)
-    _, out = obj.chunked_loss(h, e, ids, tables, weights_N=w, chunk_size=chunk)
-    logits = jnp.dot(h, e.T)
-    ref_out = obj.loss_and_metrics(logits, ids)
-    np.testing.assert_allclose(dw, ref_out.loss_N, rtol=1e-5)
-    np.testing.assert_allclose(out.loss_N, ref_out.loss_N, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(out.nll_N, ref_out.nll_N, rtol=1e-5, atol=1e-6)
-    np.testing.assert_array_equal(out.correct_N, ref_out.correct_N)
-    np.testing.assert_allclose(out.correct_N, (np.argmax(logits, -1) == ids), atol=0)
+    q, dq = reference_q(name, tiny_token_bytes, ids, eps, form=form)
+    ref_loss, ref_total, ref_dh, ref_de, ref_deps = reference_loss_and_grads(q, dq, h, e, w)
+    (total, (dh, de, dw, deps)), out = _chunked_value_and_grads(obj, h, e, ids, w, chunk, eps)
+    np.testing.assert_allclose(total, ref_total, **F32)
+    np.testing.assert_allclose(dh, ref_dh, **F32)
+    np.testing.assert_allclose(de, ref_de, **F32)
+    np.testing.assert_allclose(dw, ref_loss, **F32)
+    np.testing.assert_allclose(out.loss_N, ref_loss, **F32)
+    if name != "ce":
+        np.testing.assert_allclose(deps, ref_deps, rtol=1e-4, atol=1e-5)
+    logits = np.asarray(h, np.float64) @ np.asarray(e, np.float64).T
+    np.testing.assert_allclose(out.nll_N, -log_softmax64(logits)[np.arange(n), ids], **F32)
+    np.testing.assert_array_equal(out.correct_N, np.argmax(logits, -1) == np.asarray(ids))
+    np.testing.assert_allclose(obj.loss(logits, ids), ref_loss, **F32)  # the dense path too
 
 
-def test_chunked_loss_bf16_hidden_states_stay_close(tiny_token_bytes):
-    obj = objectives.build("prefix_norm", tiny_token_bytes, eps=0.1)
+@pytest.mark.parametrize("name,form", FAMILY_CASES)
+def test_bf16_hidden_states_stay_within_the_stated_bound(tiny_token_bytes, name, form):
+    """bfloat16 h (the accelerator path): against float64 on the same bfloat16-rounded inputs,
+    |loss error| <= Q 2^-8 (1 - p(gold and prefix ids)) + 1e-5 per token (G's rounding touches
+    only the other ids), and each gradient element within 2^-7 of (|dz| |E|) or
+    (|dz|^T |h|) (dz and w h / s rounded to bfloat16 once each)."""
+    eps = 0.0 if name == "ce" else 0.3
+    obj = objectives.build(name, tiny_token_bytes, eps=eps, prefix_longest_form=form)
     rng = np.random.default_rng(4)
-    h = jnp.asarray(rng.normal(size=(32, 16)), jnp.float32)
-    e = jnp.asarray(rng.normal(size=(len(tiny_token_bytes), 16)) * 0.3, jnp.float32)
-    ids = jnp.asarray(rng.integers(0, len(tiny_token_bytes), size=32))
-    t32, _ = obj.chunked_loss(h, e, ids, chunk_size=8)
-    t16, _ = obj.chunked_loss(h.astype(jnp.bfloat16), e, ids, chunk_size=8)
-    assert t16.dtype == jnp.float32
-    np.testing.assert_allclose(t16, t32, rtol=2e-2)
+    n, d, V = 40, 16, len(tiny_token_bytes)
+    h = jnp.asarray(rng.normal(size=(n, d)), jnp.bfloat16)
+    e = jnp.asarray(rng.normal(size=(V, d)), jnp.float32)
+    ids = jnp.asarray(rng.integers(0, V, size=n), jnp.int32)
+    w = jnp.ones(n, jnp.float32)
+    e16 = e.astype(jnp.bfloat16)
+    q, dq = reference_q(name, tiny_token_bytes, ids, eps, form=form)
+    ref_loss, _, ref_dh, ref_de, _ = reference_loss_and_grads(q, dq, h, e16, w)
+    (_, (dh, de, _, _)), out = _chunked_value_and_grads(obj, h, e, ids, w, 16, eps)
+    assert out.loss_N.dtype == jnp.float32 and dh.dtype == jnp.bfloat16
+    h64, e64 = np.asarray(h, np.float64), np.asarray(e16, np.float64)
+    p = np.exp(log_softmax64(h64 @ e64.T))
+    exact = q > q.min(-1, keepdims=True)  # the gold and prefix ids (label smoothing: the gold)
+    on_target = np.where(exact, p, 0).sum(-1)
+    bound = q.sum(-1) * 2.0 ** -8 * (1 - on_target) + 1e-5
+    assert np.all(np.abs(np.asarray(out.loss_N) - ref_loss) <= bound)
+    dz = np.abs(q.sum(-1, keepdims=True) * p - q) + 2.0 ** -8 * p
+    assert np.all(np.abs(np.asarray(dh, np.float64) - ref_dh) <= 2.0 ** -7 * dz @ np.abs(e64)
+                  + 1e-6)
+    assert np.all(np.abs(np.asarray(de) - ref_de) <= 2.0 ** -7 * dz.T @ np.abs(h64) + 1e-6)
+
+
+def test_chunked_loss_is_finite_and_exact_for_far_apart_logits(tiny_token_bytes):
+    """Logits 60 nats apart (both sides of the gold): no overflow or underflow of what counts."""
+    obj = objectives.build("prefix_norm", tiny_token_bytes, eps=0.1)
+    V, gold = len(tiny_token_bytes), tiny_token_bytes.index(b" personality")
+    assert tiny_token_bytes[3] == b" "  # a prefix of the gold, 60 nats above it
+    e = jnp.asarray(np.random.default_rng(8).normal(size=(V, 8)) * 0.1, jnp.float32)
+    h = jnp.zeros((3, 8), jnp.float32).at[:, 0].set(1.0)
+    e = e.at[gold, 0].set(0.0).at[3, 0].set(60.0).at[5, 0].set(-40.0)
+    ids = jnp.asarray([gold, 3, 5], jnp.int32)
+    w = jnp.ones(3, jnp.float32)
+    q, dq = reference_q("prefix_norm", tiny_token_bytes, ids, 0.1)
+    ref_loss, _, ref_dh, ref_de, _ = reference_loss_and_grads(q, dq, h, e, w)
+    (_, (dh, de, _, _)), out = _chunked_value_and_grads(obj, h, e, ids, w, 2, 0.1)
+    np.testing.assert_allclose(out.loss_N, ref_loss, **F32)
+    np.testing.assert_allclose(dh, ref_dh, **F32)
+    np.testing.assert_allclose(de, ref_de, **F32)
 
 
 def test_objective_is_a_static_jit_argument_with_tables_as_inputs(tiny_token_bytes):
@@ -288,7 +353,8 @@ def test_the_registry_is_the_one_list_of_families():
 
 
 def test_register_call_and_decorator_styles_and_duplicates(monkeypatch):
-    monkeypatch.setattr(objectives, "FAMILIES", dict(objectives.FAMILIES))
+    monkeypatch.setattr(objective_registry, "FAMILIES", dict(objectives.FAMILIES))
+    monkeypatch.setattr(objectives, "FAMILIES", objective_registry.FAMILIES)
 
     @objectives.register(name="toy", summary="q = onehot(y)", hyperparams=(), default_eps=0.0)
     def toy(x):
@@ -315,6 +381,12 @@ def test_register_call_and_decorator_styles_and_duplicates(monkeypatch):
     ("prefix_norm", dict(eps=0.1, eps_schedule="linear", eps_decay_fraction=0.5),
      "prefix_norm_eps0p1_lin0p5"),
     ("prefix_norm", dict(eps=0.1, eps_decay_fraction=0.5), "prefix_norm_eps0p1"),
+    ("prefix_longest", dict(eps=0.25, prefix_longest_form="aux", eps_schedule="hold_linear",
+                            eps_hold_fraction=1 / 3, eps_decay_fraction=1 / 3),
+     "prefix_longest_aux_eps0p25_hold0p3333_lin0p3333"),
+    ("prefix_longest", dict(eps=0.1, prefix_longest_form="smoothing"), "prefix_longest_eps0p1"),
+    ("prefix_norm", dict(eps=0.1, eps_schedule="hold_linear", eps_hold_fraction=0.25,
+                         eps_decay_fraction=0.5), "prefix_norm_eps0p1_hold0p25_lin0p5"),
 ])
 def test_run_tags_keep_the_seed_names(name, kwargs, tag):
     full = dict(eps=0.1, temperature=1.0, prefix_set="proper", eps_schedule="constant",
@@ -333,6 +405,15 @@ def test_run_tags_keep_the_seed_names(name, kwargs, tag):
     ("prefix_norm", dict(eps_decay_fraction=0.0), r"objective.eps_decay_fraction=0.0 must be in"),
     ("prefix_norm", dict(eps_decay_fraction=1.5), r"eps_decay_fraction=1.5 must be in \(0, 1\]"),
     ("ce", dict(eps=0.0, eps_schedule="linear"), "ce has no eps to schedule"),
+    ("prefix_longest", dict(prefix_longest_form="sum"),
+     r"objective.prefix_longest_form='sum' with objective.name='prefix_longest': use one of"),
+    ("prefix_norm", dict(prefix_longest_form="aux"), "only prefix_longest has an 'aux' form"),
+    ("prefix_norm", dict(eps_schedule="linear", eps_hold_fraction=0.3),
+     "eps_hold_fraction=0.3 applies only to eps_schedule=hold_linear"),
+    ("prefix_norm", dict(eps_schedule="hold_linear", eps_hold_fraction=1.0),
+     r"objective.eps_hold_fraction=1.0 must be in \[0, 1\)"),
+    ("prefix_norm", dict(eps_schedule="hold_linear", eps_hold_fraction=0.6,
+                         eps_decay_fraction=0.5), "exceed 1: eps would not reach 0"),
 ])
 def test_validate_names_the_field_and_the_fix(name, kwargs, match):
     full = dict(eps=0.1, temperature=1.0, prefix_set="proper") | kwargs
@@ -390,10 +471,11 @@ def test_scheduled_loss_equals_the_constant_loss_at_that_eps(tiny_token_bytes, n
         eps = float(eps)
         assert eps == pytest.approx(0.8 * max(0.0, 1 - step / 6), abs=1e-6)
         const = objectives.build(name, tiny_token_bytes, eps=eps, prefix_set="with_gold")
-        ref_total, (ref_dh, ref_de) = _unchunked_grads(const, h, e, ids, jnp.ones(n))
-        np.testing.assert_allclose(total, ref_total, rtol=1e-5)
-        np.testing.assert_allclose(dh, ref_dh, rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(de, ref_de, rtol=1e-5, atol=1e-6)
+        q, dq = reference_q(name, tiny_token_bytes, ids, eps, prefix_set="with_gold")
+        _, ref_total, ref_dh, ref_de, _ = reference_loss_and_grads(q, dq, h, e, np.ones(n))
+        np.testing.assert_allclose(total, ref_total, **F32)
+        np.testing.assert_allclose(dh, ref_dh, **F32)
+        np.testing.assert_allclose(de, ref_de, **F32)
         q = np.asarray(sched.target(ids, eps=jnp.float32(eps)), np.float64)
         ref = np.stack([reference_target(name, tiny_token_bytes, int(i), eps, 1.0, "with_gold")
                         for i in ids])
@@ -448,3 +530,88 @@ def test_prefix_longest_over_r_of_s_is_rejected_as_one_hot(tiny_token_bytes):
     assert objectives.run_tag("prefix_longest", eps=0.1, temperature=0.5, prefix_set="proper",
                               eps_schedule="linear", eps_decay_fraction=0.5) == \
         "prefix_longest_eps0p1_lin0p5"
+
+
+# ---- the record's loss: prefix_longest_form="aux" with eps_schedule="hold_linear" -------------
+def test_hold_linear_schedule_values():
+    """eps held for hold x total steps, then linear to 0 over decay x total, then 0."""
+    expected = {0: 0.25, 5: 0.25, 10: 0.25, 12: 0.2, 15: 0.125, 19: 0.025, 20: 0.0, 25: 0.0,
+                29: 0.0}
+    traced = jax.jit(lambda s: eps_schedule.eps_at(0.25, s, 30, "hold_linear", 1 / 3, 1 / 3))
+    for step, eps in expected.items():
+        assert float(eps_schedule.eps_at(0.25, step, 30, "hold_linear", 1 / 3, 1 / 3)) == \
+            pytest.approx(eps, abs=1e-7)
+        assert float(traced(jnp.int32(step))) == pytest.approx(eps, abs=1e-7)
+    # linear is hold_linear with no hold; constant ignores both fractions
+    for step in range(12):
+        assert float(eps_schedule.eps_at(0.3, step, 10, "linear", 0.5, 0.0)) == pytest.approx(
+            float(eps_schedule.eps_at(0.3, step, 10, "hold_linear", 0.5, 0.0)), abs=1e-7)
+        assert float(eps_schedule.eps_at(0.3, step, 10, "constant", 0.5, 0.0)) == \
+            pytest.approx(0.3)
+
+
+def test_record_objective_hashes_its_schedule_and_form(tiny_token_bytes):
+    record = dict(eps=0.25, prefix_longest_form="aux", eps_schedule="hold_linear",
+                  eps_hold_fraction=1 / 3, eps_decay_fraction=1 / 3)
+    a = objectives.build("prefix_longest", tiny_token_bytes, **record)
+    assert a == objectives.build("prefix_longest", tiny_token_bytes, **record)
+    for change in (dict(prefix_longest_form="smoothing"), dict(eps_hold_fraction=0.25)):
+        assert a != objectives.build("prefix_longest", tiny_token_bytes, **(record | change))
+    assert float(a.eps_at(0, 30)) == pytest.approx(0.25)
+    assert float(a.eps_at(15, 30)) == pytest.approx(0.125)
+    gold = tiny_token_bytes.index(b" personality")
+    np.testing.assert_array_equal(a.gold_weight_V, 1.0)
+    q = np.asarray(a.target([gold, 0]))
+    assert q[0, gold] == 1.0 and q[0, tiny_token_bytes.index(b" person")] == pytest.approx(0.25)
+    assert q[0].sum() == pytest.approx(1.25) and q[1].sum() == 1.0  # "a": no prefix, plain CE
+
+
+@pytest.mark.parametrize("step", [0, 12, 15, 25])
+def test_record_loss_matches_the_record_formula_in_float64(llama3, step):
+    """modded-nanogpt's 2026-07 record: CE(y) + w CE(p), p the longest proper prefix of y where
+    one exists (plain CE elsewhere), w = 0.25 held for 1/3 of training and decayed to 0 over the
+    next 1/3; written here straight from that sentence, in float64, on the real vocabulary:
+    loss, dh, dE, and the scheduled w at that step."""
+    tb = llama3.token_bytes
+    words = (" personality", " strawberry", " the", "a", " unbelievable", "ing", " 1234")
+    ids = [llama3.encode(wd)[0] for wd in words] + [llama3.eos_id]
+
+    def longest(i):  # by brute force over the vocabulary
+        s = tb[i]
+        cands = [j for j, t in enumerate(tb) if s and t and len(t) < len(s) and s.startswith(t)]
+        return max(cands, key=lambda j: len(tb[j])) if cands else None
+
+    pre = [longest(i) for i in ids]
+    assert pre[0] == tb.index(b" personal") and pre[3] is None and pre[-1] is None
+    total_steps = 30
+    w = 0.25 if step <= 10 else 0.25 * max(0.0, 1 - (step - 10) / 10)
+    obj = objectives.build("prefix_longest", tb, eps=0.25, vocab_size=128256,
+                           prefix_longest_form="aux", eps_schedule="hold_linear",
+                           eps_hold_fraction=1 / 3, eps_decay_fraction=1 / 3)
+    eps = obj.eps_at(step, total_steps)
+    assert float(eps) == pytest.approx(w, abs=1e-7)
+    rng = np.random.default_rng(9)
+    n, d = len(ids), 8
+    h = rng.normal(size=(n, d)).astype(np.float32)
+    e = (rng.normal(size=(len(tb), d)) * 0.5).astype(np.float32)
+    logp = log_softmax64(h.astype(np.float64) @ e.astype(np.float64).T)
+    p = np.exp(logp)
+    ref_loss, dz = np.zeros(n), p.copy()
+    for k, (y, pk) in enumerate(zip(ids, pre, strict=True)):
+        ref_loss[k] = -logp[k, y] - (0.0 if pk is None else w * logp[k, pk])
+        dz[k, y] -= 1.0
+        if pk is not None:
+            dz[k] += w * p[k]
+            dz[k, pk] -= w
+    ids_j = jnp.asarray(ids, jnp.int32)
+
+    def total(h, e):
+        return obj.chunked_loss(h, e, ids_j, obj.device_tables(), chunk_size=3, eps=eps)
+
+    (value, out), (dh, de) = jax.jit(jax.value_and_grad(total, argnums=(0, 1), has_aux=True))(
+        jnp.asarray(h), jnp.asarray(e))
+    np.testing.assert_allclose(out.loss_N, ref_loss, rtol=1e-5, atol=2e-6)
+    np.testing.assert_allclose(value, ref_loss.sum(), rtol=1e-5)
+    # float32 sums over 128,256 ids: a looser absolute tolerance than the tiny vocabulary's
+    np.testing.assert_allclose(dh, dz @ e.astype(np.float64), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(de, dz.T @ h.astype(np.float64), rtol=1e-5, atol=1e-5)

@@ -1,0 +1,84 @@
+"""The chunked loss as the H100 compiler builds it (compile-only devices, from this CPU): the
+[chunk, V] buffer is the bfloat16 G written by the logits matmul's epilogue, and no float32
+[chunk, V] array (logits, softmax, gradient) is ever written to device memory. Traffic figures
+are measured by bench/loss_hlo.py; this guards the structure they rest on."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from prefixlm import objectives
+
+pytest.importorskip("jax_cuda12_plugin", reason="needs the AOT extras (make setup ACCEL=aot)")
+from jax.experimental import topologies  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+# An H100 SXM as a GpuTargetConfigProto (published figures), enough for compile-only devices.
+H100 = """gpu_device_info {
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_core: 233472 threads_per_core_limit: 2048 core_count: 132
+  fpus_per_core: 128 block_dim_limit_x: 2147483647 block_dim_limit_y: 65535
+  block_dim_limit_z: 65535 memory_bandwidth: 3352320000000 l2_cache_size: 52428800
+  clock_rate_ghz: 1.98 device_memory_size: 84942979072 shared_memory_per_block_optin: 232448
+  cuda_compute_capability { major: 9 } registers_per_core_limit: 65536
+  registers_per_block_limit: 65536 name: "NVIDIA H100 80GB HBM3"
+}
+platform_name: "CUDA"
+dnn_version_info { major: 9 minor: 8 patch: 0 }
+device_description_str: "NVIDIA H100 80GB HBM3"
+"""
+CHUNK, V, D = 256, 4096, 64
+
+
+def _vocab():
+    """V byte tokens with nested prefixes (every 2- and 3-byte token has its 1-byte prefix)."""
+    rng = np.random.default_rng(0)
+    toks = {bytes([b]) for b in range(256)}
+    while len(toks) < V - 3:
+        toks.add(bytes(rng.integers(97, 123, size=int(rng.integers(2, 6)))))
+    return sorted(toks, key=lambda t: (len(t), t)) + [None] * 3
+
+
+def _top_level_outputs(hlo: str) -> list[tuple[str, str]]:
+    """(output type, instruction text) of every instruction outside fused computations."""
+    called = set(re.findall(r"(?:calls|to_apply)=%([\w.\-]+)", hlo))
+    out, keep = [], False
+    for line in hlo.splitlines():
+        if m := re.match(r"^(?:ENTRY )?%([\w.\-]+) .*\{$", line):
+            keep = m.group(1) not in called
+        elif keep and (m := re.match(r"^\s*(?:ROOT )?%[\w.\-]+ = (\S+) ", line)):
+            out.append((m.group(1), line))
+    return out
+
+
+@pytest.mark.parametrize("name", ["label_smoothing", "prefix_norm", "prefix_longest"])
+def test_h100_loss_writes_no_float32_vocabulary_buffer(name):
+    topo = topologies.get_topology_desc(platform="cuda", topology_name="", target_config=H100,
+                                        topology="1x1x1")
+    rep = NamedSharding(jax.sharding.Mesh(np.array(topo.devices[:1]), ("d",)), P())
+    obj = objectives.build(name, _vocab(), eps=0.1)
+
+    def total(h, e, ids, tables):
+        return obj.chunked_loss(h, e, ids, tables, chunk_size=CHUNK)[0]
+
+    def spec(shape, dtype):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=rep)
+
+    tables = jax.tree.map(lambda a: spec(a.shape, a.dtype), obj.tables)
+    hlo = jax.jit(jax.value_and_grad(total, argnums=(0, 1))).lower(
+        spec((4 * CHUNK, D), jnp.bfloat16), spec((V, D), jnp.float32),
+        spec((4 * CHUNK,), jnp.int32), tables).compile().as_text()
+    outputs = _top_level_outputs(hlo)
+    wide = [(t, line) for t, line in outputs if f"[{CHUNK},{V}]" in t]
+    assert wide and all(t.startswith("bf16") for t, _ in wide), wide
+    # G comes straight out of the logits matmul: exp is in that fusion's epilogue.
+    g_writers = [line for t, line in wide if "kind=kCustom" in line]
+    assert g_writers, wide
+    body = re.search(r"calls=%([\w.\-]+)", g_writers[0]).group(1)
+    fused = hlo[hlo.index(f"%{body} "):]
+    fused = fused[:fused.index("\n}")]
+    assert " dot(" in fused and " exponential(" in fused
