@@ -32,6 +32,7 @@ import sys
 
 import ml_collections
 
+from prefixlm import aot
 from prefixlm import attention as attention_lib
 from prefixlm import config as config_lib
 from prefixlm import model as model_lib
@@ -46,7 +47,7 @@ PREFIX_TABLE_WIDTH = 85
 
 # --plan_device short name -> (device_kind as JAX reports it, bytes of memory per device as the
 # device reports it: nvidia-smi, or the TPU's HBM). "a100" is the 40 GB part, the one a preset
-# must fit; the CPU is not limited (None: host RAM, which the plan does not police).
+# must fit; the CPU's is the host's RAM (``host_memory_bytes``), shared by its devices.
 DEVICES = {
     "h100": ("NVIDIA H100 80GB HBM3", int(79.6 * GIB)),
     "h200": ("NVIDIA H200", int(139.8 * GIB)),
@@ -84,6 +85,14 @@ def _short_name(kind: str) -> str | None:
 def device_memory(kind: str) -> int | None:
     """Bytes per device of this kind (short name or device_kind); None: the CPU, or unknown."""
     return DEVICES[_short_name(kind)][1] if _short_name(kind) else None
+
+
+def host_memory_bytes() -> int | None:
+    """Physical RAM of this host (what CPU devices share); None where the OS will not say."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def is_gpu(kind: str) -> bool:  # device_kind of NVIDIA GPUs: "NVIDIA H100 80GB HBM3", ...
@@ -131,7 +140,8 @@ class Plan:
     remat_policy: str
     loss_chunk_tokens: int
     terms: tuple[tuple[str, int], ...]  # (what, bytes per device), in table order
-    device_memory_bytes: int | None  # the device's memory; None = not limited (host RAM)
+    device_memory_bytes: int | None  # the device's memory (CPU: its share of host RAM); None =
+    # not limited (a CPU whose RAM the OS does not report)
     memory_limit_bytes: int | None  # what JAX may allocate of it
     fixes: tuple[str, ...] = ()  # config overrides that make it fit, cheapest first
 
@@ -358,7 +368,9 @@ def format_plan(plan: Plan) -> str:
         lines.append(f"  {'device memory':<24}{'host RAM':>9}  (not limited by the plan)")
         return "\n".join(lines)
     limit = p.memory_limit_bytes
-    note = "" if limit == p.device_memory_bytes else (
+    cpu = _short_name(p.device_kind) == "cpu"
+    note = f"  (host RAM / {p.num_devices} devices)" if cpu else "" if limit == \
+        p.device_memory_bytes else (
         f"  (JAX's GPU allocator may use {limit / p.device_memory_bytes:.0%} of it: "
         "XLA_PYTHON_CLIENT_MEM_FRACTION)")
     lines.append(row("device memory", p.device_memory_bytes, note))
@@ -373,7 +385,9 @@ def format_plan(plan: Plan) -> str:
 
 def fix_line(plan: Plan) -> str:
     """The one line ``dry_run`` prints first when the plan does not fit."""
-    head = (f"{plan.name} does not fit on {plan.device_kind} ({_gib(plan.total_bytes)} of "
+    where = "in host RAM" if _short_name(plan.device_kind) == "cpu" else \
+        f"on {plan.device_kind}"
+    head = (f"{plan.name} does not fit {where} ({_gib(plan.total_bytes)} of "
             f"{_gib(plan.memory_limit_bytes)} GiB per device)")
     if plan.fixes:
         return f"{head}; fix: {' '.join(plan.fixes)}"
@@ -386,7 +400,6 @@ def compiled_memory(config, tokenizer=None) -> dict:
     import jax
     import jax.numpy as jnp
 
-
     trainer = step_lib.Trainer.create(config, tokenizer)
     shape = (int(config.train.batch_size), int(config.data.seq_len))
     batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=trainer.batch_sharding)
@@ -397,14 +410,7 @@ def compiled_memory(config, tokenizer=None) -> dict:
     compiled = step_lib.train_step_jit.lower(
         trainer.abstract_state, batch, tables, trainer.obj, trainer.spec, trainer.tx,
         trainer.schedule).compile()
-    stats = compiled.memory_analysis()
-    fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
-              "temp_size_in_bytes", "generated_code_size_in_bytes")
-    out = {f: int(getattr(stats, f, 0) or 0) for f in fields} if stats is not None else {}
-    if out:
-        out["peak_bytes"] = (out["argument_size_in_bytes"] + out["output_size_in_bytes"]
-                             - out["alias_size_in_bytes"] + out["temp_size_in_bytes"])
-    return out
+    return aot.memory_of(compiled)
 
 
 def dry_run(config, *, num_devices: int | None = None, device_kind: str | None = None,
@@ -430,8 +436,10 @@ def dry_run(config, *, num_devices: int | None = None, device_kind: str | None =
             f"--dry_run=compile compiles on the local {jax.device_count()} x {local_kind}; "
             f"drop --plan_device/--plan_devices ({n} x {kind}) or use --dry_run=plan")
     resolved = config_lib.resolve(config, num_devices=n, process_count=1)
-    plan = make_plan(resolved, num_devices=n, device_memory_bytes=device_memory(kind),
-                     device_kind=kind)
+    memory = device_memory(kind)
+    if _short_name(kind) == "cpu" and host_memory_bytes():  # CPU devices share the host's RAM
+        memory = host_memory_bytes() // n
+    plan = make_plan(resolved, num_devices=n, device_memory_bytes=memory, device_kind=kind)
     if not plan.fits:
         print(fix_line(plan), file=out)
     print(format_plan(plan), file=out)
