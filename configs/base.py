@@ -85,6 +85,10 @@ def get_config() -> ml_collections.ConfigDict:
     # the [heads, T, T] scores), blockwise (pure-JAX flash-style, O(T) memory), cudnn, splash.
     # The kernel chosen is checked against blockwise at start-up and recorded in DIR/kernels.json.
     m.attention = "auto"
+    # If that check rejects cudnn or splash: "none" stops the run (exit 2, naming the kernel and
+    # the error); "blockwise" trains on with the portable kernel (several times slower on GPU),
+    # with a warning and kernels.json saying so.
+    m.attention_fallback = "none"
 
     c.objective = o = ml_collections.ConfigDict()
     o.name = "ce"  # one of OBJECTIVES; each family file sets its own

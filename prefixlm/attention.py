@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import PartitionSpec as P
 
 CHOICES = ("auto", "xla", "blockwise", "cudnn", "splash")
 # checkpoint_name tags on what every kernel's backward needs; remat policy "attention_saveable"
@@ -247,24 +248,61 @@ def _splash_kernel(n_heads: int, T: int, block: int, interpret: bool):
                                   interpret=interpret)
 
 
+def _mesh_and_platform():
+    """The mesh the caller traces under (possibly empty) and the platform its code will run on.
+
+    The platform decides Pallas interpret mode. It is the target's, read from the mesh's
+    devices, not ``jax.default_backend()``: an AOT compile for TPU from a CPU host traces with
+    a CPU default backend but must emit the Mosaic kernel. With no mesh (one device: the
+    start-up check, JaxLM) the default backend is where the call runs.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else mesh.abstract_device
+    return mesh, (device.platform if device is not None else jax.default_backend())
+
+
 def splash_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, *, block_size: int = DEFAULT_BLOCK_SIZE):
     """TPU splash attention; GQA natively (query heads grouped over kv heads in HF order).
 
     The kernel takes one example as [heads, T, head_dim] and applies no 1/sqrt(H) scaling, so q
-    is scaled here and the batch is vmapped. Its tiles are multiples of 128 and must divide T:
-    the largest such tile <= block_size that divides T is used.
+    is scaled here and the batch is vmapped. Its tiles are multiples of 128 and must divide the
+    sequence: a T that is not a multiple of 128 (evaluation's short buckets) is padded at the
+    end, which causality hides from every real position, and the pad is dropped again. The
+    tile is the largest multiple of 128 <= block_size that divides the padded length.
+
+    Placement. A Mosaic kernel cannot be partitioned by XLA, so on a mesh it must run per
+    device: traced inside a ``shard_map`` over every mesh axis (the train and eval steps run
+    per device that way) it is called as it is; traced under a mesh whose axes are still
+    automatic (``jax.set_mesh``) it is wrapped in a ``shard_map`` that splits the batch over
+    those axes (prefixlm's meshes, ("data", "fsdp"), are both batch axes), heads and sequence
+    whole on each device, as MaxText does; with no mesh it runs on the one device.
     """
     B, T, N, H = q_BxTxNxH.shape
-    if T % 128:
-        raise ValueError(f"splash attention needs the sequence length to be a multiple of 128 "
-                         f"(its tiles are), got {T}; pad the sequence or use 'blockwise'")
-    block = min(block_size, T)
-    while T % block:
+    Tp = -(-T // 128) * 128
+    block = max(128, min(block_size, Tp) // 128 * 128)
+    while Tp % block:
         block -= 128
-    kernel = _splash_kernel(N, T, block, jax.default_backend() != "tpu")
-    q = (q_BxTxNxH * (1.0 / math.sqrt(H))).astype(q_BxTxNxH.dtype).transpose(0, 2, 1, 3)
-    k, v = k_BxTxKxH.transpose(0, 2, 1, 3), v_BxTxKxH.transpose(0, 2, 1, 3)
-    return jax.vmap(kernel)(q, k, v).transpose(0, 2, 1, 3).astype(q_BxTxNxH.dtype)
+    mesh, platform = _mesh_and_platform()
+    kernel = _splash_kernel(N, Tp, block, platform != "tpu")
+
+    def per_device(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH):
+        q = (q_BxTxNxH * (1.0 / math.sqrt(H))).astype(q_BxTxNxH.dtype)
+        q, k, v = (_pad_time(x, Tp).transpose(0, 2, 1, 3) for x in (q, k_BxTxKxH, v_BxTxKxH))
+        o = jax.vmap(kernel)(q, k, v).transpose(0, 2, 1, 3)[:, :T]
+        return o.astype(q_BxTxNxH.dtype)
+
+    batch_axes = () if mesh.empty else tuple(a for a in mesh.axis_names
+                                             if a not in mesh.manual_axes and mesh.shape[a] > 1)
+    if not batch_axes:  # one device, or already per device
+        return per_device(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH)
+    shards = math.prod(mesh.shape[a] for a in batch_axes)
+    if B % shards:
+        raise ValueError(f"splash attention splits the batch over mesh axes {batch_axes} "
+                         f"({shards} devices), but the batch is {B}; use a multiple of {shards}")
+    spec = P(batch_axes)
+    # check_vma=False: the Pallas call has no varying-manual-axes rule to check against.
+    return jax.shard_map(per_device, in_specs=(spec, spec, spec), out_specs=spec,
+                         check_vma=False)(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH)
 
 
 # The kernel table. Tests register deliberately wrong kernels here to exercise ``verify``.

@@ -78,6 +78,20 @@ def with_compute_dtype(model, dtype: str):
     return nnx.merge(graphdef, nnx.state(model))
 
 
+def on_one_device(state):
+    """``state`` on one device if it spans several (the trainer's replicated or FSDP layout).
+
+    Scoring runs on one device, with no mesh: host inputs of any batch size, and an attention
+    kernel that is not partitioned (a Mosaic kernel such as splash cannot be: with parameters
+    spread over a mesh, every jitted call here would otherwise be compiled for the whole mesh).
+    """
+    devices = {d for x in jax.tree.leaves(state) if isinstance(x, jax.Array)
+               for d in x.sharding.device_set}
+    if len(devices) <= 1:
+        return state
+    return jax.device_put(state, jax.local_devices()[0])
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _hidden(graphdef, state, tokens_BxL):
     """Final hidden states; compiled once per padded length, whatever is scored afterwards."""
@@ -160,7 +174,8 @@ class JaxLM(TemplateLM):
         self._batch_size = int(batch_size)
         self._max_length = int(max_length or model.cfg.max_seq_len)
         self._max_gen_toks = max_gen_toks
-        self.graphdef, self.state = nnx.split(model)
+        self.graphdef, state = nnx.split(model)
+        self.state = on_one_device(state)
         self.compiled_shapes: set[tuple[int, ...]] = set()
 
     @classmethod

@@ -62,6 +62,9 @@ class ModelConfig:
     remat: bool = False  # recompute each layer's activations in the backward pass (== "full")
     # Attention kernel (attention.CHOICES): auto = cudnn on GPU, splash on TPU, blockwise else.
     attention: str = "auto"
+    # If the start-up check rejects the kernel: "none" stops the run (exit 2), "blockwise" runs
+    # the slow portable kernel instead (step.choose_attention).
+    attention_fallback: str = "none"
     remat_policy: str = "none"  # per-layer jax.checkpoint policy: a key of REMAT_POLICIES
 
     def __post_init__(self):

@@ -45,11 +45,12 @@ PEAK_FLOPS = {
 
 
 
-def make_mesh(config) -> jax.sharding.Mesh:
-    """Mesh ("data", "fsdp") over all devices, in the topology-aware order of make_mesh."""
+def make_mesh(config, devices=None) -> jax.sharding.Mesh:
+    """Mesh ("data", "fsdp") over all devices (or ``devices``, e.g. compile-only devices of a
+    topology one does not have), in the topology-aware order of make_mesh."""
     shape = (config.mesh.data, config.mesh.fsdp)
-    return jax.make_mesh(shape, BATCH_AXES,
-                         axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    return jax.make_mesh(shape, BATCH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 2,
+                         devices=devices)
 
 
 def _leaf_spec(x, fsdp: int) -> P:
@@ -120,36 +121,6 @@ def graphdef_of(mcfg: model_lib.ModelConfig):
 
 
 # ---- the step ----------------------------------------------------------------------------------
-def sharded_loss(obj: objectives.Objective, mesh, chunk_size: int, hidden_BxTxD, unembed_VxD,
-                 targets_BxT, tables, token_weight: float, eps=None):
-    """(weighted objective sum, [weighted nll sum, weighted correct sum]) over all devices.
-
-    ``Objective.chunked_loss`` scans contiguous token chunks, so it runs per device inside
-    shard_map on that device's [B_local * T] tokens; every token weighs ``token_weight``
-    (1 / global tokens per step), so the psum'd sums are means over the global batch.
-    """
-
-    def local(h_BxTxD, e_VxD, ids_BxT, t, eps):
-        n = ids_BxT.size
-        h_NxD = h_BxTxD.reshape(n, h_BxTxD.shape[-1])
-        w_N = jnp.full((n,), token_weight, jnp.float32)
-        total, out = obj.chunked_loss(h_NxD, e_VxD, ids_BxT.reshape(n), t, weights_N=w_N,
-                                      chunk_size=chunk_size, eps=eps)
-        sums = jnp.stack([jnp.sum(out.nll_N), jnp.sum(out.correct_N)]) * token_weight
-        return jax.lax.psum(total, BATCH_AXES), jax.lax.psum(sums, BATCH_AXES)
-
-    return jax.shard_map(
-        local, mesh=mesh,
-        in_specs=(P(BATCH_AXES), P(), P(BATCH_AXES), P(), P()),
-        out_specs=(P(), P()),
-        # The chunked loss's scan starts its unembedding-gradient carry from a fresh (hence
-        # "invariant") zeros array, which vma checking rejects; unchecked, shard_map's transpose
-        # still psums the replicated unembedding's gradient (tests compare 2 devices with 1).
-        check_vma=False,
-    )(hidden_BxTxD, unembed_VxD, targets_BxT, tables,
-      jnp.float32(obj.eps) if eps is None else eps)
-
-
 @dataclasses.dataclass(frozen=True)
 class StepSpec:
     """Everything static about the step other than the objective (hashable)."""
@@ -161,30 +132,60 @@ class StepSpec:
     total_steps: int = 1  # for the eps schedule
 
 
-def _loss_and_sums(params, batch, tables, obj, spec: StepSpec, eps=None):
+def _local_loss_and_sums(params, batch, tables, obj, spec: StepSpec, eps):
+    """This device's share (inside the step's shard_map): the objective sum and [nll sum,
+    correct sum] over its own tokens, each token weighing 1 / ``spec.tokens_per_step``, so the
+    sums over devices (and microbatches) are means over the global batch.
+
+    The whole forward runs per device: attention sees a mesh whose axes are all manual and calls
+    its kernel as it is (a Mosaic kernel needs that), and the chunked loss scans this device's
+    [B_local * T] tokens with the unembedding whole. [tokens, V] logits never exist.
+    """
     model = nnx.merge(spec.graphdef, params)
-    hidden_BxTxD = model(batch["inputs"])
-    return sharded_loss(obj, spec.mesh, spec.chunk_size, hidden_BxTxD, model.unembedding(),
-                        batch["targets"], tables, 1.0 / spec.tokens_per_step, eps)
+    h_BxTxD = model(batch["inputs"])
+    ids_BxT = batch["targets"]
+    n = ids_BxT.size
+    token_weight = 1.0 / spec.tokens_per_step
+    w_N = jnp.full((n,), token_weight, jnp.float32)
+    total, out = obj.chunked_loss(h_BxTxD.reshape(n, h_BxTxD.shape[-1]), model.unembedding(),
+                                  ids_BxT.reshape(n), tables, weights_N=w_N,
+                                  chunk_size=spec.chunk_size, eps=eps)
+    sums = jnp.stack([jnp.sum(out.nll_N), jnp.sum(out.correct_N)]) * token_weight
+    return total, sums
 
 
-def microbatched(grad_fn, num_micro: int, mesh):
+def _per_device(fn, spec: StepSpec):
+    """``fn(params, batch, tables, eps)`` run per device: parameters, tables and eps whole on
+    every device, the batch split over the batch axes; ``fn`` psums what it returns."""
+    # check_vma=False: nothing here is psum'd implicitly. With the check on, differentiating
+    # through the replicated parameters would insert a psum of every gradient at each
+    # microbatch (the transpose of their implicit broadcast); off, gradients stay per-device
+    # partial sums until ``fn`` reduces them once.
+    return jax.shard_map(fn, mesh=spec.mesh, in_specs=(P(), P(BATCH_AXES), P(), P()),
+                         out_specs=P(), check_vma=False)
+
+
+def _eps_or_default(obj, eps):
+    return jnp.float32(obj.eps) if eps is None else jnp.asarray(eps, jnp.float32)
+
+
+def microbatched(grad_fn, num_micro: int):
     """``grad_fn(params, batch, *rest) -> ((loss, sums), grads)`` over ``num_micro`` slices of
     the batch in a ``lax.scan``, summing float32 gradients and the (already 1/N-weighted) loss
     sums, so activation memory is that of one slice. The identity when ``num_micro`` is 1.
 
     Accumulation is a wrapper (levanter's ``microbatched``), so the step reads the same with
-    and without it.
+    and without it. It runs per device (inside the step's shard_map), so the sums it carries
+    are this device's partial sums: no collective runs inside the loop.
     """
     if num_micro == 1:
         return grad_fn
 
     def split(x_BxT):
-        # [B, T] -> [A, B/A, T] taking every A-th sequence, so each device's contiguous block
-        # of the batch stays on that device in every microbatch.
+        # This device's [B, T] -> [A, B/A, T] taking every A-th sequence: with contiguous
+        # per-device blocks that is the same split as every A-th sequence of the global batch.
         B, T = x_BxT.shape
-        x = x_BxT.reshape(B // num_micro, num_micro, T).swapaxes(0, 1)
-        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(None, BATCH_AXES)))
+        return x_BxT.reshape(B // num_micro, num_micro, T).swapaxes(0, 1)
 
     def accumulated(params, batch, *rest):
         def body(carry, mb):
@@ -200,13 +201,30 @@ def microbatched(grad_fn, num_micro: int, mesh):
     return accumulated
 
 
+def loss_and_grads(params, batch, tables, obj: objectives.Objective, spec: StepSpec, eps=None):
+    """((loss, [nll, accuracy]), grads) of the global batch, reduced across devices once.
+
+    Each device runs every microbatch on its own sequences and keeps its gradient as a local
+    float32 partial sum; one psum after the loop reduces all of it: the embedding's gather
+    gradient, the unembedding's and every layer's, in float32 on every backend (auto-sharding
+    all-reduced each microbatch's gradients inside the loop, and on GPU in bfloat16, straight
+    off the bfloat16 matmuls).
+    """
+    grad_fn = microbatched(jax.value_and_grad(_local_loss_and_sums, has_aux=True),
+                           spec.grad_accum)
+
+    def local(params, batch, tables, eps):
+        (loss, sums), grads = grad_fn(params, batch, tables, obj, spec, eps)
+        return jax.lax.psum(((loss, sums), grads), BATCH_AXES)
+
+    return _per_device(local, spec)(params, batch, tables, _eps_or_default(obj, eps))
+
+
 def train_step(state, batch, tables, obj: objectives.Objective, spec: StepSpec, tx, schedule):
     """One optimizer step on the global batch; returns (new state, scalar metrics)."""
-    grad_fn = microbatched(jax.value_and_grad(_loss_and_sums, has_aux=True), spec.grad_accum,
-                           spec.mesh)
     params = state["params"]
     eps = obj.eps_at(state["step"], spec.total_steps)
-    (loss, sums), grads = grad_fn(params, batch, tables, obj, spec, eps)
+    (loss, sums), grads = loss_and_grads(params, batch, tables, obj, spec, eps)
     grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     new_state = {
@@ -220,10 +238,15 @@ def train_step(state, batch, tables, obj: objectives.Objective, spec: StepSpec, 
     return new_state, metrics
 
 
-def eval_sums(params, batch, tables, obj, spec: StepSpec):
-    """[objective, nll, accuracy] means of one batch, forward only."""
-    loss, sums = _loss_and_sums(params, batch, tables, obj, spec)
-    return jnp.concatenate([loss[None], sums])
+def eval_sums(params, batch, tables, obj, spec: StepSpec, eps=None):
+    """[objective, nll, accuracy] means of one batch, forward only, per device as in training
+    (the same attention kernel on the same mesh). ``eps``: the objective's own when None."""
+
+    def local(params, batch, tables, eps):
+        loss, sums = _local_loss_and_sums(params, batch, tables, obj, spec, eps)
+        return jax.lax.psum(jnp.concatenate([loss[None], sums]), BATCH_AXES)
+
+    return _per_device(local, spec)(params, batch, tables, _eps_or_default(obj, eps))
 
 
 # Module-level jits with hashable static arguments: runs with equal configs in one process
@@ -255,26 +278,48 @@ def load_tokenizer(name: str):
                           ) from e
 
 
-def choose_attention(mcfg: model_lib.ModelConfig) -> tuple[model_lib.ModelConfig, dict]:
-    """The model config with a concrete attention kernel for this backend, and a record of it.
+FALLBACKS = ("none", "blockwise")  # model.attention_fallback
 
-    ``auto`` picks the backend's fast kernel; an explicit kernel the backend cannot run is a
+
+def choose_attention(mcfg: model_lib.ModelConfig, devices=None
+                     ) -> tuple[model_lib.ModelConfig, dict]:
+    """The model config with a concrete attention kernel for the target, and a record of it.
+
+    ``auto`` picks the target's fast kernel; an explicit kernel the target cannot run is a
     ConfigError (before compiling). A kernel other than the portable blockwise one is checked
-    against blockwise on the actual device (small random inputs, values and gradients); on a
-    mismatch or an error the run falls back to blockwise with a warning naming the kernel.
+    against blockwise on the actual device (small random inputs, values and gradients). If it
+    fails, the run stops with a ConfigError naming the kernel and the error: a silent fallback
+    would make a run several times slower (blockwise on H100 is a loop of small matmuls) while
+    it looks healthy. ``model.attention_fallback="blockwise"`` opts into that slow path
+    instead, with a warning, recorded in DIR/kernels.json.
+
+    ``devices`` (compile-only devices of another platform, for an AOT compile): the kernel is
+    resolved for their platform and not run, since they cannot run anything.
     """
-    backend = jax.default_backend()
+    if mcfg.attention_fallback not in FALLBACKS:
+        raise ConfigError(f"model.attention_fallback={mcfg.attention_fallback!r}; use one of "
+                          f"{', '.join(FALLBACKS)}")
+    device = (devices or jax.devices())[0]
+    backend = device.platform
     requested = getattr(mcfg, "attention", "xla")
     try:
         chosen = attention.resolve(requested, backend)
     except ValueError as e:
         raise ConfigError(f"model.attention={requested!r}: {e}") from None
+    record = {"requested": requested, "chosen": chosen, "used": chosen, "warning": None,
+              "backend": backend, "device_kind": device.device_kind,
+              "verified": devices is None}
+    if devices is not None:
+        return dataclasses.replace(mcfg, attention=chosen), record
     used, warning = attention.verify(chosen, head_dim=mcfg.head_dim, n_heads=mcfg.n_heads,
                                      n_kv_heads=mcfg.n_kv_heads, dtype=mcfg.dtype)
+    if warning and mcfg.attention_fallback == "none":
+        raise ConfigError(f"model.attention={requested!r}: {warning.split('; using')[0]}; fix "
+                          "the kernel or set model.attention='blockwise', or "
+                          "model.attention_fallback='blockwise' to fall back to it (slow)")
     if warning:
         logging.getLogger("prefixlm.step").warning(warning)
-    record = {"requested": requested, "chosen": chosen, "used": used, "warning": warning,
-              "backend": backend, "device_kind": jax.devices()[0].device_kind}
+    record.update(used=used, warning=warning)
     return dataclasses.replace(mcfg, attention=used), record
 
 
@@ -297,7 +342,9 @@ class Trainer:
     kernels: dict  # which attention kernel runs, and why (recorded in DIR/kernels.json)
 
     @classmethod
-    def create(cls, config, tokenizer=None) -> Trainer:
+    def create(cls, config, tokenizer=None, *, devices=None) -> Trainer:
+        """``devices``: build for these (compile-only) devices instead of the local ones, to
+        lower and compile the steps for a target one does not have (``lower_train_step``)."""
         mcfg = model_config(config)
         tok = tokenizer if tokenizer is not None else load_tokenizer(config.data.tokenizer)
         if tok.vocab_size != mcfg.vocab_size:
@@ -309,8 +356,8 @@ class Trainer:
                                prefix_set=o.prefix_set, vocab_size=mcfg.vocab_size,
                                eps_schedule=o.get("eps_schedule", "constant"),
                                eps_decay_fraction=o.get("eps_decay_fraction", 1.0))
-        mcfg, kernels = choose_attention(mcfg)
-        mesh = make_mesh(config)
+        mcfg, kernels = choose_attention(mcfg, devices)
+        mesh = make_mesh(config, devices)
         tx, schedule = make_optimizer(config)
         abstract = jax.eval_shape(functools.partial(_init_state, mcfg, tx, config.seed))
         shardings = state_shardings(abstract, mesh)
@@ -320,6 +367,29 @@ class Trainer:
         return cls(config, mcfg, mesh, obj, tok, tx, schedule, spec, shardings,
                    ckpt_lib.abstract_like(abstract, shardings),
                    NamedSharding(mesh, P(BATCH_AXES)), NamedSharding(mesh, P()), kernels)
+
+    def abstract_batch(self, batch_size: int | None = None) -> dict:
+        shape = (batch_size or self.config.train.batch_size, self.config.data.seq_len)
+        x = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=self.batch_sharding)
+        return {"inputs": x, "targets": x}
+
+    def abstract_tables(self):
+        return jax.tree.map(lambda t: jax.ShapeDtypeStruct(np.shape(t), np.asarray(t).dtype,
+                                                           sharding=self.replicated),
+                            self.obj.tables)
+
+    def lower_train_step(self):
+        """The train step lowered on abstract inputs (nothing allocated): ``.compile()`` it to
+        get the target compiler's program, memory analysis and HLO."""
+        return train_step_jit.lower(self.abstract_state, self.abstract_batch(),
+                                    self.abstract_tables(), self.obj, self.spec, self.tx,
+                                    self.schedule)
+
+    def lower_eval_step(self):
+        """The validation step (``eval_fn``) lowered on abstract inputs, like the train step."""
+        return eval_jit.lower(self.abstract_state["params"],
+                              self.abstract_batch(self.eval_batch_size), self.abstract_tables(),
+                              self.obj, self._eval_spec)
 
     def init_fn(self):
         """A freshly initialised, sharded state."""
@@ -331,9 +401,12 @@ class Trainer:
                                self.schedule)
 
     def eval_fn(self, params, batch):
-        spec = dataclasses.replace(
+        return eval_jit(params, batch, self.tables, self.obj, self._eval_spec)
+
+    @property
+    def _eval_spec(self) -> StepSpec:
+        return dataclasses.replace(
             self.spec, tokens_per_step=self.eval_batch_size * self.config.data.seq_len)
-        return eval_jit(params, batch, self.tables, self.obj, spec)
 
     @property
     def eval_batch_size(self) -> int:

@@ -51,7 +51,8 @@ def write_text_atomic(path: epath.Path, text: str) -> None:
 # change the order of float sums, so a resume under new ones is exact to rounding, not bits.
 # data.worker_count is identity: grain's saved iterator state has another layout per count.)
 NOT_IDENTITY = ("name", "preset", "log_every", "progress", "peak_flops", "grad_accum",
-                "xla_flags", "model.attention", "model.remat", "model.remat_policy",
+                "xla_flags", "model.attention", "model.attention_fallback", "model.remat",
+                "model.remat_policy",
                 "objective.chunk_size", "data.prefetch_threads",
                 "eval.", "checkpoint.", "mesh.", "log.", "profile.")
 
