@@ -5,19 +5,17 @@ a named target (a TPU slice through libtpu, NVIDIA GPUs through the CUDA plugin 
 ``GpuTargetConfigProto`` from ``prefixlm/targets/``), a Mesh is built over them, and the jitted
 programs of a run are lowered with abstract inputs (``jax.eval_shape`` state,
 ``ShapeDtypeStruct`` batch and tables, each with its NamedSharding) and compiled by the target's
-own compiler on this CPU. Nothing is allocated and nothing runs. Three programs are compiled:
+own compiler on this CPU (``step.Trainer.create(devices=...)``: the attention kernel is
+resolved for the target's platform, and the start-up kernel check, which needs a real device,
+is skipped). Nothing is allocated and nothing runs. Three programs are compiled:
 
   train      ``step.train_step_jit``, the program every training step runs;
   eval       ``step.eval_jit``, the validation loss of one microbatch-sized batch;
   score      JaxLM's scoring forward (body, then log-probabilities at scored positions) in
-             JaxLM's float32, parameters replicated over the same mesh, as the in-loop
-             evaluation runs it.
+             JaxLM's float32, on one device of the target, as the in-loop evaluation runs it.
 
 The compiler's ``memory_analysis()`` gives per-device bytes; they are printed beside
-``prefixlm.plan``'s estimate. The default backend stays the CPU (``JAX_PLATFORMS=cpu`` works), so
-nothing here may ask ``jax.default_backend()`` which kernel to use: the attention kernel is
-resolved for the target's platform and written into the model config before the step is built
-(``kernel_for``), and the start-up kernel check, which needs a real device, is not run.
+``prefixlm.plan``'s estimate. The default backend stays the CPU (``JAX_PLATFORMS=cpu`` works).
 """
 
 from __future__ import annotations
@@ -25,19 +23,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.resources
+import os
 import re
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
-from prefixlm import checkpoint as ckpt_lib
 from prefixlm import config as config_lib
-from prefixlm import model as model_lib
-from prefixlm import objectives
 from prefixlm import step as step_lib
 
 # TPU targets: (target, devices) -> (topology name, chip config, chips per host bounds). The
@@ -62,9 +55,9 @@ PROGRAMS = ("train", "eval", "score")
 # Known compiler messages -> their cause in this codebase and the fix.
 KNOWN_CAUSES = (
     ("Mosaic kernels cannot be automatically partitioned",
-     "the splash Pallas kernel is called outside shard_map, so XLA would have to partition it; "
-     "it must run inside shard_map over the batch axes (fixed on branch `splash`); until then "
-     "use --config.model.attention=blockwise on multi-chip TPU meshes"),
+     "a Pallas (Mosaic) kernel was called outside shard_map, so XLA would have to partition "
+     "it; it must run per device inside shard_map over the batch axes (as the train and eval "
+     "steps and attention.splash_attention do); meanwhile --config.model.attention=blockwise"),
     ("RESOURCE_EXHAUSTED",
      "the program does not fit the device: see the plan's fix (remat, grad_accum, fsdp)"),
     ("must be fp16/bf16", "cuDNN fused attention takes bfloat16/float16 inputs of supported shapes; a "
@@ -106,6 +99,9 @@ def topology(name: str, num_devices: int) -> Target:
                       topology=f"1x1x{num_devices}")
         platform = "cuda"
     elif (key, num_devices) in TPU_TOPOLOGIES:
+        # Compile-only devices touch no TPU: let several processes load libtpu at once (else
+        # the second waits on /tmp/libtpu_lockfile and fails).
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
         topo, chip, bounds = TPU_TOPOLOGIES[(key, num_devices)]
         kwargs = dict(platform="tpu", topology_name=topo, chip_config_name=chip, num_slices=1,
                       **({"chips_per_host_bounds": bounds} if bounds else {}))
@@ -125,77 +121,20 @@ def topology(name: str, num_devices: int) -> Target:
     return Target(key, platform, tuple(devices))
 
 
-def kernel_for(requested: str, platform: str) -> str:
-    """``model.attention`` resolved for the target's platform, not for this CPU."""
-    fast = {"tpu": "splash", "cuda": "cudnn"}[platform]
-    if requested == "auto":
-        return fast
-    other = {"splash": "tpu", "cudnn": "cuda"}.get(requested)
-    if other and other != platform:
-        raise config_lib.ConfigError(
-            f"model.attention={requested!r} cannot run on a {platform} target; use 'auto' "
-            f"({fast} there) or 'blockwise'")
-    return requested
+def build(config, target: Target, tokenizer=None) -> step_lib.Trainer:
+    """The Trainer of a *resolved* config on ``target``'s compile-only devices: the attention
+    kernel resolved for the target's platform (not this CPU's), abstract state, nothing
+    allocated. ``tokenizer``: anything with ``vocab_size`` and ``token_bytes`` (default: the
+    config's, loaded)."""
+    return step_lib.Trainer.create(config, tokenizer, devices=list(target.devices))
 
 
-@dataclasses.dataclass
-class AbstractRun:
-    """What a Trainer holds, built from abstract values on the target's mesh."""
-    config: object
-    mcfg: model_lib.ModelConfig
-    mesh: jax.sharding.Mesh
-    obj: objectives.Objective
-    tx: object
-    schedule: object
-    spec: step_lib.StepSpec
-    state: dict  # ShapeDtypeStructs with shardings
-    tables: object
-
-    def batch(self, sequences: int, sharding=None) -> dict:
-        sharding = sharding or NamedSharding(self.mesh, P(step_lib.BATCH_AXES))
-        shape = (sequences, int(self.config.data.seq_len))
-        return {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding)
-                for k in ("inputs", "targets")}
+def lower_train(trainer: step_lib.Trainer):
+    return trainer.lower_train_step()
 
 
-def build(config, target: Target, token_bytes) -> AbstractRun:
-    """The abstract run of a *resolved* config on ``target`` (no device memory is touched)."""
-    mcfg = config_lib.model_config(config)
-    mcfg = dataclasses.replace(mcfg, attention=kernel_for(mcfg.attention, target.platform))
-    o = config.objective
-    obj = objectives.build(o.name, token_bytes, eps=o.eps, temperature=o.temperature,
-                           prefix_set=o.prefix_set, vocab_size=mcfg.vocab_size,
-                           eps_schedule=o.get("eps_schedule", "constant"),
-                           eps_decay_fraction=o.get("eps_decay_fraction", 1.0))
-    mesh = jax.make_mesh((int(config.mesh.data), int(config.mesh.fsdp)), step_lib.BATCH_AXES,
-                         axis_types=(jax.sharding.AxisType.Auto,) * 2,
-                         devices=list(target.devices))
-    tx, schedule = step_lib.make_optimizer(config)
-    abstract = jax.eval_shape(functools.partial(step_lib.init_jit, mcfg, tx, config.seed, mesh))
-    state = ckpt_lib.abstract_like(abstract, step_lib.state_shardings(abstract, mesh))
-    replicated = NamedSharding(mesh, P())
-    tables = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype,
-                                                         sharding=replicated), obj.tables)
-    spec = step_lib.StepSpec(step_lib.graphdef_of(mcfg), mesh, int(config.grad_accum),
-                             int(o.chunk_size),
-                             int(config.train.batch_size) * int(config.data.seq_len),
-                             int(config.train.steps))
-    return AbstractRun(config, mcfg, mesh, obj, tx, schedule, spec, state, tables)
-
-
-def lower_train(run: AbstractRun):
-    batch = run.batch(int(run.config.train.batch_size))
-    return step_lib.train_step_jit.lower(run.state, batch, run.tables, run.obj, run.spec,
-                                         run.tx, run.schedule)
-
-
-def lower_eval(run: AbstractRun):
-    """The validation step as Trainer.eval_fn calls it (batch_size / grad_accum sequences)."""
-    sequences = int(run.config.train.batch_size) // int(run.config.grad_accum)
-    spec = dataclasses.replace(run.spec,
-                               tokens_per_step=sequences * int(run.config.data.seq_len))
-    return step_lib.eval_jit.lower(run.state["params"], run.batch(sequences), run.tables,
-                                   run.obj, spec)
+def lower_eval(trainer: step_lib.Trainer):
+    return trainer.lower_eval_step()
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -212,18 +151,16 @@ def score_forward(graphdef, params, tokens_BxL, positions_BxC, targets_BxC):
 SCORED_POSITIONS = 16  # JaxLM's middle continuation bucket
 
 
-def lower_score(run: AbstractRun):
-    """JaxLM as the in-loop evaluator builds it: float32 activations, eval.batch_size rows of
-    the full sequence length, parameters replicated on the mesh (JaxLM's inputs are numpy)."""
-    mcfg = dataclasses.replace(run.mcfg, dtype="float32", remat=False, remat_policy="none")
-    replicated = NamedSharding(run.mesh, P())
-    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-                          run.state["params"])
-    rows = int(run.config.eval.get("batch_size", 16))
-    length = int(run.config.data.seq_len)
-    tokens = jax.ShapeDtypeStruct((rows, length), jnp.int32, sharding=replicated)
-    scored = jax.ShapeDtypeStruct((rows, min(SCORED_POSITIONS, length)), jnp.int32,
-                                  sharding=replicated)
+def lower_score(trainer: step_lib.Trainer):
+    """JaxLM as the in-loop evaluator runs it: float32 activations, eval.batch_size rows of the
+    full sequence length, on one device with no mesh (``jaxlm.on_one_device``)."""
+    mcfg = dataclasses.replace(trainer.mcfg, dtype="float32", remat=False, remat_policy="none")
+    one = jax.sharding.SingleDeviceSharding(trainer.mesh.devices.flat[0])
+    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one),
+                          trainer.abstract_state["params"])
+    rows, length = int(trainer.config.eval.get("batch_size", 16)), int(trainer.config.data.seq_len)
+    tokens = jax.ShapeDtypeStruct((rows, length), jnp.int32, sharding=one)
+    scored = jax.ShapeDtypeStruct((rows, min(SCORED_POSITIONS, length)), jnp.int32, sharding=one)
     return score_forward.lower(step_lib.graphdef_of(mcfg), params, tokens, scored, scored)
 
 
@@ -261,9 +198,9 @@ def known_cause(message: str) -> str:
     return next((cause for needle, cause in KNOWN_CAUSES if needle in message), "")
 
 
-def compile_program(run: AbstractRun, program: str) -> Compiled:
+def compile_program(trainer: step_lib.Trainer, program: str) -> Compiled:
     try:
-        return Compiled(program, LOWER[program](run).compile())
+        return Compiled(program, LOWER[program](trainer).compile())
     except Exception as e:  # noqa: BLE001 - reported, with the cause when known
         return Compiled(program, error=short_error(e), cause=known_cause(str(e)))
 

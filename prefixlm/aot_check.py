@@ -47,7 +47,7 @@ def preset_of(config) -> str:
     return ""
 
 
-def _programs(run: aot.AbstractRun, out) -> dict[str, aot.Compiled]:
+def _programs(run, out) -> dict[str, aot.Compiled]:
     results = {}
     for program in aot.PROGRAMS:
         t0 = time.perf_counter()
@@ -57,9 +57,8 @@ def _programs(run: aot.AbstractRun, out) -> dict[str, aot.Compiled]:
         if evidence.startswith("NO "):  # compiled, but not the kernel the target would run
             result.error = f"compiled without the {run.mcfg.attention} kernel"
             result.cause = (f"{run.mcfg.attention} was lowered for this CPU (Pallas interpret "
-                            "mode, chosen from jax.default_backend()) instead of for the "
-                            "target; the kernel must take its mode from the target (branch "
-                            "`splash`)")
+                            "mode) instead of for the target: the kernel must take its mode "
+                            "from the mesh's devices, not jax.default_backend()")
         status = ("ok" if not result.error else "FAILS") + f" in {seconds:.0f} s"
         detail = evidence if not result.error else result.error + (
             f"\n    cause: {result.cause}" if result.cause else "")
@@ -85,7 +84,8 @@ def _roofline(train: aot.Compiled, run, target: aot.Target, n: int) -> dict:
     tokens = int(run.config.train.batch_size) * int(run.config.data.seq_len)
     flops = model_lib.flops_per_token(run.mcfg, int(run.config.data.seq_len)) * tokens / n
     return {"estimate": roofline.estimate(train.hlo(), device=target.name, model_flops=flops,
-                                          vocab=run.mcfg.vocab_size)}
+                                          vocab=run.mcfg.vocab_size,
+                                          d_model=run.mcfg.d_model)}
 
 
 def _fixes_at_compiled_scale(resolved, plan: plan_lib.Plan, peak: int) -> tuple[str, ...]:
@@ -148,7 +148,7 @@ def _record(target, plan, preset, results, stats, extra) -> dict:
 
 
 def dry_run(config, *, device: str | None, num_devices: int | None = None,
-            aot_dir: str | None = None, out=sys.stdout, token_bytes=None) -> int:
+            aot_dir: str | None = None, out=sys.stdout, tokenizer=None) -> int:
     """Compile for ``device`` x ``num_devices``, print, and return the exit code (0 or 2)."""
     if not device:
         raise config_lib.ConfigError("--dry_run=aot needs --plan_device=NAME, one of "
@@ -160,11 +160,7 @@ def dry_run(config, *, device: str | None, num_devices: int | None = None,
     plan = plan_lib.make_plan(resolved, num_devices=n, device_kind=name,
                               device_memory_bytes=plan_lib.device_memory(name))
     print(plan_lib.format_plan(plan), file=out)
-    if token_bytes is None:
-        from prefixlm import step as step_lib
-
-        token_bytes = step_lib.load_tokenizer(resolved.data.tokenizer).token_bytes
-    run = aot.build(resolved, target, token_bytes)
+    run = aot.build(resolved, target, tokenizer)
     print(f"AOT compile for {n} x {target.device_kind} ({target.platform}, attention="
           f"{run.mcfg.attention}), on this CPU; compiled, not run:", file=out)
     results = _programs(run, out)

@@ -127,16 +127,21 @@ def _fused_bytes(module: hlo.Module, comp: hlo.Computation, ins: hlo.Instruction
     return total + hlo.nbytes(ins.shape)
 
 
-def _touches_vocab(comp: hlo.Computation, ins: hlo.Instruction, vocab: int) -> bool:
+def _touches_logits(comp: hlo.Computation, ins: hlo.Instruction, vocab: int, d_model: int
+                    ) -> bool:
+    """Reads or writes a logit-shaped array: a vocabulary dimension beside one that is not
+    the model width ([tokens, V] logits and their gradient, [V, K] prefix tables), unlike the
+    [V, D] embedding that the optimizer and the embedding gather also touch."""
     shapes = [ins.shape, *comp.operand_shapes(ins)]
-    return any(vocab in dims for s in shapes for _, dims in hlo.arrays(s))
+    return any(vocab in dims and any(d not in (vocab, d_model, 1) for d in dims)
+               for s in shapes for _, dims in hlo.arrays(s))
 
 
-def kernels(module: hlo.Module, peak_flops: float, bandwidth: float, vocab: int) -> list[Kernel]:
+def kernels(module: hlo.Module, peak_flops: float, bandwidth: float, vocab: int,
+            d_model: int) -> list[Kernel]:
     """Every kernel of one program call with its roofline time; collectives left out.
 
-    A kernel belongs to the loss when JAX placed it inside the loss's ``shard_map`` and it
-    touches a vocabulary-sized dimension (logits, their gradient, the unembedding)."""
+    A kernel belongs to the loss when it touches a logit-shaped array (``_touches_logits``)."""
     out = []
     for comp, ins, times in hlo.executions(module):
         if hlo.collective_kind(ins.opcode):
@@ -149,7 +154,7 @@ def kernels(module: hlo.Module, peak_flops: float, bandwidth: float, vocab: int)
                 _dot_flops(comp, ins) if ins.opcode == "dot" else hlo.elements(ins.shape))
             nbytes = sum(hlo.nbytes(s) for s in comp.operand_shapes(ins)) + hlo.nbytes(ins.shape)
         seconds = max(flops / peak_flops, nbytes / bandwidth)
-        loss = "shard_map" in ins.op_name and _touches_vocab(comp, ins, vocab)
+        loss = _touches_logits(comp, ins, vocab, d_model)
         out.append(Kernel(ins.name, ins.op_name, times, flops, nbytes, seconds, loss))
     return out
 
@@ -165,12 +170,12 @@ class Estimate:
     loss_bytes: float  # HBM bytes of the loss kernels per step
 
 
-def estimate(hlo_text: str, *, device: str, model_flops: float, vocab: int,
+def estimate(hlo_text: str, *, device: str, model_flops: float, vocab: int, d_model: int,
              top: int = 10) -> Estimate:
     """The roofline of a compiled program for ``device`` (a DEVICE_PEAKS name);
     ``model_flops`` is the model's FLOPs per device per step."""
     peak, bandwidth = DEVICE_PEAKS[device]
-    ks = kernels(hlo.parse(hlo_text), peak, bandwidth, vocab)
+    ks = kernels(hlo.parse(hlo_text), peak, bandwidth, vocab, d_model)
     step = sum(k.seconds * k.times for k in ks)
     loss = sum(k.seconds * k.times for k in ks if k.loss)
     ranked = sorted(ks, key=lambda k: -k.seconds * k.times)[:top]
