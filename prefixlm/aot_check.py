@@ -17,7 +17,7 @@ import os
 import sys
 import time
 
-from prefixlm import aot, hlo, roofline
+from prefixlm import aot, hlo_collectives, roofline
 from prefixlm import config as config_lib
 from prefixlm import model as model_lib
 from prefixlm import plan as plan_lib
@@ -96,6 +96,13 @@ def _fixes_at_compiled_scale(resolved, plan: plan_lib.Plan, peak: int) -> tuple[
                               device_kind=plan.device_kind).fixes
 
 
+def _loss_chunks(resolved, n: int) -> int:
+    """Chunks of the loss per device per step (each microbatch's tokens in chunk_size pieces)."""
+    tokens = int(resolved.train.batch_size) * int(resolved.data.seq_len) // n
+    micro = tokens // int(resolved.grad_accum)
+    return int(resolved.grad_accum) * -(-micro // int(resolved.objective.chunk_size))
+
+
 def _verdict(resolved, results, stats, plan: plan_lib.Plan) -> tuple[int, str]:
     """(exit code, the first line to print when it is 2)."""
     train, gib = results["train"], plan_lib.GIB
@@ -169,12 +176,14 @@ def dry_run(config, *, device: str | None, num_devices: int | None = None,
     if train.ok:
         if stats:
             print("\n".join(_memory_lines(stats, plan)), file=out)
-        rows = hlo.collectives(hlo.parse(train.hlo()))
-        print(hlo.format_collectives(rows), file=out)
+        rows = hlo_collectives.table(hlo_collectives.collectives(train.hlo()))
+        print("  collectives per step of the train step (compiled HLO, loop trip counts "
+              "included):\n" + hlo_collectives.format_table(rows), file=out)
         extra["collectives"] = rows
         roof = _roofline(train, run, target, n).get("estimate")
         if roof is not None:
-            print(roofline.format_estimate(roof, target.name), file=out)
+            print(roofline.format_estimate(roof, target.name, _loss_chunks(resolved, n)),
+                  file=out)
             extra["roofline"] = {"step_seconds": roof.step_seconds,
                                  "mfu_bound": roof.mfu_bound,
                                  "loss_seconds": roof.loss_seconds,

@@ -1,4 +1,4 @@
-"""A small reader of compiled (post-optimisation) HLO text, for the roofline and the collectives.
+"""A small reader of compiled (post-optimisation) HLO text, for the roofline (``prefixlm.roofline``).
 
 ``compiled.as_text()`` is the program the device runs: a list of computations, one ENTRY, while
 loops whose bodies run ``known_trip_count`` times, and fusions (one kernel each) whose fused
@@ -7,8 +7,9 @@ computations say what the kernel computes. This module parses just enough of it:
   * ``parse(text)`` -> ``Module``: computations of ``Instruction`` (name, shape text, opcode,
     operand names, attribute text), with a per-computation symbol table of shapes;
   * ``executions(module)`` -> every instruction that runs as its own kernel or op, with how many
-    times it runs per call of the program (trip counts of the enclosing while loops multiplied);
-  * ``collectives(module)`` -> the cross-device collectives per step: kind, dtype, bytes, count.
+    times it runs per call of the program (trip counts of the enclosing while loops multiplied).
+
+The collectives per step are ``prefixlm.hlo_collectives``'s.
 
 Shapes are read from text such as ``f32[2048,128256]{1,0}`` or a tuple of them (TPU layouts
 such as ``{0,1:T(8,128)S(1)}`` are skipped). Limits: dynamic shapes and sub-byte types are
@@ -17,7 +18,6 @@ approximated, and a conditional's branches are all counted once (this codebase h
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import math
 import re
@@ -174,48 +174,3 @@ def _branches(attrs: str) -> str:
 def collective_kind(opcode: str) -> str | None:
     kind = opcode.removesuffix("-start")
     return kind if kind in COLLECTIVES else None
-
-
-def _collective_arrays(comp: Computation, ins: Instruction, kind: str) -> list[tuple[str, int]]:
-    """(dtype, bytes) of the data a collective moves: its operands for reductions, permutes and
-    all-to-all; its gathered result for all-gather (an async start's tuple holds both)."""
-    operands = [a for s in comp.operand_shapes(ins) for a in arrays(s)]
-    if kind == "all-gather":
-        result = arrays(ins.shape)
-        if ins.opcode.endswith("-start"):
-            result = result[len(operands):] or result
-        operands = result
-    return [(t, int(BYTES[t] * math.prod(d))) for t, d in operands]
-
-
-def collectives(module: Module) -> list[dict]:
-    """Cross-device collectives per program call, grouped by (kind, dtype): count (trip counts
-    included; a combined op over several arrays counts once per dtype), bytes per step (the
-    reduced, permuted or gathered data, not the bytes on the wire: a ring all-reduce sends about
-    2 (n-1)/n of it per device), and the largest single op."""
-    groups: dict[tuple[str, str], dict] = collections.defaultdict(
-        lambda: {"count": 0, "bytes": 0, "largest": 0})
-    for comp, ins, times in executions(module):
-        kind = collective_kind(ins.opcode)
-        if kind is None:
-            continue
-        per_dtype: dict[str, int] = collections.Counter()
-        for dtype, size in _collective_arrays(comp, ins, kind):
-            per_dtype[dtype] += size
-        for dtype, size in per_dtype.items():
-            g = groups[(kind, dtype)]
-            g["count"] += times
-            g["bytes"] += size * times
-            g["largest"] = max(g["largest"], size)
-    return [{"kind": k, "dtype": d, **v} for (k, d), v in
-            sorted(groups.items(), key=lambda kv: -kv[1]["bytes"])]
-
-
-def format_collectives(rows: list[dict]) -> str:
-    if not rows:
-        return "  collectives per step: none (one device, or nothing to reduce)"
-    lines = ["  collectives per step (from the compiled HLO; loop trip counts included):",
-             f"  {'kind':<20}{'dtype':<7}{'count':>8}{'MiB/step':>12}{'largest MiB':>13}"]
-    lines += [f"  {r['kind']:<20}{r['dtype']:<7}{r['count']:>8}{r['bytes'] / 2**20:>12.1f}"
-              f"{r['largest'] / 2**20:>13.2f}" for r in rows]
-    return "\n".join(lines)

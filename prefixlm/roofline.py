@@ -184,14 +184,18 @@ def estimate(hlo_text: str, *, device: str, model_flops: float, vocab: int, d_mo
                     sum(k.bytes * k.times for k in ks if k.loss))
 
 
-def format_estimate(e: Estimate, device: str) -> str:
+def format_estimate(e: Estimate, device: str, loss_chunks: int = 0) -> str:
+    """The estimate as printed by ``--dry_run=aot``; ``loss_chunks``: the loss's chunks per
+    device per step, to show its HBM traffic per chunk."""
     peak, bandwidth = DEVICE_PEAKS[device]
+    per_chunk = (f" ({e.loss_bytes / loss_chunks / 1e9:.2f} GB per chunk, {loss_chunks} "
+                 "chunks)" if loss_chunks else "")
     lines = [
         f"  roofline (compiled, not run; {peak / 1e12:.0f} TFLOP/s, {bandwidth / 1e12:.2f} TB/s "
         f"per device): step >= {e.step_seconds:.3f} s, MFU bound {e.mfu_bound:.0%} "
         f"({e.kernel_launches:,} kernel runs)",
         f"  the loss: {e.loss_seconds:.3f} s ({e.loss_seconds / max(e.step_seconds, 1e-30):.0%} "
-        f"of the step), {e.loss_bytes / 1e9:.1f} GB of HBM traffic per step",
+        f"of the step), {e.loss_bytes / 1e9:.1f} GB of HBM traffic per step{per_chunk}",
         f"  {'kernel':<34}{'runs':>6}{'ms/step':>10}{'GFLOP/run':>11}{'MB/run':>9}  what",
     ]
     for k in e.top:
