@@ -211,3 +211,16 @@ def test_presets_through_config_args_keep_the_run_name():
     assert config_lib.resolve(c, num_devices=8, process_count=1).name == \
         "prefix_norm_eps0p1_seed0"
     assert jax.device_count() >= 1
+
+
+def test_cpu_dry_run_refuses_a_plan_beyond_host_ram():
+    """On the CPU the devices share the host's RAM: a plan of tens of TB is refused, naming
+    the shortfall, not waved through as 'not limited'."""
+    c = base.family_config("prefix_norm", "tiny")
+    c = plan.with_fields(c, **{"train.batch_size": 1_000_000_000})
+    out = io.StringIO()
+    assert plan.dry_run(c, num_devices=1, out=out) == 2
+    first = out.getvalue().splitlines()[0]
+    assert "does not fit in host RAM" in first and "GiB per device" in first
+    assert "host RAM / 1 devices" in out.getvalue()
+    assert plan.host_memory_bytes() > 0
