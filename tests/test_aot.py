@@ -138,6 +138,7 @@ def test_roofline_counts_a_matmul_in_a_loop():
     assert e.loss_seconds == 0  # nothing here is the loss
 
 
+@pytest.mark.slow
 @needs_cuda
 def test_dry_run_aot_writes_plan_json_and_exits_0_when_it_fits(tmp_path, tiny_tok):
     config = base.family_config("prefix_norm", TINY + ",attention=xla")
@@ -157,6 +158,7 @@ def test_dry_run_aot_writes_plan_json_and_exits_0_when_it_fits(tmp_path, tiny_to
     assert "roofline" in text and "MFU bound" in text
 
 
+@pytest.mark.slow
 @needs_cuda
 def test_dry_run_aot_exits_2_with_a_fix_when_the_compiled_step_does_not_fit(
         tmp_path, monkeypatch, tiny_tok):
