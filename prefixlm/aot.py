@@ -155,13 +155,18 @@ def lower_score(trainer: step_lib.Trainer):
     """JaxLM as the in-loop evaluator runs it: float32 activations, eval.batch_size rows of the
     full sequence length, on one device with no mesh (``jaxlm.on_one_device``)."""
     mcfg = dataclasses.replace(trainer.mcfg, dtype="float32", remat=False, remat_policy="none")
-    one = jax.sharding.SingleDeviceSharding(trainer.mesh.devices.flat[0])
+    # One device of the target, as a 1-device mesh in context: a kernel that reads its platform
+    # from the mesh (splash's interpret mode) then sees the target's, where on the real device
+    # it would see the default backend; the program is the one-device program either way.
+    mesh = jax.make_mesh((1,), ("one",), devices=[trainer.mesh.devices.flat[0]])
+    one = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one),
                           trainer.abstract_state["params"])
     rows, length = int(trainer.config.eval.get("batch_size", 16)), int(trainer.config.data.seq_len)
     tokens = jax.ShapeDtypeStruct((rows, length), jnp.int32, sharding=one)
     scored = jax.ShapeDtypeStruct((rows, min(SCORED_POSITIONS, length)), jnp.int32, sharding=one)
-    return score_forward.lower(step_lib.graphdef_of(mcfg), params, tokens, scored, scored)
+    with jax.set_mesh(mesh):
+        return score_forward.lower(step_lib.graphdef_of(mcfg), params, tokens, scored, scored)
 
 
 LOWER = {"train": lower_train, "eval": lower_eval, "score": lower_score}
