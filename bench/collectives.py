@@ -23,6 +23,8 @@ import sys
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the compile-only devices need no accelerator
+# libtpu takes a machine-wide lock file unless told that several processes may load it.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 from jax.experimental import topologies  # noqa: E402
 

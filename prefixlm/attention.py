@@ -22,15 +22,21 @@ Kernels (``IMPLEMENTATIONS``):
   * ``cudnn`` -- the same call with ``implementation="cudnn"`` (NVIDIA GPUs; fused flash kernel,
     bfloat16/float16 only).
   * ``splash`` -- JAX's TPU splash-attention Pallas kernel, vmapped over the batch (it works on
-    one example, [heads, T, head_dim], and does not scale q). Off TPU it runs in Pallas interpret
-    mode: correct but slow, so ``resolve`` refuses it there and only tests call it directly.
+    one example, [heads, T, head_dim], and does not scale q). XLA cannot partition a Mosaic
+    kernel, so it runs per device: inside the step's shard_map as it is, under an automatic
+    mesh (``jax.set_mesh``) in its own shard_map over the batch (see ``splash_attention``).
+    Whether it is compiled by Mosaic or run in Pallas interpret mode follows the platform of
+    the mesh it is traced for, not ``jax.default_backend()`` (an AOT compile for TPU runs on a
+    CPU host). Interpret mode is correct but slow, so ``resolve`` refuses splash off TPU and
+    only tests call it there.
 
 ``resolve(name, backend)`` turns a config's ``model.attention`` into a kernel name the backend
 can run (``auto`` -> cudnn on GPU, splash on TPU, blockwise elsewhere) and rejects an explicit
 choice the backend cannot run before anything compiles. ``verify(impl, ...)`` then runs the
 kernel on the real device on small random inputs and compares value and gradients with
-``blockwise``; on a mismatch or an error it falls back to blockwise and says why. The trainer
-calls both at start-up and records the kernel it used.
+``blockwise``; on a mismatch or an error it names blockwise and says why. The trainer calls both
+at start-up (``step.choose_attention``): a rejected kernel stops the run unless
+``model.attention_fallback="blockwise"``; the kernel used is recorded.
 """
 
 from __future__ import annotations

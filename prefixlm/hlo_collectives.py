@@ -3,8 +3,10 @@
 ``collectives(hlo_text)`` lists every cross-device operation (all-reduce, all-gather,
 reduce-scatter, all-to-all, collective-permute; an async ``-start``/``-done`` pair counts once,
 at its start) with how often one execution of the program runs it: the product of the known
-trip counts of the while loops around it (XLA records them as ``known_trip_count`` in a loop's
-backend config; a loop without one counts once and is flagged). ``table`` groups them into rows
+trip counts of the while loops around it (XLA's GPU compiler records them as
+``known_trip_count`` in a loop's backend config; otherwise, as in TPU HLO, a loop whose
+condition is ``i < constant`` is taken to run ``constant`` times from 0; a loop with neither
+counts once and is flagged). ``table`` groups them into rows
 for a report. Bytes are the data one device holds in the collective: an all-reduce's arrays,
 an all-gather's gathered result, a reduce-scatter's input (see ``_bytes``).
 
@@ -90,6 +92,16 @@ def _computations(hlo_text: str) -> tuple[dict[str, list[str]], str | None]:
     return comps, entry
 
 
+def _condition_trips(lines: list[str]) -> int | None:
+    """N when a loop condition is ``compare(i, constant(N)), direction=LT`` (lax loops from 0)."""
+    constants = dict(re.findall(r"%([\w.\-]+) = s32\[\]\S* constant\((\d+)\)", "\n".join(lines)))
+    for line in lines:
+        m = re.search(r"ROOT .*compare\(%[\w.\-]+, %([\w.\-]+)\), direction=LT", line)
+        if m and m.group(1) in constants:
+            return int(constants[m.group(1)])
+    return None
+
+
 def _multipliers(comps: dict[str, list[str]], entry: str | None) -> dict[str, tuple[int, bool]]:
     """{computation: (times it runs per program run, all trip counts known)} from the entry."""
     mult: dict[str, tuple[int, bool]] = {}
@@ -101,12 +113,14 @@ def _multipliers(comps: dict[str, list[str]], entry: str | None) -> dict[str, tu
         mult[name] = (times, known)
         for line in comps[name]:
             trip = _TRIP.search(line)
+            n = int(trip.group(1)) if trip else None
+            cond = re.search(r"condition=%?([\w.\-]+)", line)
+            if n is None and cond:
+                n = _condition_trips(comps.get(cond.group(1), []))
             for group in _CALLEE.findall(line):
                 for callee in re.findall(r"%?([\w.\-]+)", group):
-                    is_body = f"body=%{callee}" in line or f"body={callee}" in line
-                    if is_body:
-                        stack.append((callee, times * int(trip.group(1)) if trip else times,
-                                      known and trip is not None))
+                    if f"body=%{callee}" in line or f"body={callee}" in line:
+                        stack.append((callee, times * (n or 1), known and n is not None))
                     else:
                         stack.append((callee, times, known))
     return mult

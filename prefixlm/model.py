@@ -44,6 +44,9 @@ REMAT_POLICIES = {
 }
 
 
+ATTENTION_FALLBACKS = ("none", "blockwise")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Shape of the decoder. Frozen (hashable) so it can be a static jit argument."""
@@ -63,7 +66,7 @@ class ModelConfig:
     # Attention kernel (attention.CHOICES): auto = cudnn on GPU, splash on TPU, blockwise else.
     attention: str = "auto"
     # If the start-up check rejects the kernel: "none" stops the run (exit 2), "blockwise" runs
-    # the slow portable kernel instead (step.choose_attention).
+    # the slow portable kernel instead (step.choose_attention). One of ATTENTION_FALLBACKS.
     attention_fallback: str = "none"
     remat_policy: str = "none"  # per-layer jax.checkpoint policy: a key of REMAT_POLICIES
 
@@ -90,6 +93,9 @@ class ModelConfig:
         if self.attention not in attention_lib.CHOICES:
             raise ValueError(f"model.attention must be one of {', '.join(attention_lib.CHOICES)};"
                              f" got {self.attention!r}")
+        if self.attention_fallback not in ATTENTION_FALLBACKS:
+            raise ValueError(f"model.attention_fallback must be one of "
+                             f"{', '.join(ATTENTION_FALLBACKS)}; got {self.attention_fallback!r}")
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"model.remat_policy must be one of {', '.join(REMAT_POLICIES)}; "
                              f"got {self.remat_policy!r}")

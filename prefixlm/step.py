@@ -5,11 +5,12 @@ One ``jax.jit`` step over a ``Mesh(("data", "fsdp"))``:
     ``mesh.fsdp > 1`` sharded along their largest divisible dimension (XLA inserts the gathers);
   * the objective is a *static* argument (hashable on its hyper-parameters) and its tables an
     ordinary replicated input, so one compiled program serves every step;
-  * the loss goes from final hidden states straight to ``Objective.chunked_loss`` inside a
-    ``shard_map`` over the batch axes: the chunked scan runs on each device's own tokens with the
-    unembedding replicated, the scalar is psum'd, and the unembedding's gradient is psum'd by
-    shard_map's transpose. [tokens, V] logits never exist;
-  * ``grad_accum`` microbatches run in a ``lax.scan`` summing float32 gradients;
+  * forward, loss and backward run per device inside one ``shard_map`` over the batch axes
+    (``loss_and_grads``): the model on the device's own sequences (a Mosaic attention kernel
+    needs that), the loss from final hidden states straight to ``Objective.chunked_loss`` with
+    the unembedding whole, so [tokens, V] logits never exist;
+  * ``grad_accum`` microbatches run in a ``lax.scan`` on each device, summing its float32
+    gradients locally; one float32 psum after the loop reduces every gradient once per step;
   * the state is donated, so parameters and optimizer moments are updated in place.
 """
 
@@ -134,12 +135,9 @@ class StepSpec:
 
 def _local_loss_and_sums(params, batch, tables, obj, spec: StepSpec, eps):
     """This device's share (inside the step's shard_map): the objective sum and [nll sum,
-    correct sum] over its own tokens, each token weighing 1 / ``spec.tokens_per_step``, so the
-    sums over devices (and microbatches) are means over the global batch.
-
-    The whole forward runs per device: attention sees a mesh whose axes are all manual and calls
-    its kernel as it is (a Mosaic kernel needs that), and the chunked loss scans this device's
-    [B_local * T] tokens with the unembedding whole. [tokens, V] logits never exist.
+    correct sum] over its own tokens, each weighing 1 / ``spec.tokens_per_step``, so the sums
+    over devices (and microbatches) are means over the global batch. Attention sees a mesh of
+    manual axes and calls its kernel as it is; the chunked loss never forms [tokens, V] logits.
     """
     model = nnx.merge(spec.graphdef, params)
     h_BxTxD = model(batch["inputs"])
@@ -154,19 +152,16 @@ def _local_loss_and_sums(params, batch, tables, obj, spec: StepSpec, eps):
     return total, sums
 
 
-def _per_device(fn, spec: StepSpec):
-    """``fn(params, batch, tables, eps)`` run per device: parameters, tables and eps whole on
-    every device, the batch split over the batch axes; ``fn`` psums what it returns."""
-    # check_vma=False: nothing here is psum'd implicitly. With the check on, differentiating
-    # through the replicated parameters would insert a psum of every gradient at each
-    # microbatch (the transpose of their implicit broadcast); off, gradients stay per-device
-    # partial sums until ``fn`` reduces them once.
-    return jax.shard_map(fn, mesh=spec.mesh, in_specs=(P(), P(BATCH_AXES), P(), P()),
-                         out_specs=P(), check_vma=False)
-
-
-def _eps_or_default(obj, eps):
-    return jnp.float32(obj.eps) if eps is None else jnp.asarray(eps, jnp.float32)
+def _per_device(local, spec: StepSpec, params, batch, tables, eps):
+    """``local(params, batch, tables, eps)`` run per device: parameters, tables and eps whole on
+    every device, the batch split over the batch axes; ``local`` psums what it returns."""
+    # check_vma=False: nothing is psum'd implicitly. With the check on, differentiating through
+    # the replicated parameters would psum every gradient at each microbatch (the transpose of
+    # their implicit broadcast); off, gradients stay per-device partial sums until ``local``
+    # reduces them once.
+    return jax.shard_map(local, mesh=spec.mesh, in_specs=(P(), P(BATCH_AXES), P(), P()),
+                         out_specs=P(), check_vma=False)(params, batch, tables,
+                                                         jnp.asarray(eps, jnp.float32))
 
 
 def microbatched(grad_fn, num_micro: int):
@@ -175,8 +170,8 @@ def microbatched(grad_fn, num_micro: int):
     sums, so activation memory is that of one slice. The identity when ``num_micro`` is 1.
 
     Accumulation is a wrapper (levanter's ``microbatched``), so the step reads the same with
-    and without it. It runs per device (inside the step's shard_map), so the sums it carries
-    are this device's partial sums: no collective runs inside the loop.
+    and without it. It runs per device, carrying this device's partial sums: no collective runs
+    inside the loop.
     """
     if num_micro == 1:
         return grad_fn
@@ -204,11 +199,10 @@ def microbatched(grad_fn, num_micro: int):
 def loss_and_grads(params, batch, tables, obj: objectives.Objective, spec: StepSpec, eps=None):
     """((loss, [nll, accuracy]), grads) of the global batch, reduced across devices once.
 
-    Each device runs every microbatch on its own sequences and keeps its gradient as a local
-    float32 partial sum; one psum after the loop reduces all of it: the embedding's gather
-    gradient, the unembedding's and every layer's, in float32 on every backend (auto-sharding
-    all-reduced each microbatch's gradients inside the loop, and on GPU in bfloat16, straight
-    off the bfloat16 matmuls).
+    Each device runs every microbatch on its own sequences, summing its float32 gradients
+    locally; one psum after the loop reduces them all (embedding gather, unembedding, layers),
+    in float32 on every backend. (Auto-sharding all-reduced them per microbatch, and on GPU in
+    bfloat16, straight off the bfloat16 matmuls.)
     """
     grad_fn = microbatched(jax.value_and_grad(_local_loss_and_sums, has_aux=True),
                            spec.grad_accum)
@@ -217,7 +211,7 @@ def loss_and_grads(params, batch, tables, obj: objectives.Objective, spec: StepS
         (loss, sums), grads = grad_fn(params, batch, tables, obj, spec, eps)
         return jax.lax.psum(((loss, sums), grads), BATCH_AXES)
 
-    return _per_device(local, spec)(params, batch, tables, _eps_or_default(obj, eps))
+    return _per_device(local, spec, params, batch, tables, obj.eps if eps is None else eps)
 
 
 def train_step(state, batch, tables, obj: objectives.Objective, spec: StepSpec, tx, schedule):
@@ -246,7 +240,7 @@ def eval_sums(params, batch, tables, obj, spec: StepSpec, eps=None):
         loss, sums = _local_loss_and_sums(params, batch, tables, obj, spec, eps)
         return jax.lax.psum(jnp.concatenate([loss[None], sums]), BATCH_AXES)
 
-    return _per_device(local, spec)(params, batch, tables, _eps_or_default(obj, eps))
+    return _per_device(local, spec, params, batch, tables, obj.eps if eps is None else eps)
 
 
 # Module-level jits with hashable static arguments: runs with equal configs in one process
@@ -278,27 +272,18 @@ def load_tokenizer(name: str):
                           ) from e
 
 
-FALLBACKS = ("none", "blockwise")  # model.attention_fallback
-
-
 def choose_attention(mcfg: model_lib.ModelConfig, devices=None
                      ) -> tuple[model_lib.ModelConfig, dict]:
     """The model config with a concrete attention kernel for the target, and a record of it.
 
-    ``auto`` picks the target's fast kernel; an explicit kernel the target cannot run is a
-    ConfigError (before compiling). A kernel other than the portable blockwise one is checked
-    against blockwise on the actual device (small random inputs, values and gradients). If it
-    fails, the run stops with a ConfigError naming the kernel and the error: a silent fallback
-    would make a run several times slower (blockwise on H100 is a loop of small matmuls) while
-    it looks healthy. ``model.attention_fallback="blockwise"`` opts into that slow path
-    instead, with a warning, recorded in DIR/kernels.json.
-
-    ``devices`` (compile-only devices of another platform, for an AOT compile): the kernel is
-    resolved for their platform and not run, since they cannot run anything.
+    ``auto`` picks the target's fast kernel; one the target cannot run is a ConfigError. Any
+    other than blockwise is checked against blockwise on the device (small random inputs,
+    values and gradients); if it fails, the run stops with a ConfigError naming the kernel and
+    the error, since a silent fallback runs several times slower (blockwise on H100 is a loop of
+    small matmuls) while it looks healthy. ``model.attention_fallback="blockwise"`` opts into
+    it, with a warning recorded in DIR/kernels.json. ``devices`` (compile-only devices, for an
+    AOT compile): resolved for their platform, not run.
     """
-    if mcfg.attention_fallback not in FALLBACKS:
-        raise ConfigError(f"model.attention_fallback={mcfg.attention_fallback!r}; use one of "
-                          f"{', '.join(FALLBACKS)}")
     device = (devices or jax.devices())[0]
     backend = device.platform
     requested = getattr(mcfg, "attention", "xla")
@@ -368,28 +353,26 @@ class Trainer:
                    ckpt_lib.abstract_like(abstract, shardings),
                    NamedSharding(mesh, P(BATCH_AXES)), NamedSharding(mesh, P()), kernels)
 
-    def abstract_batch(self, batch_size: int | None = None) -> dict:
-        shape = (batch_size or self.config.train.batch_size, self.config.data.seq_len)
-        x = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=self.batch_sharding)
-        return {"inputs": x, "targets": x}
-
-    def abstract_tables(self):
-        return jax.tree.map(lambda t: jax.ShapeDtypeStruct(np.shape(t), np.asarray(t).dtype,
-                                                           sharding=self.replicated),
-                            self.obj.tables)
+    def abstract_inputs(self, batch_size: int) -> tuple[dict, object]:
+        """(batch, tables) as sharded ShapeDtypeStructs, for lowering without data."""
+        x = jax.ShapeDtypeStruct((batch_size, self.config.data.seq_len), jnp.int32,
+                                 sharding=self.batch_sharding)
+        return {"inputs": x, "targets": x}, jax.tree.map(
+            lambda t: jax.ShapeDtypeStruct(np.shape(t), np.asarray(t).dtype,
+                                           sharding=self.replicated), self.obj.tables)
 
     def lower_train_step(self):
         """The train step lowered on abstract inputs (nothing allocated): ``.compile()`` it to
         get the target compiler's program, memory analysis and HLO."""
-        return train_step_jit.lower(self.abstract_state, self.abstract_batch(),
-                                    self.abstract_tables(), self.obj, self.spec, self.tx,
-                                    self.schedule)
+        batch, tables = self.abstract_inputs(self.config.train.batch_size)
+        return train_step_jit.lower(self.abstract_state, batch, tables, self.obj, self.spec,
+                                    self.tx, self.schedule)
 
     def lower_eval_step(self):
         """The validation step (``eval_fn``) lowered on abstract inputs, like the train step."""
-        return eval_jit.lower(self.abstract_state["params"],
-                              self.abstract_batch(self.eval_batch_size), self.abstract_tables(),
-                              self.obj, self._eval_spec)
+        batch, tables = self.abstract_inputs(self.eval_batch_size)
+        return eval_jit.lower(self.abstract_state["params"], batch, tables, self.obj,
+                              self._eval_spec)
 
     def init_fn(self):
         """A freshly initialised, sharded state."""

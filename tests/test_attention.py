@@ -95,10 +95,9 @@ def test_splash_in_pallas_interpret_mode_matches_float64_reference(N, K):
     assert_matches_reference(fn, 1, 256, N, K, 16, atol=5e-5)
 
 
-def test_splash_rejects_a_sequence_its_tiles_cannot_cover():
-    q, k, v, _ = random_qkvw(1, 100, 2, 2, 8)
-    with pytest.raises(ValueError, match="multiple of 128"):
-        attention.splash_attention(q, k, v)
+def test_splash_pads_a_sequence_its_tiles_cannot_cover():
+    # T = 100 is padded to one 128-tile (evaluation's short buckets); causality hides the pad.
+    assert_matches_reference(attention.splash_attention, 1, 100, 2, 1, 8, atol=5e-5)
 
 
 def test_blockwise_bfloat16_inputs_stay_close_to_the_reference():

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from configs import base
-from prefixlm import checkpoint, prefixes, train
+from prefixlm import attention, checkpoint, prefixes, train
 from prefixlm import config as config_lib
 from prefixlm import model as model_lib
 from prefixlm import step as step_lib
@@ -151,6 +151,7 @@ def test_args_presets_and_values():
     (dict(objective__temperature=0.0), r"objective.temperature=0.0 must be"),
     (dict(model__n_kv_heads=3), r"n_kv_heads"),
     (dict(optim__warmup_steps=100), r"optim.warmup_steps=100 must be in \[0, train.steps=20\]"),
+    (dict(model__attention_fallback="xla"), r"model.attention_fallback must be one of none, "),
 ])
 def test_bad_configs_fail_before_compiling_naming_the_field(token_dir, change, message):
     with pytest.raises(config_lib.ConfigError, match=message):
@@ -278,6 +279,33 @@ def test_nan_loss_stops_with_a_clear_error_keeping_the_last_good_checkpoint(
                   if p.name.isdigit()) == ["4"]
 
 
+# ---- the attention kernel's start-up check ------------------------------------------------------
+def _non_causal(q, k, v):  # a plausible broken kernel: the causal mask forgotten
+    return jax.nn.dot_product_attention(q, k, v, is_causal=False, implementation="xla")
+
+
+def test_a_kernel_failing_its_start_up_check_stops_the_run_naming_it(token_dir, tmp_path,
+                                                                      monkeypatch):
+    monkeypatch.setitem(attention.IMPLEMENTATIONS, "xla", _non_causal)
+    c = tiny_config(token_dir, model__attention="xla")
+    with pytest.raises(config_lib.ConfigError,
+                       match=r"model.attention='xla': attention kernel 'xla' disagrees with "
+                             r"'blockwise' on cpu: output max error .*attention_fallback="
+                             r"'blockwise'"):
+        run(c, tmp_path / "run")
+    assert not (tmp_path / "run").exists()  # stopped before anything was written
+
+
+def test_attention_fallback_blockwise_opts_into_the_portable_kernel(token_dir, monkeypatch):
+    monkeypatch.setitem(attention.IMPLEMENTATIONS, "xla", _non_causal)
+    c = tiny_config(token_dir, model__attention="xla", model__attention_fallback="blockwise")
+    trainer = step_lib.Trainer.create(config_lib.resolve(c), tiny_tokenizer())
+    assert trainer.mcfg.attention == "blockwise"
+    k = trainer.kernels
+    assert (k["requested"], k["chosen"], k["used"]) == ("xla", "xla", "blockwise")
+    assert "'xla' disagrees with 'blockwise'" in k["warning"]  # and so in DIR/kernels.json
+
+
 # ---- 2 simulated devices ------------------------------------------------------------------------
 def _subprocess_env(n_devices: int):
     env = dict(os.environ, JAX_PLATFORMS="cpu",
@@ -292,15 +320,17 @@ import jax
 import test_train as h
 assert jax.device_count() == 2, jax.devices()
 token_dir, out = sys.argv[1], sys.argv[2]
-for name, kw in {"dp": {}, "fsdp": {"mesh__fsdp": 2}, "dp_accum": {"grad_accum": 2}}.items():
+runs = {"dp": {}, "fsdp": {"mesh__fsdp": 2}, "dp_accum": {"grad_accum": 2},
+        "fsdp_accum": {"mesh__fsdp": 2, "grad_accum": 2}}
+for name, kw in runs.items():
     c = h.tiny_config(token_dir, train__steps=3, log_every=1, checkpoint__every=0, **kw)
     h.run(c, f"{out}/{name}")
 """
 
 
 def test_two_simulated_devices_give_the_same_loss_as_one(token_dir, tmp_path):
-    """Data parallel, FSDP, and data parallel with 2 accumulated microbatches on 2 devices all
-    match one device with one batch."""
+    """Data parallel, FSDP, and either with 2 microbatches accumulated per device (one
+    gradient reduction per step) on 2 devices all match one device with one batch."""
     c = tiny_config(token_dir, train__steps=3, log_every=1, checkpoint__every=0)
     run(c, tmp_path / "one")
     one = [r for r in read_metrics(tmp_path / "one") if "loss" in r]
@@ -308,14 +338,14 @@ def test_two_simulated_devices_give_the_same_loss_as_one(token_dir, tmp_path):
                            str(tmp_path)], env=_subprocess_env(2), cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for name in ("dp", "fsdp", "dp_accum"):
+    for name in ("dp", "fsdp", "dp_accum", "fsdp_accum"):
         two = [r for r in read_metrics(tmp_path / name) if "loss" in r]
         assert len(two) == len(one) == 3
         for a, b in zip(one, two, strict=True):
             for k in ("loss", "nll", "accuracy", "grad_norm"):
                 np.testing.assert_allclose(b[k], a[k], rtol=2e-5, err_msg=f"{name} {k}")
         cfg = json.loads((tmp_path / name / "config.json").read_text())
-        assert cfg["mesh"] == ({"data": 1, "fsdp": 2} if name == "fsdp"
+        assert cfg["mesh"] == ({"data": 1, "fsdp": 2} if name.startswith("fsdp")
                                else {"data": 2, "fsdp": 1})
 
 
