@@ -2,24 +2,43 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# ACCEL=cpu (default) or cuda: `make setup ACCEL=cuda` adds requirements-cuda.txt (jax[cuda12])
-# and takes torch from the PyTorch CPU index (PyPI's Linux torch would pull several GB of CUDA
-# wheels that only export/lm-eval would use). TPU VMs are set up by launch/tpu_vm.sh setup.
+# ACCEL=cpu (default), cuda or aot:
+#   cuda  adds requirements-cuda.txt (jax[cuda12]) and takes torch from the PyTorch CPU index
+#         (PyPI's Linux torch would pull several GB of CUDA wheels that only export/lm-eval use).
+#         The index is probed first (TORCH_INDEX_TIMEOUT seconds): unreachable, set-up stops at
+#         once saying so, instead of pip retrying every package for an hour. TORCH_INDEX= (empty)
+#         takes torch from PyPI instead; TORCH_INDEX=URL names a mirror.
+#   aot   the CPU set plus requirements-aot.txt: the TPU and GPU compilers for --dry_run=aot and
+#         tests/test_aot.py (`make test` installs them as well).
+# TPU VMs are set up by launch/tpu_vm.sh setup.
 ACCEL ?= cpu
-ifeq ($(filter $(ACCEL),cpu cuda),)
-$(error ACCEL=$(ACCEL): expected cpu or cuda (TPU VMs: launch/tpu_vm.sh setup))
+ifeq ($(filter $(ACCEL),cpu cuda aot),)
+$(error ACCEL=$(ACCEL): expected cpu, cuda or aot (TPU VMs: launch/tpu_vm.sh setup))
 endif
-TORCH_CPU_INDEX := --extra-index-url https://download.pytorch.org/whl/cpu
-PIP_ACCEL_FLAGS := $(if $(filter cuda,$(ACCEL)),$(TORCH_CPU_INDEX) -r requirements-cuda.txt)
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_INDEX_TIMEOUT ?= 15
+# pip's own limits, so a mirror that stops answering mid-install fails in minutes, not hours.
+PIP_NET := --timeout 30 --retries 2
+PIP_ACCEL_FLAGS := $(if $(filter cuda,$(ACCEL)),$(PIP_NET) $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) -r requirements-cuda.txt)
 STAMP := $(VENV)/.installed$(if $(filter cuda,$(ACCEL)),-cuda)
+AOT_STAMP := $(VENV)/.installed-aot
+TORCH_INDEX_DOWN = make setup ACCEL=cuda: the PyTorch CPU index $(TORCH_INDEX) did not answer \
+  within $(TORCH_INDEX_TIMEOUT) s (network or proxy?). Fix the connection, name a mirror with \
+  TORCH_INDEX=URL, or take torch from PyPI (several GB of CUDA wheels) with TORCH_INDEX=
 
 .PHONY: setup test lint demo prefix-counts bench clean
 
-setup: $(STAMP)
+setup: $(STAMP) $(if $(filter aot,$(ACCEL)),$(AOT_STAMP))
 
 # Reinstall only when the pinned requirements change.
 $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml $(if $(filter cuda,$(ACCEL)),requirements-cuda.txt)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+ifeq ($(ACCEL),cuda)
+ifneq ($(TORCH_INDEX),)
+	@$(PY) -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=$(TORCH_INDEX_TIMEOUT))" \
+	  "$(TORCH_INDEX)/" 2>/dev/null || { echo "$(TORCH_INDEX_DOWN)"; exit 2; }
+endif
+endif
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(PIP_ACCEL_FLAGS) -r requirements.txt
 	$(PY) -m pip install -q --no-deps -r requirements-nodeps.txt
@@ -29,7 +48,13 @@ ifeq ($(ACCEL),cuda)
 endif
 	touch $(STAMP)
 
-test: setup
+# The AOT compilers (requirements-aot.txt), with --no-deps: their pins would fight the CPU set.
+$(AOT_STAMP): requirements-aot.txt | $(STAMP)
+	$(PY) -m pip install -q --no-deps -r requirements-aot.txt
+	touch $(AOT_STAMP)
+
+# CI runs this: the compile tests need the AOT compilers, so test installs them too.
+test: setup $(AOT_STAMP)
 	$(PY) -m ruff check prefixlm configs tests bench
 	$(PY) -m pytest -q
 

@@ -7,15 +7,17 @@ full host of them (8 GPUs; TPU v4-8 = 4 chips, v5e-8 = 8 chips) with room to spa
 how a step is computed, not what is trained: the same seed gives the same run on every preset
 up to floating-point reordering.
 
-The values come from ``prefixlm.plan``: ``python -m prefixlm.main
---config=configs/prefix_norm.py:h100 --dry_run --plan_device=h100 --plan_devices=1`` prints the
-plan (estimated, not measured on the device). Choices and why:
+The values come from the target's own compiler: ``python -m prefixlm.main
+--config=configs/prefix_norm.py:h100 --workdir=/tmp/x --dry_run=aot --plan_device=h100
+--plan_devices=1`` compiles the train step for the device on a CPU and prints its memory analysis
+beside ``prefixlm.plan``'s estimate (compiled, not run on the device). Choices and why:
   * No remat anywhere: at this size a memory-efficient kernel (cudnn / splash) plus gradient
     accumulation fits without recomputation, and remat would cost ~1/3 more compute.
-  * grad_accum is the smallest power of two whose plan on one device stays well under the
-    memory JAX may use (on GPUs 75% of it, JAX's allocator default). It cannot depend on the
-    device count (the config does not know it); 256 / grad_accum sequences stay divisible by
-    1, 2, 4 and 8 devices, so each preset is valid on any of those.
+  * grad_accum is the smallest power of two whose compiled step on ONE device stays under ~70%
+    of the memory JAX may use (on GPUs 75% of it, JAX's allocator default), and whose plan fits
+    too. It cannot depend on the device count (the config does not know it); 256 / grad_accum
+    sequences stay divisible by 1, 2, 4 and 8 devices, so each preset is valid on any of those,
+    and a full host only has more room.
   * The loss chunk (tokens x 128,256 float32 logits) is 2048 tokens (3.4 GiB of logits,
     softmax and gradient) where memory allows, 1024 on the 16 GiB TPU v5e.
   * XLA flags: on GPUs the latency-hiding scheduler overlaps the data-parallel gradient
@@ -43,14 +45,16 @@ def _apply(c: ml_collections.ConfigDict, *, preset: str, attention: str, grad_ac
 
 
 def h100(c: ml_collections.ConfigDict) -> None:
-    """NVIDIA H100 80 GB: cuDNN flash attention, 4 microbatches (31.5 GiB of 79.6 on 1 GPU)."""
-    _apply(c, preset="h100", attention="cudnn", grad_accum=4, chunk_size=2048,
+    """NVIDIA H100 80 GB: cuDNN flash attention, 2 microbatches (compiled: 37.5 GiB of the 59.7
+    JAX may use on 1 GPU; 1 microbatch would need ~71)."""
+    _apply(c, preset="h100", attention="cudnn", grad_accum=2, chunk_size=2048,
            xla_flags=GPU_XLA_FLAGS)
 
 
 def a100(c: ml_collections.ConfigDict) -> None:
-    """NVIDIA A100 40 GB (and 80 GB): cuDNN flash attention, 8 microbatches (19.4 GiB)."""
-    _apply(c, preset="a100", attention="cudnn", grad_accum=8, chunk_size=2048,
+    """NVIDIA A100 40 GB (and 80 GB): cuDNN flash attention, 4 microbatches (compiled: 20.7 GiB
+    of the 29.6 JAX may use on the 40 GB part)."""
+    _apply(c, preset="a100", attention="cudnn", grad_accum=4, chunk_size=2048,
            xla_flags=GPU_XLA_FLAGS)
 
 

@@ -49,7 +49,12 @@ EXIT_PREEMPTED = 128 + 15  # 143: stopped by SIGTERM after saving a checkpoint; 
 _DRY_RUN = flags.DEFINE_string(
     "dry_run", "", "print the memory plan and exit without training: --dry_run (or =plan) "
     "estimates per-device bytes (0 fits, 2 does not, naming the fix); --dry_run=compile also "
-    "compiles the step and prints XLA's memory analysis (run it on the target device)")
+    "compiles the step and prints XLA's memory analysis (run it on the target device); "
+    "--dry_run=aot compiles the train, eval and score programs for --plan_device (tpu_v4, "
+    "tpu_v5e, tpu_v5p, tpu_v6e, h100, a100) x --plan_devices on this CPU, without the device "
+    "(make setup ACCEL=aot)")
+_AOT_DIR = flags.DEFINE_string(
+    "aot_dir", None, "with --dry_run=aot: write DIR/train_step.hlo.txt and DIR/plan.json")
 _PLAN_DEVICE = flags.DEFINE_string(
     "plan_device", None, "plan for this device instead of the local one, e.g. h100, a100, "
     "tpu_v4, tpu_v5e (with --dry_run)")
@@ -243,6 +248,11 @@ def main(argv) -> int:
     from prefixlm import model as model_lib
 
     if _DRY_RUN.value:
+        if _DRY_RUN.value == "aot":
+            from prefixlm import aot_check
+
+            return aot_check.dry_run(_CONFIG.value, device=_PLAN_DEVICE.value,
+                                     num_devices=_PLAN_DEVICES.value, aot_dir=_AOT_DIR.value)
         from prefixlm import plan
 
         return plan.dry_run(_CONFIG.value, num_devices=_PLAN_DEVICES.value,

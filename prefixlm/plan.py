@@ -4,22 +4,25 @@
 FLOPs per token), schedule and mesh, and estimates the bytes per device at the peak of a step
 (the backward pass, when everything below is live at once):
 
-  parameters, optimizer state (AdamW's 2 moments), gradients, optimizer update (the update tree
-      before it is applied): float32, sharded over ``mesh.fsdp``
+  parameters, optimizer state (AdamW's 2 moments), gradients: float32, sharded over
+      ``mesh.fsdp`` (the update is fused into the in-place write of the donated state)
   gradient accumulator   a second float32 gradient tree when ``grad_accum > 1``
   saved activations      autodiff's residuals for one microbatch (``batch_size / grad_accum /
                          devices`` sequences), per attention kernel and remat policy
                          (``model.saved_activation_bytes``, checked against saved_residuals)
   backward working set   one layer recomputed under remat, the gradients of one layer's
-                         activations, xla's [heads, T, T] f32 dP and dS or blockwise's tiles
-  loss chunk             ``min(chunk_size, tokens per device)`` x V: f32 logits, softmax and
-                         gradient, and the gradient in the compute dtype
-  unembedding carry      the chunked loss's [V, D] f32 gradient carry (twice: a scan double-
-                         buffers its carry), the compute-dtype unembedding, the saved dh
+                         activations (compute dtype), xla's [heads, T, T] f32 dP and dS or
+                         blockwise's tiles
+  loss chunk             ``min(chunk_size, tokens per device)`` x V: two float32 buffers
+                         (the logits, then their gradient)
+  unembedding carry      the chunked loss's [V, D] f32 gradient carry, the compute-dtype
+                         unembedding, the saved dh
   objective tables, batch   the replicated prefix tables; int32 inputs and targets
-  headroom               HEADROOM of the sum, for XLA temporaries, fusion buffers, fragmentation
+  headroom               HEADROOM of the sum, for fragmentation
 
-The total is compared with what JAX may allocate (75% of a GPU by default, all of a TPU). An
+Checked against the compilers (``--dry_run=aot``, README "Compiled for the real targets"):
+within 1.0-1.25x of the compiled peak of the study config on TPU v5e/v4 and H100/A100, above
+it because autodiff's residuals are an upper bound of what XLA keeps. The total is compared with what JAX may allocate (75% of a GPU by default, all of a TPU). An
 unfit plan names config overrides, cheapest first: remat, an O(T) attention kernel, more
 gradient accumulation, FSDP.
 """
@@ -32,13 +35,14 @@ import sys
 
 import ml_collections
 
+from prefixlm import aot
 from prefixlm import attention as attention_lib
 from prefixlm import config as config_lib
 from prefixlm import model as model_lib
 from prefixlm import step as step_lib
 
 GIB = 1 << 30
-HEADROOM = 0.15  # of the estimated sum, for XLA temporaries and fragmentation
+HEADROOM = 0.05  # of the estimated sum, for fragmentation (the terms cover XLA's temporaries)
 GPU_MEM_FRACTION_DEFAULT = 0.75  # JAX's GPU allocator default (XLA_PYTHON_CLIENT_MEM_FRACTION)
 # The llama3 vocabulary's widest prefix set (id 58040, 128 spaces: 85 proper prefixes): the
 # prefix tables are [V, 85]. The plan does not load the tokenizer, so it assumes this width.
@@ -46,7 +50,7 @@ PREFIX_TABLE_WIDTH = 85
 
 # --plan_device short name -> (device_kind as JAX reports it, bytes of memory per device as the
 # device reports it: nvidia-smi, or the TPU's HBM). "a100" is the 40 GB part, the one a preset
-# must fit; the CPU is not limited (None: host RAM, which the plan does not police).
+# must fit; the CPU's is the host's RAM (``host_memory_bytes``), shared by its devices.
 DEVICES = {
     "h100": ("NVIDIA H100 80GB HBM3", int(79.6 * GIB)),
     "h200": ("NVIDIA H200", int(139.8 * GIB)),
@@ -84,6 +88,14 @@ def _short_name(kind: str) -> str | None:
 def device_memory(kind: str) -> int | None:
     """Bytes per device of this kind (short name or device_kind); None: the CPU, or unknown."""
     return DEVICES[_short_name(kind)][1] if _short_name(kind) else None
+
+
+def host_memory_bytes() -> int | None:
+    """Physical RAM of this host (what CPU devices share); None where the OS will not say."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def is_gpu(kind: str) -> bool:  # device_kind of NVIDIA GPUs: "NVIDIA H100 80GB HBM3", ...
@@ -131,7 +143,8 @@ class Plan:
     remat_policy: str
     loss_chunk_tokens: int
     terms: tuple[tuple[str, int], ...]  # (what, bytes per device), in table order
-    device_memory_bytes: int | None  # the device's memory; None = not limited (host RAM)
+    device_memory_bytes: int | None  # the device's memory (CPU: its share of host RAM); None =
+    # not limited (a CPU whose RAM the OS does not report)
     memory_limit_bytes: int | None  # what JAX may allocate of it
     fixes: tuple[str, ...] = ()  # config overrides that make it fit, cheapest first
 
@@ -180,8 +193,8 @@ def _estimate(config, num_devices: int, kind: str) -> tuple[dict, dict]:
     recompute = 0 if policy == "none" else (
         model_lib.saved_activation_bytes(dataclasses.replace(plain, n_layers=2), micro, T)
         - model_lib.saved_activation_bytes(dataclasses.replace(plain, n_layers=1), micro, T))
-    # Gradients of one layer's activations (float32 upper bound) and attention's backward.
-    workspace = 4 * micro * T * (2 * mcfg.d_ff + 2 * D)
+    # Gradients of one layer's activations and attention's backward.
+    workspace = c * micro * T * (2 * mcfg.d_ff + 2 * D)
     if kernel == "xla":
         workspace += 8 * micro * mcfg.n_heads * T * T
     elif kernel == "blockwise":  # f32 s, p, dp, ds of one [block, block] tile (in HBM, unlike
@@ -189,8 +202,8 @@ def _estimate(config, num_devices: int, kind: str) -> tuple[dict, dict]:
         workspace += 16 * micro * mcfg.n_heads * block * block
 
     chunk = min(int(config.objective.chunk_size), max(1, micro * T))
-    loss_chunk = chunk * V * (4 + 4 + 4 + c)  # logits, softmax, gradient (f32); gradient (c)
-    unembed = 2 * V * D * 4 + (V * D * c if c != 4 else 0) + micro * T * D * c
+    loss_chunk = chunk * V * (4 + 4)  # f32 logits, then their gradient
+    unembed = V * D * 4 + (V * D * c if c != 4 else 0) + micro * T * D * c
     name = config.objective.name
     tables = V * 4 + (V * PREFIX_TABLE_WIDTH * 8 if name.startswith("prefix") else 0)
     terms = {
@@ -198,7 +211,6 @@ def _estimate(config, num_devices: int, kind: str) -> tuple[dict, dict]:
         "optimizer state": 2 * state,
         "gradients": state,
         "gradient accumulator": state if accum > 1 else 0,
-        "optimizer update": state,
         "saved activations": saved,
         "backward working set": recompute + workspace,
         "loss chunk": loss_chunk,
@@ -358,7 +370,9 @@ def format_plan(plan: Plan) -> str:
         lines.append(f"  {'device memory':<24}{'host RAM':>9}  (not limited by the plan)")
         return "\n".join(lines)
     limit = p.memory_limit_bytes
-    note = "" if limit == p.device_memory_bytes else (
+    cpu = _short_name(p.device_kind) == "cpu"
+    note = f"  (host RAM / {p.num_devices} devices)" if cpu else "" if limit == \
+        p.device_memory_bytes else (
         f"  (JAX's GPU allocator may use {limit / p.device_memory_bytes:.0%} of it: "
         "XLA_PYTHON_CLIENT_MEM_FRACTION)")
     lines.append(row("device memory", p.device_memory_bytes, note))
@@ -373,7 +387,9 @@ def format_plan(plan: Plan) -> str:
 
 def fix_line(plan: Plan) -> str:
     """The one line ``dry_run`` prints first when the plan does not fit."""
-    head = (f"{plan.name} does not fit on {plan.device_kind} ({_gib(plan.total_bytes)} of "
+    where = "in host RAM" if _short_name(plan.device_kind) == "cpu" else \
+        f"on {plan.device_kind}"
+    head = (f"{plan.name} does not fit {where} ({_gib(plan.total_bytes)} of "
             f"{_gib(plan.memory_limit_bytes)} GiB per device)")
     if plan.fixes:
         return f"{head}; fix: {' '.join(plan.fixes)}"
@@ -383,28 +399,8 @@ def fix_line(plan: Plan) -> str:
 
 def compiled_memory(config, tokenizer=None) -> dict:
     """XLA's memory analysis of the compiled train step on the local devices (bytes)."""
-    import jax
-    import jax.numpy as jnp
-
-
     trainer = step_lib.Trainer.create(config, tokenizer)
-    shape = (int(config.train.batch_size), int(config.data.seq_len))
-    batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=trainer.batch_sharding)
-             for k in ("inputs", "targets")}
-    tables = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                                         sharding=trainer.replicated),
-                          trainer.obj.device_tables())
-    compiled = step_lib.train_step_jit.lower(
-        trainer.abstract_state, batch, tables, trainer.obj, trainer.spec, trainer.tx,
-        trainer.schedule).compile()
-    stats = compiled.memory_analysis()
-    fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
-              "temp_size_in_bytes", "generated_code_size_in_bytes")
-    out = {f: int(getattr(stats, f, 0) or 0) for f in fields} if stats is not None else {}
-    if out:
-        out["peak_bytes"] = (out["argument_size_in_bytes"] + out["output_size_in_bytes"]
-                             - out["alias_size_in_bytes"] + out["temp_size_in_bytes"])
-    return out
+    return aot.memory_of(trainer.lower_train_step().compile())
 
 
 def dry_run(config, *, num_devices: int | None = None, device_kind: str | None = None,
@@ -430,8 +426,10 @@ def dry_run(config, *, num_devices: int | None = None, device_kind: str | None =
             f"--dry_run=compile compiles on the local {jax.device_count()} x {local_kind}; "
             f"drop --plan_device/--plan_devices ({n} x {kind}) or use --dry_run=plan")
     resolved = config_lib.resolve(config, num_devices=n, process_count=1)
-    plan = make_plan(resolved, num_devices=n, device_memory_bytes=device_memory(kind),
-                     device_kind=kind)
+    memory = device_memory(kind)
+    if _short_name(kind) == "cpu" and host_memory_bytes():  # CPU devices share the host's RAM
+        memory = host_memory_bytes() // n
+    plan = make_plan(resolved, num_devices=n, device_memory_bytes=memory, device_kind=kind)
     if not plan.fits:
         print(fix_line(plan), file=out)
     print(format_plan(plan), file=out)

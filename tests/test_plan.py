@@ -110,7 +110,7 @@ def test_h100_preset_dry_run_on_8_simulated_devices():
     out = io.StringIO()
     assert plan.dry_run(study("h100"), num_devices=8, device_kind=H100, out=out) == 0
     text = out.getvalue()
-    assert "8 x NVIDIA H100 80GB HBM3" in text and "fits:" in text and "grad_accum=4" in text
+    assert "8 x NVIDIA H100 80GB HBM3" in text and "fits:" in text and "grad_accum=2" in text
     out = io.StringIO()
     assert plan.dry_run(study("h100"), num_devices=1, device_kind="h100", out=out) == 0
 
@@ -160,7 +160,7 @@ def test_format_plan_shows_every_term():
     for word in ("headroom", "total", "device memory", "parameters", "GFLOP/token",
                  "3,814 steps", "mesh data=8 x fsdp=1", "GiB"):
         assert word in text, word
-    assert p.term("gradient accumulator") == p.term("gradients") > 0  # grad_accum 8
+    assert p.term("gradient accumulator") == p.term("gradients") > 0  # grad_accum 4
 
 
 def test_device_memory_table():
@@ -207,7 +207,20 @@ def test_preset_xla_flags_are_known_to_this_jaxlib():
 
 def test_presets_through_config_args_keep_the_run_name():
     c = base.family_config("prefix_norm", "h100")
-    assert c.model.attention == "cudnn" and c.grad_accum == 4 and c.preset == ""
+    assert c.model.attention == "cudnn" and c.grad_accum == 2 and c.preset == ""
     assert config_lib.resolve(c, num_devices=8, process_count=1).name == \
         "prefix_norm_eps0p1_seed0"
     assert jax.device_count() >= 1
+
+
+def test_cpu_dry_run_refuses_a_plan_beyond_host_ram():
+    """On the CPU the devices share the host's RAM: a plan of tens of TB is refused, naming
+    the shortfall, not waved through as 'not limited'."""
+    c = base.family_config("prefix_norm", "tiny")
+    c = plan.with_fields(c, **{"train.batch_size": 1_000_000_000})
+    out = io.StringIO()
+    assert plan.dry_run(c, num_devices=1, out=out) == 2
+    first = out.getvalue().splitlines()[0]
+    assert "does not fit in host RAM" in first and "GiB per device" in first
+    assert "host RAM / 1 devices" in out.getvalue()
+    assert plan.host_memory_bytes() > 0

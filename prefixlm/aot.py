@@ -1,0 +1,235 @@
+"""The real steps compiled for an accelerator you do not have (``--dry_run=aot``).
+
+MaxText's ``train_compile.py`` way: ``jax.experimental.topologies`` gives compile-only devices of
+a named target (a TPU slice through libtpu, NVIDIA GPUs through the CUDA plugin and a
+``GpuTargetConfigProto`` from ``prefixlm/targets/``), a Mesh is built over them, and the jitted
+programs of a run are lowered with abstract inputs (``jax.eval_shape`` state,
+``ShapeDtypeStruct`` batch and tables, each with its NamedSharding) and compiled by the target's
+own compiler on this CPU (``step.Trainer.create(devices=...)``: the attention kernel is
+resolved for the target's platform, and the start-up kernel check, which needs a real device,
+is skipped). Nothing is allocated and nothing runs. Three programs are compiled:
+
+  train      ``step.train_step_jit``, the program every training step runs;
+  eval       ``step.eval_jit``, the validation loss of one microbatch-sized batch;
+  score      JaxLM's scoring forward (body, then log-probabilities at scored positions) in
+             JaxLM's float32, on one device of the target, as the in-loop evaluation runs it.
+
+The compiler's ``memory_analysis()`` gives per-device bytes; they are printed beside
+``prefixlm.plan``'s estimate. The default backend stays the CPU (``JAX_PLATFORMS=cpu`` works).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.resources
+import os
+import re
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from prefixlm import config as config_lib
+from prefixlm import step as step_lib
+
+# TPU targets: (target, devices) -> (topology name, chip config, chips per host bounds). The
+# device counts are what one host exposes (v4-8: 4 megacore chips; v5e-8 and v6e-8: 8 chips).
+TPU_TOPOLOGIES = {
+    ("tpu_v4", 1): ("v4:1x1x1", "megacore", (1, 1, 1)),
+    ("tpu_v4", 4): ("v4:2x2x1", "megacore", None),
+    ("tpu_v5e", 1): ("v5e:1x1", "default", (1, 1, 1)),
+    ("tpu_v5e", 4): ("v5e:2x2", "default", (2, 2, 1)),
+    ("tpu_v5e", 8): ("v5e:2x4", "default", (2, 4, 1)),
+    ("tpu_v5p", 1): ("v5p:1x1x1", "megacore", (1, 1, 1)),
+    ("tpu_v5p", 4): ("v5p:2x2x1", "megacore", None),
+    ("tpu_v6e", 1): ("v6e:1x1", "default", (1, 1, 1)),
+    ("tpu_v6e", 4): ("v6e:2x2", "default", (2, 2, 1)),
+    ("tpu_v6e", 8): ("v6e:2x4", "default", (2, 4, 1)),
+}
+# GPU targets: GpuTargetConfigProto text files in prefixlm/targets/ (our own, from the
+# published figures); 1 to 8 GPUs of one host ("1x1xN").
+GPU_SPECS = {"h100": "h100_sxm.txtpb", "a100": "a100_sxm_80.txtpb"}
+GPU_COUNTS = (1, 2, 4, 8)
+PROGRAMS = ("train", "eval", "score")
+# Known compiler messages -> their cause in this codebase and the fix.
+KNOWN_CAUSES = (
+    ("Mosaic kernels cannot be automatically partitioned",
+     "a Pallas (Mosaic) kernel was called outside shard_map, so XLA would have to partition "
+     "it; it must run per device inside shard_map over the batch axes (as the train and eval "
+     "steps and attention.splash_attention do); meanwhile --config.model.attention=blockwise"),
+    ("RESOURCE_EXHAUSTED",
+     "the program does not fit the device: see the plan's fix (remat, grad_accum, fsdp)"),
+    ("must be fp16/bf16", "cuDNN fused attention takes bfloat16/float16 inputs of supported shapes; a "
+     "float32 program (JaxLM scores in float32) needs model.attention=blockwise or xla"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    name: str  # tpu_v5e, h100, ...
+    platform: str  # "tpu" or "cuda"
+    devices: tuple  # compile-only jax devices, in the topology's order
+
+    @property
+    def device_kind(self) -> str:
+        return self.devices[0].device_kind
+
+
+def target_names() -> list[str]:
+    return sorted({t for t, _ in TPU_TOPOLOGIES} | set(GPU_SPECS))
+
+
+def gpu_target_config(name: str) -> str:
+    """The GpuTargetConfigProto text of a GPU target (package data)."""
+    return importlib.resources.files("prefixlm").joinpath("targets", GPU_SPECS[name]).read_text()
+
+
+def topology(name: str, num_devices: int) -> Target:
+    """Compile-only devices of ``num_devices`` x ``name``; ConfigError for a target or count
+    this module does not know, or when the compiler package for it is not installed."""
+    from jax.experimental import topologies
+
+    key = name.strip().lower().replace("-", "_")
+    if key in GPU_SPECS:
+        if num_devices not in GPU_COUNTS:
+            raise config_lib.ConfigError(f"--plan_devices={num_devices} for {key}: AOT compiles "
+                                         f"for {GPU_COUNTS} GPUs of one host")
+        kwargs = dict(platform="cuda", topology_name="", target_config=gpu_target_config(key),
+                      topology=f"1x1x{num_devices}")
+        platform = "cuda"
+    elif (key, num_devices) in TPU_TOPOLOGIES:
+        # Compile-only devices touch no TPU: let several processes load libtpu at once (else
+        # the second waits on /tmp/libtpu_lockfile and fails).
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+        topo, chip, bounds = TPU_TOPOLOGIES[(key, num_devices)]
+        kwargs = dict(platform="tpu", topology_name=topo, chip_config_name=chip, num_slices=1,
+                      **({"chips_per_host_bounds": bounds} if bounds else {}))
+        platform = "tpu"
+    else:
+        counts = sorted(n for t, n in TPU_TOPOLOGIES if t == key) or list(GPU_COUNTS)
+        known = ", ".join(target_names())
+        raise config_lib.ConfigError(
+            f"--plan_device={name!r} --plan_devices={num_devices}: --dry_run=aot knows "
+            f"{known}" + (f"; {key} on {counts} devices" if key in target_names() else ""))
+    try:
+        devices = topologies.get_topology_desc(**kwargs).devices
+    except Exception as e:  # noqa: BLE001 - a missing plugin or libtpu shows up here
+        raise config_lib.ConfigError(
+            f"cannot get compile-only {platform} devices for {key} ({short_error(e)}); install "
+            "the compilers with `make setup ACCEL=aot` (requirements-aot.txt)") from None
+    return Target(key, platform, tuple(devices))
+
+
+def build(config, target: Target, tokenizer=None) -> step_lib.Trainer:
+    """The Trainer of a *resolved* config on ``target``'s compile-only devices: the attention
+    kernel resolved for the target's platform (not this CPU's), abstract state, nothing
+    allocated. ``tokenizer``: anything with ``vocab_size`` and ``token_bytes`` (default: the
+    config's, loaded)."""
+    return step_lib.Trainer.create(config, tokenizer, devices=list(target.devices))
+
+
+def lower_train(trainer: step_lib.Trainer):
+    return trainer.lower_train_step()
+
+
+def lower_eval(trainer: step_lib.Trainer):
+    return trainer.lower_eval_step()
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def score_forward(graphdef, params, tokens_BxL, positions_BxC, targets_BxC):
+    """JaxLM's scoring path in one program: the body, then log-probabilities of the targets at
+    the scored positions (JaxLM jits the two halves apart; the work is the same)."""
+    model = nnx.merge(graphdef, params)
+    h_BxLxD = model(tokens_BxL)
+    h_BxCxD = jnp.take_along_axis(h_BxLxD, positions_BxC[..., None], axis=1)
+    logp_BxCxV = jax.nn.log_softmax(model.project(h_BxCxD), axis=-1)
+    return jnp.take_along_axis(logp_BxCxV, targets_BxC[..., None], axis=-1)[..., 0]
+
+
+SCORED_POSITIONS = 16  # JaxLM's middle continuation bucket
+
+
+def lower_score(trainer: step_lib.Trainer):
+    """JaxLM as the in-loop evaluator runs it: float32 activations, eval.batch_size rows of the
+    full sequence length, on one device with no mesh (``jaxlm.on_one_device``)."""
+    mcfg = dataclasses.replace(trainer.mcfg, dtype="float32", remat=False, remat_policy="none")
+    # One device of the target, as a 1-device mesh in context: a kernel that reads its platform
+    # from the mesh (splash's interpret mode) then sees the target's, where on the real device
+    # it would see the default backend; the program is the one-device program either way.
+    mesh = jax.make_mesh((1,), ("one",), devices=[trainer.mesh.devices.flat[0]])
+    one = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one),
+                          trainer.abstract_state["params"])
+    rows, length = int(trainer.config.eval.get("batch_size", 16)), int(trainer.config.data.seq_len)
+    tokens = jax.ShapeDtypeStruct((rows, length), jnp.int32, sharding=one)
+    scored = jax.ShapeDtypeStruct((rows, min(SCORED_POSITIONS, length)), jnp.int32, sharding=one)
+    with jax.set_mesh(mesh):
+        return score_forward.lower(step_lib.graphdef_of(mcfg), params, tokens, scored, scored)
+
+
+LOWER = {"train": lower_train, "eval": lower_eval, "score": lower_score}
+
+
+@dataclasses.dataclass
+class Compiled:
+    """One program's outcome: the executable, or the error that stopped it."""
+    program: str
+    executable: object = None
+    error: str = ""
+    cause: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.executable is not None
+
+    def memory(self) -> dict:
+        return memory_of(self.executable) if self.ok else {}
+
+    def hlo(self) -> str:
+        return self.executable.as_text() if self.ok else ""
+
+
+def short_error(e: BaseException, width: int = 220) -> str:
+    """The compiler's message in one line: its first informative line, cut to ``width``."""
+    lines = [s.strip() for s in str(e).splitlines() if s.strip()]
+    lines = [s for s in lines if not s.startswith(("---", "Traceback", "File "))] or [""]
+    text = f"{type(e).__name__}: {lines[0]}"
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def known_cause(message: str) -> str:
+    return next((cause for needle, cause in KNOWN_CAUSES if needle in message), "")
+
+
+def compile_program(trainer: step_lib.Trainer, program: str) -> Compiled:
+    try:
+        return Compiled(program, LOWER[program](trainer).compile())
+    except Exception as e:  # noqa: BLE001 - reported, with the cause when known
+        return Compiled(program, error=short_error(e), cause=known_cause(str(e)))
+
+
+MEMORY_FIELDS = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
+                 "temp_size_in_bytes", "generated_code_size_in_bytes")
+
+
+def memory_of(compiled) -> dict:
+    """XLA's memory analysis (bytes per device) and the peak a step needs at once: arguments
+    and outputs (donated ones counted once) plus temporaries."""
+    stats = compiled.memory_analysis()
+    if stats is None:
+        return {}
+    out = {f: int(getattr(stats, f, 0) or 0) for f in MEMORY_FIELDS}
+    out["peak_bytes"] = (out["argument_size_in_bytes"] + out["output_size_in_bytes"]
+                         - out["alias_size_in_bytes"] + out["temp_size_in_bytes"])
+    return out
+
+
+def kernel_evidence(hlo_text: str, kernel: str) -> str:
+    """Whether the compiled program holds the attention kernel asked for (its custom calls)."""
+    needle = {"splash": "tpu_custom_call", "cudnn": "__cudnn$fmha"}.get(kernel)
+    if needle is None:
+        return ""
+    n = len(re.findall(re.escape(needle), hlo_text))
+    return f"{n} {kernel} kernel calls" if n else f"NO {kernel} kernel in the compiled program"

@@ -1,0 +1,197 @@
+"""The real TPU and GPU compilers on this CPU (``--dry_run=aot``): tiny programs, seconds each.
+
+They catch what CPU tests cannot: a kernel XLA cannot partition over a multi-chip mesh, a
+kernel that does not lower for the target, a program that no longer fits. They need the AOT
+compilers (requirements-aot.txt; ``make test`` installs them) and skip, naming the package,
+only where those cannot be imported.
+"""
+
+import importlib.util
+import json
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from configs import base
+from prefixlm import aot, aot_check, hlo, hlo_collectives, roofline
+from prefixlm import config as config_lib
+from prefixlm import model as model_lib
+
+needs_tpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                               reason="libtpu (requirements-aot.txt) is not installed")
+needs_cuda = pytest.mark.skipif(importlib.util.find_spec("jax_plugins.xla_cuda12") is None,
+                                reason="jax-cuda12-plugin (requirements-aot.txt) is not installed")
+
+# A tiny bfloat16 model over the 34-token test vocabulary. Splash tiles are 128 long, so the
+# sequence is 128; head_dim 64 as in the study model.
+TINY = ("tiny,model.dtype=bfloat16,model.vocab_size=34,model.d_model=128,model.n_heads=2,"
+        "model.n_kv_heads=1,model.d_ff=256,model.max_seq_len=128,data.seq_len=128,"
+        "objective.chunk_size=256,train.batch_size=8,eval.batch_size=8")
+
+
+@pytest.fixture(scope="module")
+def tiny_tok(tiny_token_bytes):
+    """A tokenizer as the Trainer needs one: the 34-token test vocabulary."""
+    return types.SimpleNamespace(vocab_size=len(tiny_token_bytes), token_bytes=tiny_token_bytes)
+
+
+def _tiny_run(target: str, n: int, tok, extra: str = ""):
+    config = base.family_config("prefix_norm", TINY + extra)
+    resolved = config_lib.resolve(config, num_devices=n, process_count=1)
+    return aot.build(resolved, aot.topology(target, n), tok)
+
+
+@needs_tpu
+def test_splash_compiles_for_a_multichip_tpu_mesh(tiny_tok):
+    """8 v5e chips, batch over the mesh: the Mosaic kernel must come out partitioned."""
+    run = _tiny_run("tpu_v5e", 8, tiny_tok)
+    assert run.mcfg.attention == "splash"
+    train = aot.compile_program(run, "train")
+    assert train.ok, f"{train.error} ({train.cause})"
+    assert aot.kernel_evidence(train.hlo(), "splash").split()[0].isdigit(), \
+        "splash was not lowered as a Mosaic kernel for the TPU"
+
+
+@pytest.fixture(scope="module")
+def h100x8(tiny_tok):
+    if importlib.util.find_spec("jax_plugins.xla_cuda12") is None:
+        pytest.skip("jax-cuda12-plugin (requirements-aot.txt) is not installed")
+    run = _tiny_run("h100", 8, tiny_tok)
+    return run, {p: aot.compile_program(run, p) for p in ("train", "eval")}
+
+
+def test_cudnn_attention_compiles_for_8_h100(h100x8):
+    run, compiled = h100x8
+    assert run.mcfg.attention == "cudnn"
+    for program, result in compiled.items():
+        assert result.ok, f"{program}: {result.error}"
+        assert "__cudnn$fmha" in result.hlo()
+    stats = compiled["train"].memory()
+    assert stats["peak_bytes"] == (stats["argument_size_in_bytes"] + stats["output_size_in_bytes"]
+                                   - stats["alias_size_in_bytes"] + stats["temp_size_in_bytes"])
+    # The state (float32 parameters and two Adam moments, donated) is in the arguments.
+    params = model_lib.count_params(run.mcfg)
+    assert stats["argument_size_in_bytes"] >= 3 * 4 * params
+
+
+def _compiled_text(fn, *args):
+    return jax.jit(fn).lower(*args).compile().as_text()
+
+
+@needs_cuda
+def test_collectives_are_read_from_compiled_hlo_with_trip_counts():
+    """A psum of float32 [1024] and bfloat16 [512] over 8 H100s, 3 times in a loop: the table
+    must say 3 all-reduces of each, 12 KiB and 3 KiB per step."""
+    devices = aot.topology("h100", 8).devices
+    mesh = jax.sharding.Mesh(np.array(devices), ("d",))
+
+    def step(a, b):
+        def body(_, carry):
+            x, y = carry
+            return jax.shard_map(lambda u, v: (jax.lax.psum(u, "d"), jax.lax.psum(v, "d")),
+                                 mesh=mesh, in_specs=(P(), P()), out_specs=(P(), P()),
+                                 check_vma=False)(x * 1.5, y * 2)
+        return jax.lax.fori_loop(0, 3, body, (a, b))
+
+    rep = NamedSharding(mesh, P())
+    text = _compiled_text(step, jax.ShapeDtypeStruct((1024,), jnp.float32, sharding=rep),
+                          jax.ShapeDtypeStruct((512,), jnp.bfloat16, sharding=rep))
+    rows = hlo_collectives.table(hlo_collectives.collectives(text))
+    per_dtype = {}
+    for r in rows:
+        assert r["kind"] == "all-reduce" and r["trip_known"]
+        for dtype in r["dtype"].split("+"):
+            per_dtype[dtype] = per_dtype.get(dtype, 0) + r["per_step"]
+    # XLA may combine the two psums into one all-reduce; either way each dtype runs 3 times.
+    assert per_dtype == {"f32": 3, "bf16": 3}
+    assert sum(r["bytes_per_step"] for r in rows) == 3 * (4096 + 1024)
+
+
+@needs_cuda
+def test_roofline_counts_a_matmul_in_a_loop():
+    """[1024, 2048] x [2048, 4096] bfloat16, 5 times in a loop, on one H100: 2 M N K FLOPs per
+    run, each run bound by max(FLOPs / peak, bytes / bandwidth)."""
+    devices = aot.topology("h100", 1).devices
+    s = NamedSharding(jax.sharding.Mesh(np.array(devices), ("d",)), P())
+
+    def step(a, b):
+        return jax.lax.fori_loop(0, 5, lambda i, x: (x @ b)[:, :2048] * 0.5, a)
+
+    text = _compiled_text(step, jax.ShapeDtypeStruct((1024, 2048), jnp.bfloat16, sharding=s),
+                          jax.ShapeDtypeStruct((2048, 4096), jnp.bfloat16, sharding=s))
+    peak, bandwidth = roofline.DEVICE_PEAKS["h100"]
+    ks = roofline.kernels(hlo.parse(text), peak, bandwidth, vocab=128256, d_model=512)
+    matmul = [k for k in ks if k.flops >= 2 * 1024 * 2048 * 4096]
+    assert matmul and all(k.times == 5 for k in matmul)
+    assert sum(k.flops for k in matmul) == pytest.approx(2 * 1024 * 2048 * 4096, rel=0.01)
+    lower_bytes = 2 * (1024 * 2048 + 2048 * 4096)  # both operands read once
+    assert all(k.bytes >= lower_bytes for k in matmul)
+    e = roofline.estimate(text, device="h100", model_flops=5 * 2 * 1024 * 2048 * 4096,
+                          vocab=7, d_model=3)
+    assert e.step_seconds >= 5 * max(2 * 1024 * 2048 * 4096 / peak, lower_bytes / bandwidth)
+    assert 0 < e.mfu_bound <= 1
+    assert e.loss_seconds == 0  # nothing here is the loss
+
+
+@pytest.mark.slow
+@needs_cuda
+def test_dry_run_aot_writes_plan_json_and_exits_0_when_it_fits(tmp_path, tiny_tok):
+    config = base.family_config("prefix_norm", TINY + ",attention=xla")
+    out = tmp_path / "out.txt"
+    with open(out, "w") as f:
+        code = aot_check.dry_run(config, device="h100", num_devices=1, aot_dir=str(tmp_path),
+                                 out=f, tokenizer=tiny_tok)
+    text = out.read_text()
+    assert code == 0, text
+    record = json.loads((tmp_path / "plan.json").read_text())
+    assert record["device_kind"] == "NVIDIA H100 80GB HBM3" and record["devices"] == 1
+    assert record["preset"] == ""
+    assert 0 < record["compiled_peak_bytes"] <= record["usable_bytes"]
+    assert record["estimated_total_bytes"] > 0
+    assert all(record["programs"][p]["ok"] for p in aot.PROGRAMS), record["programs"]
+    assert "HloModule" in (tmp_path / "train_step.hlo.txt").read_text()
+    assert "roofline" in text and "MFU bound" in text
+
+
+@pytest.mark.slow
+@needs_cuda
+def test_dry_run_aot_exits_2_with_a_fix_when_the_compiled_step_does_not_fit(
+        tmp_path, monkeypatch, tiny_tok):
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.0000001")  # ~8.5 KB usable
+    config = base.family_config("prefix_norm", TINY + ",attention=xla")
+    out = tmp_path / "out.txt"
+    with open(out, "w") as f:
+        code = aot_check.dry_run(config, device="h100", num_devices=1, out=f,
+                                 tokenizer=tiny_tok)
+    last = out.read_text().strip().splitlines()[-1]
+    assert code == 2
+    assert "compiled train step needs" in last and "fix:" in last
+
+
+def test_unknown_targets_and_counts_are_config_errors():
+    with pytest.raises(config_lib.ConfigError, match="h100"):
+        aot.topology("h200", 1)
+    with pytest.raises(config_lib.ConfigError, match=r"tpu_v5e on \[1, 4, 8\]"):
+        aot.topology("tpu_v5e", 3)
+
+
+@needs_cuda
+def test_gpu_target_configs_describe_their_devices():
+    h100, a100 = aot.topology("h100", 8), aot.topology("a100", 1)
+    assert len(h100.devices) == 8 and h100.device_kind == "NVIDIA H100 80GB HBM3"
+    assert a100.device_kind == "NVIDIA A100-SXM4-80GB"
+    assert "core_count: 132" in aot.gpu_target_config("h100")
+
+
+def test_short_error_keeps_one_line_and_knows_the_causes():
+    e = NotImplementedError("Mosaic kernels cannot be automatically partitioned. Please wrap "
+                            "the call in a shard_map.\n\nlong traceback ...\n" + "x" * 500)
+    line = aot.short_error(e)
+    assert "\n" not in line and line.startswith("NotImplementedError: Mosaic")
+    assert "shard_map" in aot.known_cause(str(e))
+    assert len(line) <= 220
