@@ -252,3 +252,61 @@ def test_id_check_uses_the_model_vocab_and_caches_the_max(tmp_path, monkeypatch)
     os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))
     with pytest.raises(shards.TokenIdError, match=f"token id {2**31 + 5} at position 3"):
         pipeline.build_iterator(path, seq_len=4, batch_size=1, seed=0)
+
+
+def _record_checksums(root):
+    """What tokenize records per shard file: its max id and its content checksum."""
+    stats = json.loads((root / "stats.json").read_text())
+    for shard in stats["shards"]:
+        for split in shards.SPLITS:
+            f = root / shard[split]["file"]
+            ids = np.fromfile(f, dtype=shards.DTYPE)
+            shard[split]["max_id"] = int(ids.max()) if ids.size else -1
+            shard[split]["checksum"] = shards.file_checksum(f)
+    stats["vocab_size"] = 128256
+    (root / "stats.json").write_text(json.dumps(stats))
+
+
+def _poke(f, position, value, keep_mtime=True):
+    """Writes one id into a shard in place, same size, the old mtime restored."""
+    st = f.stat()
+    ids = np.fromfile(f, dtype=shards.DTYPE)
+    ids[position] = value
+    ids.tofile(f)
+    if keep_mtime:
+        os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_a_shard_edited_after_tokenization_is_refused_by_content(tmp_path):
+    """Before: the recorded max_id was trusted, so id 200000 written later reached the model."""
+    root = tmp_path / "tok"
+    path = make_tokens(root, [50, 60])
+    _record_checksums(root)
+    _poke(root / "train" / "s1.bin", 17, 200_000)
+    with pytest.raises(shards.ShardChecksumError,
+                       match=r"s1\.bin: content checksum .* the shard was changed after "
+                             r"tokenization\. Re-tokenize") as info:
+        pipeline.build_iterator(path, seq_len=4, batch_size=1, seed=0)
+    assert isinstance(info.value, ValueError)  # config/data errors exit 2 in main
+    assert "\n" not in str(info.value)
+
+
+def test_each_shard_is_hashed_once_then_trusted_until_it_changes(tmp_path, monkeypatch):
+    root = tmp_path / "tok"
+    path = make_tokens(root, [50, 60], val_sizes=[10, 0])
+    _record_checksums(root)
+    hashed = []
+    real = shards.file_checksum
+    monkeypatch.setattr(shards, "file_checksum", lambda f, *a: hashed.append(f) or real(f, *a))
+    scans = []
+    real_memmap = np.memmap
+    monkeypatch.setattr(np, "memmap", lambda *a, **k: scans.append(a) or real_memmap(*a, **k))
+    pipeline.build_iterator(path, seq_len=4, batch_size=1, seed=0)
+    assert sorted(p.name for p in hashed) == ["s0.bin", "s1.bin"] and scans == []
+    hashed.clear()
+    pipeline.build_iterator(path, seq_len=4, batch_size=1, seed=0)
+    assert hashed == [] and scans == []  # cached by (size, mtime, checksum) in parts/
+    monkeypatch.undo()
+    _poke(root / "train" / "s0.bin", 3, 7, keep_mtime=False)  # an in-vocabulary edit, new mtime
+    with pytest.raises(shards.ShardChecksumError, match=r"s0\.bin"):
+        pipeline.build_iterator(path, seq_len=4, batch_size=1, seed=0)
