@@ -310,3 +310,44 @@ def test_each_shard_is_hashed_once_then_trusted_until_it_changes(tmp_path, monke
     _poke(root / "train" / "s0.bin", 3, 7, keep_mtime=False)  # an in-vocabulary edit, new mtime
     with pytest.raises(shards.ShardChecksumError, match=r"s0\.bin"):
         pipeline.build_iterator(path, seq_len=4, batch_size=1, seed=0)
+
+
+def _run(path, *, steps, batch_size=2, seq_len=4, allow_repeat=False):
+    import types
+
+    return types.SimpleNamespace(
+        data=types.SimpleNamespace(path=path, seq_len=seq_len, allow_repeat=allow_repeat),
+        train=types.SimpleNamespace(steps=steps, batch_size=batch_size))
+
+
+def test_too_little_data_is_refused_naming_the_shortfall(tmp_path):
+    """Before: nothing checked; the last steps silently repeated data."""
+    path = make_tokens(tmp_path / "tok", [50, 60])  # 110 tokens: 27 windows of 4, 2 documents
+    with pytest.raises(pipeline.NotEnoughData) as info:
+        pipeline.check_enough(_run(path, steps=40))  # 40 x 2 x 4 + 1 = 321 tokens
+    msg = str(info.value)
+    assert isinstance(info.value, ValueError) and "\n" not in msg  # one line, exit 2 in main
+    assert ("holds 110 tokens, but train.steps=40 x train.batch_tokens=8 needs 321; short by 211 "
+            "tokens (about 4 more shard files of 55 tokens, or 4 more documents)") in msg
+    assert "data.allow_repeat=True" in msg
+    assert pipeline.check_enough(_run(path, steps=13)) == {  # 26 of 27 windows: enough
+        "tokens_needed": 105, "tokens_held": 110, "windows_per_epoch": 27, "epochs": 1}
+    with pytest.raises(pipeline.NotEnoughData):
+        pipeline.check_enough(_run(path, steps=14))  # 28 windows > 27
+
+
+def test_allow_repeat_trains_on_epochs_and_logs_each_boundary(tmp_path, caplog):
+    path = make_tokens(tmp_path / "tok", [50, 60])
+    with caplog.at_level("WARNING", logger="prefixlm.data"):
+        info = pipeline.check_enough(_run(path, steps=30, allow_repeat=True))
+        assert info["epochs"] == 3 and "reads 3 epochs of 27 windows" in caplog.text
+        caplog.clear()
+        it = pipeline.build_iterator(path, seq_len=4, batch_size=2, seed=0, prefetch_threads=0)
+        batches = collect(it, 30)  # 60 windows: epochs 0, 1 and 2 (27 windows each)
+    wraps = [r.getMessage() for r in caplog.records if "wraps" in r.getMessage()]
+    assert len(wraps) == 2 and "epoch 1 begins (window 27" in wraps[0]
+    assert "epoch 2 begins (window 54" in wraps[1]
+    ids = [w for b in batches for w in window_ids(b, 4)]
+    assert sorted(ids[:27]) == list(range(27)) == sorted(ids[27:54])  # each epoch: every window
+    epochs = [pipeline.epoch_at_step(s, batch_size=2, windows_per_epoch=27) for s in range(30)]
+    assert epochs == [0] * 14 + [1] * 13 + [2] * 3  # step 13 reads windows 26, 27: epoch 0 to 1
