@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 from huggingface_hub.errors import LocalEntryNotFoundError
 
-from prefixlm.data import fineweb
+from prefixlm.data import budget, fineweb
 
 N_FILES, ROWS, TOKENS_PER_ROW = 12, 20, 50
 SHA1, SHA2 = "1" * 40, "2" * 40
@@ -275,7 +275,7 @@ def test_check_measures_llama3_tokens_and_says_how_many_more_files(tmp_path, cap
     assert fineweb.main(args) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "about 3 more files" in err, err
-    c = fineweb.check_tokens(out, toks, need)
+    c = budget.check_tokens(out, toks, need)
     assert c["more_files"] == 3 and c["ratio"] == pytest.approx(ratio)
     # The suggested --margin fetches exactly those files; tokenized, the check passes.
     m = fineweb.select_local(out, str(folder / "*.parquet"), need, margin=c["margin"])

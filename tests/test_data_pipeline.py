@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from prefixlm.data import pipeline, shards
+from prefixlm.data import budget, pipeline, shards
 
 HASH = "0123456789abcdef"
 
@@ -323,23 +323,23 @@ def _run(path, *, steps, batch_size=2, seq_len=4, allow_repeat=False):
 def test_too_little_data_is_refused_naming_the_shortfall(tmp_path):
     """Before: nothing checked; the last steps silently repeated data."""
     path = make_tokens(tmp_path / "tok", [50, 60])  # 110 tokens: 27 windows of 4, 2 documents
-    with pytest.raises(pipeline.NotEnoughData) as info:
-        pipeline.check_enough(_run(path, steps=40))  # 40 x 2 x 4 + 1 = 321 tokens
+    with pytest.raises(budget.NotEnoughData) as info:
+        budget.check_enough(_run(path, steps=40))  # 40 x 2 x 4 + 1 = 321 tokens
     msg = str(info.value)
     assert isinstance(info.value, ValueError) and "\n" not in msg  # one line, exit 2 in main
     assert ("holds 110 tokens, but train.steps=40 x train.batch_tokens=8 needs 321; short by 211 "
             "tokens (about 4 more shard files of 55 tokens, or 4 more documents)") in msg
     assert "data.allow_repeat=True" in msg
-    assert pipeline.check_enough(_run(path, steps=13)) == {  # 26 of 27 windows: enough
+    assert budget.check_enough(_run(path, steps=13)) == {  # 26 of 27 windows: enough
         "tokens_needed": 105, "tokens_held": 110, "windows_per_epoch": 27, "epochs": 1}
-    with pytest.raises(pipeline.NotEnoughData):
-        pipeline.check_enough(_run(path, steps=14))  # 28 windows > 27
+    with pytest.raises(budget.NotEnoughData):
+        budget.check_enough(_run(path, steps=14))  # 28 windows > 27
 
 
 def test_allow_repeat_trains_on_epochs_and_logs_each_boundary(tmp_path, caplog):
     path = make_tokens(tmp_path / "tok", [50, 60])
     with caplog.at_level("WARNING", logger="prefixlm.data"):
-        info = pipeline.check_enough(_run(path, steps=30, allow_repeat=True))
+        info = budget.check_enough(_run(path, steps=30, allow_repeat=True))
         assert info["epochs"] == 3 and "reads 3 epochs of 27 windows" in caplog.text
         caplog.clear()
         it = pipeline.build_iterator(path, seq_len=4, batch_size=2, seed=0, prefetch_threads=0)
@@ -349,5 +349,5 @@ def test_allow_repeat_trains_on_epochs_and_logs_each_boundary(tmp_path, caplog):
     assert "epoch 2 begins (window 54" in wraps[1]
     ids = [w for b in batches for w in window_ids(b, 4)]
     assert sorted(ids[:27]) == list(range(27)) == sorted(ids[27:54])  # each epoch: every window
-    epochs = [pipeline.epoch_at_step(s, batch_size=2, windows_per_epoch=27) for s in range(30)]
+    epochs = [budget.epoch_at_step(s, batch_size=2, windows_per_epoch=27) for s in range(30)]
     assert epochs == [0] * 14 + [1] * 13 + [2] * 3  # step 13 reads windows 26, 27: epoch 0 to 1

@@ -7,16 +7,10 @@ then ``python -m prefixlm.data.tokenize --input 'data/fineweb/sample/100BT/*.par
   taken in a *spread* order (0, 1/2, 1/4, 3/4, 1/8, ... of the sorted list), because each file
   covers only a few crawl dumps: any prefix of that order mixes dumps from across the list, where
   the first N files would not.
-* **How many.** Files are planned from their size at ``BYTES_PER_TOKEN`` and then counted exactly
-  once on disk: each parquet's ``token_count`` column (GPT-2 tokens, as FineWeb reports them) is
-  summed, and files are added until the sum reaches ``tokens * --margin``. The margin converts
-  GPT-2 tokens into the Llama 3 *training* tokens the run reads: Llama 3's larger vocabulary needs
-  ~10-15% fewer tokens for the same text, and tokenize holds out 0.5% for validation. At 0.875
-  Llama 3 per GPT-2 token the old margin of 1.15 left 2e9 x 1.15 x 0.875 x 0.995 = 2.0e9 train
-  tokens for the 2.0e9 a run needs, with nothing to spare; the default is now 1.20 (~4% spare).
-  That is a guess until the text is tokenized: **after tokenizing**, ``--check TOKENS_DIR``
-  measures the ratio on the files themselves and says how many more files the plan needs (and the
-  ``--margin`` that fetches them: the spread order is fixed, so a rerun adds the next files).
+* **How many.** Files are counted by ``token_count`` (GPT-2) up to ``tokens * --margin``; Llama 3
+  needs ~10-15% fewer and 0.5% go to validation, so 1.15 left 2e9 x 1.15 x 0.875 x 0.995 = 2.0e9
+  train tokens for 2.0e9 needed: now 1.20. After tokenizing, ``--check TOKENS_DIR`` measures the
+  ratio and names the files (and ``--margin``) still needed (``prefixlm.data.budget``).
 * **Pinned.** Everything is read at one commit: ``--revision`` (sha, branch or tag), else the one
   recorded in ``DIR/manifest.json``, else today's ``main``, resolved to a sha and recorded first.
 * **Resumable, verified, sized.** ``hf_hub_download`` cannot resume (huggingface_hub 2.4 writes a
@@ -36,7 +30,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import pathlib
 import shutil
@@ -45,16 +38,16 @@ import sys
 import time
 import urllib.parse
 
-from prefixlm.data.shards import OutputWriteError, read_stats, writing
+from prefixlm.data import budget
+from prefixlm.data.shards import OutputWriteError, writing
 
 REPO_ID = "HuggingFaceFW/fineweb-edu"
 FOLDER = "sample/100BT"
 # Bytes of (zstd/snappy) parquet per GPT-2 token, from sample/10BT: ~2.15 GB files of ~0.7e9
 # tokens. Only a first guess; token_count columns decide.
 BYTES_PER_TOKEN = 3.0
-DEFAULT_MARGIN = 1.20  # GPT-2 token_count per Llama 3 train token wanted; see the module doc
-# A dropped connection is resumed in place this many times (from the .part file) before the run
-# gives up with exit 3; the next run resumes from the same .part.
+DEFAULT_MARGIN = 1.20
+# Resumes in place (from the .part) before exit 3; the next run resumes from the same .part.
 RESUME_ATTEMPTS = 3
 RESUME_WAIT_S = 2.0
 
@@ -385,56 +378,6 @@ def select_local(output: str | os.PathLike, input_glob: str, tokens: float, *,
     return _write_manifest(out, f"local:{input_glob}", FOLDER, tokens, margin, chosen, total)
 
 
-def check_tokens(output: str | os.PathLike, tokens_dir: str | os.PathLike, tokens: float) -> dict:
-    """After tokenizing the downloaded files into ``tokens_dir``: whether their train split holds
-    ``tokens`` Llama 3 tokens, measured, and if not how many more files the plan needs.
-
-    The exchange rate is measured on the files themselves: Llama 3 train tokens per GPT-2
-    ``token_count`` of the downloaded files that were tokenized. Returns {"train_tokens",
-    "needed", "ratio", "more_files", "margin"} (``margin``: the ``--margin`` whose rerun fetches
-    them, 0 when nothing more is needed). Raises ValueError when the two directories do not
-    match (files downloaded but not yet tokenized).
-    """
-    out = pathlib.Path(output)
-    try:
-        manifest = json.loads((out / "manifest.json").read_text())
-    except (OSError, ValueError) as e:
-        raise FileNotFoundError(f"{out / 'manifest.json'}: no download record ({e}); run this "
-                                "command without --check first") from e
-    stats = read_stats(tokens_dir)
-    tokenized = {pathlib.Path(f).name for f in stats["inputs"]}
-    files = manifest["files"]
-    missing = [f["path"] for f in files if pathlib.Path(f["path"]).name not in tokenized]
-    if missing or not files:
-        raise ValueError(f"{tokens_dir} was not made from all {len(files)} files of {out} "
-                         f"({len(missing)} not tokenized, e.g. {missing[:1]}); tokenize them "
-                         f"first: python -m prefixlm.data.tokenize --input '{out}/{FOLDER}/"
-                         f"*.parquet' --output {tokens_dir}")
-    gpt2 = sum(int(f["token_count"]) for f in files)
-    train = int(stats["splits"]["train"]["tokens"])
-    ratio = train / max(1, gpt2)
-    short = max(0.0, tokens - train)
-    more_files = math.ceil(short / ratio / (gpt2 / len(files))) if short else 0
-    margin = math.ceil((gpt2 + short / ratio) / tokens * 1.01 * 100) / 100 if short else 0.0
-    return {"train_tokens": train, "needed": tokens, "ratio": ratio, "more_files": more_files,
-            "margin": margin, "gpt2_tokens": gpt2, "files": len(files)}
-
-
-def _check_main(args) -> int:
-    c = check_tokens(args.output, args.check, args.tokens)
-    head = (f"{args.check}: {c['train_tokens']:,} Llama 3 train tokens from {c['files']} files "
-            f"({c['gpt2_tokens']:,} GPT-2 tokens; measured {c['ratio']:.3f} Llama 3 train tokens "
-            f"per GPT-2 token) for {c['needed']:,.0f} needed")
-    if not c["more_files"]:
-        print(f"{head}: enough ({c['train_tokens'] / c['needed'] - 1:+.1%} spare)")
-        return 0
-    print(f"error: {head}: short by {c['needed'] - c['train_tokens']:,.0f}, about "
-          f"{c['more_files']} more files; fetch them with python -m prefixlm.data.fineweb "
-          f"--output {args.output} --tokens {args.tokens:g} --margin {c['margin']:.2f}, then "
-          "rerun the same tokenize command (finished shards are kept)", file=sys.stderr)
-    return 2
-
-
 def _write_manifest(out, repo, folder, tokens, margin, chosen, total, revision=None, *,
                     complete=True) -> dict:
     manifest = {"repo": repo, "revision": revision, "folder": folder, "tokens_requested": tokens,
@@ -466,10 +409,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--revision", default=None,
                    help="dataset commit sha, branch or tag (default: the one recorded in "
                    "OUTPUT/manifest.json, else the current main, resolved to a sha and recorded)")
-    p.add_argument("--check", default=None, metavar="TOKENS_DIR",
-                   help="after tokenizing OUTPUT's files into TOKENS_DIR: measure their Llama 3 "
-                   "train tokens against --tokens and say how many more files are needed "
-                   "(exit 2 when short); downloads nothing")
+    p.add_argument("--check", metavar="TOKENS_DIR", help="after tokenizing: count TOKENS_DIR's "
+                   "Llama 3 train tokens; exit 2 naming the files still needed when short")
     p.add_argument("--no-sha", action="store_true", help="check sizes only, not sha256")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
@@ -481,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         if args.check:
-            return _check_main(args)
+            return budget.check_download_main(args.output, args.check, args.tokens)
         if args.input:
             m = select_local(args.output, args.input, args.tokens, margin=args.margin)
         else:
@@ -501,8 +442,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"{args.output}: {len(m['files'])} files, {m['token_count']:,} GPT-2 tokens; next: "
           f"python -m prefixlm.data.tokenize --input '{args.output}/{FOLDER}/*.parquet' "
-          f"--output DIR, then check the Llama 3 count: python -m prefixlm.data.fineweb "
-          f"--output {args.output} --tokens {args.tokens:g} --check DIR")
+          f"--output DIR, then the same command with --check DIR")
     return 0
 
 

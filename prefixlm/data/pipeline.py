@@ -27,7 +27,6 @@ exact batch sequence of an uninterrupted run.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import pathlib
 import sys
@@ -38,10 +37,6 @@ import numpy as np
 from prefixlm.data import shards
 
 log = logging.getLogger("prefixlm.data")
-
-
-class NotEnoughData(ValueError):
-    """The train split is shorter than the run (a ValueError: a data error, exit 2)."""
 
 
 class TokenWindows:
@@ -116,58 +111,11 @@ def steps_per_epoch(
     return num_windows(path, seq_len, split) // (batch_size * process_count)
 
 
-def epoch_at_step(step: int, *, batch_size: int, windows_per_epoch: int) -> int:
-    """The epoch (0-based) of the first window global step ``step`` reads: step s takes windows
-    [s*B, (s+1)*B) of the repeated stream (B = global batch; processes interleave within it)."""
-    return int(step) * int(batch_size) // max(1, int(windows_per_epoch))
-
-
-def check_enough(config) -> dict:
-    """Checks, before training, that the train split of ``config.data.path`` holds the run:
-    ``train.steps x train.batch_size`` windows of ``data.seq_len`` (``train.steps x
-    train.batch_tokens`` tokens, plus the first token, which is no target).
-
-    Short data is a :class:`NotEnoughData` naming the shortfall (tokens, and about how many more
-    shard files or documents), unless ``data.allow_repeat`` is True: then the run takes repeated,
-    reshuffled epochs and each boundary is logged (see :class:`EpochLog`, :func:`epoch_at_step`).
-    Returns {"tokens_needed", "tokens_held", "windows_per_epoch", "epochs"} (epochs: how many
-    the run touches, 1 when no window repeats).
-    """
-    d, t = config.data, config.train
-    stats = shards.read_stats(d.path)
-    split = stats["splits"]["train"]
-    held = int(split["tokens"])
-    windows = max(0, (held - 1) // int(d.seq_len))
-    needed_windows = int(t.steps) * int(t.batch_size)
-    needed = needed_windows * int(d.seq_len) + 1
-    info = {"tokens_needed": needed, "tokens_held": held, "windows_per_epoch": windows,
-            "epochs": math.ceil(needed_windows / windows) if windows else math.inf}
-    if needed_windows <= windows:
-        return info
-    files = [s["train"] for s in stats["shards"] if int(s["train"]["tokens"]) > 0]
-    short = needed - held
-    per_file = held / max(1, len(files))
-    per_doc = held / max(1, int(split["documents"]))
-    what = (f"data.path={d.path!r}: the train split holds {held:,} tokens, but train.steps="
-            f"{t.steps} x train.batch_tokens={int(t.batch_size) * int(d.seq_len):,} needs "
-            f"{needed:,}; short by {short:,} tokens (about "
-            f"{math.ceil(short / per_file) if held else '?'} more shard files of "
-            f"{per_file:,.0f} tokens, or {math.ceil(short / per_doc) if held else '?'} more "
-            "documents)")
-    if not bool(getattr(d, "allow_repeat", False)):
-        raise NotEnoughData(what + ". Tokenize more data into data.path, lower train.tokens "
-                            "(or train.steps), or set data.allow_repeat=True to train on "
-                            "repeated epochs")
-    log.warning("%s; data.allow_repeat=True: the run reads %s epochs of %s windows, each "
-                "reshuffled, and logs every epoch boundary", what, info["epochs"], windows)
-    return info
-
-
 class EpochLog:
     """A grain ``map_with_index`` transform that logs when this process first reads a window of
     a new epoch of the repeated stream (grain reshuffles each epoch). Windows are read a few
     batches ahead of training (prefetch), so the line comes slightly before the step;
-    :func:`epoch_at_step` gives the exact epoch of a step."""
+    :func:`prefixlm.data.budget.epoch_at_step` gives the exact epoch of a step."""
 
     def __init__(self, windows_per_epoch: int, split: str, path):
         self.windows_per_epoch = max(1, int(windows_per_epoch))

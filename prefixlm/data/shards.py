@@ -158,6 +158,32 @@ def write_json_atomic(path: pathlib.Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def build_stats(ordered: list[dict], corrupt: list[dict], files, tok, *, tokenizer: str,
+                val_fraction: float) -> dict:
+    """The stats.json record tokenize writes: totals, per split, the inputs, and the shard list
+    (each shard's part record: files, counts, ``max_id``, ``checksum``) in stream order."""
+    corrupt = corrupt + [{"file": p["source"], "row_groups": p["row_groups"],
+                          "error": p["corrupt"]} for p in ordered if "corrupt" in p]
+    splits = {s: {"documents": sum(p[s]["documents"] for p in ordered),
+                  "tokens": sum(p[s]["tokens"] for p in ordered)} for s in SPLITS}
+    return {
+        "format": FORMAT,
+        "dtype": "uint32",
+        "tokenizer": tokenizer,
+        "tokenizer_hash": tok.vocab_hash,
+        "eos_id": tok.eos_id,
+        "vocab_size": tok.vocab_size,
+        "val_fraction": float(val_fraction),
+        "documents": sum(v["documents"] for v in splits.values()),
+        "tokens": sum(v["tokens"] for v in splits.values()),
+        "skipped": sum(p["skipped"] for p in ordered),
+        "splits": splits,
+        "inputs": [str(f) for f in files],
+        "corrupt": corrupt,
+        "shards": [{k: v for k, v in p.items() if k != "signature"} for p in ordered],
+    }
+
+
 def read_stats(path: str | os.PathLike) -> dict:
     """Loads ``DIR/stats.json``, with an error that says how to make it when it is missing."""
     root = pathlib.Path(path)

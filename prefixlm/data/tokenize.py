@@ -341,30 +341,6 @@ def _run_units(todo: list[Unit], units: list[Unit], parts: dict, out: pathlib.Pa
     bar.close()
 
 
-def _stats(ordered: list[dict], corrupt: list[dict], files, tok, settings: Settings) -> dict:
-    """The stats.json record: totals, per split, the inputs, and the shard list in stream order."""
-    corrupt = corrupt + [{"file": p["source"], "row_groups": p["row_groups"],
-                          "error": p["corrupt"]} for p in ordered if "corrupt" in p]
-    splits = {s: {"documents": sum(p[s]["documents"] for p in ordered),
-                  "tokens": sum(p[s]["tokens"] for p in ordered)} for s in shards.SPLITS}
-    return {
-        "format": shards.FORMAT,
-        "dtype": "uint32",
-        "tokenizer": settings.tokenizer,
-        "tokenizer_hash": tok.vocab_hash,
-        "eos_id": tok.eos_id,
-        "vocab_size": tok.vocab_size,
-        "val_fraction": settings.val_fraction,
-        "documents": sum(v["documents"] for v in splits.values()),
-        "tokens": sum(v["tokens"] for v in splits.values()),
-        "skipped": sum(p["skipped"] for p in ordered),
-        "splits": splits,
-        "inputs": [str(f) for f in files],
-        "corrupt": corrupt,
-        "shards": [{k: v for k, v in p.items() if k != "signature"} for p in ordered],
-    }
-
-
 def tokenize(
     input_glob: str,
     output: str | os.PathLike,
@@ -396,7 +372,8 @@ def tokenize(
             parts[u.name] = done
     todo = [u for u in units if u.name not in parts]
     _run_units(todo, units, parts, out, settings, workers, progress)
-    stats = _stats([parts[u.name] for u in units], corrupt, files, tok, settings)
+    stats = shards.build_stats([parts[u.name] for u in units], corrupt, files, tok,
+                               tokenizer=settings.tokenizer, val_fraction=settings.val_fraction)
     with shards.writing(out / shards.STATS):
         shards.write_json_atomic(out / shards.STATS, stats)
     return stats
