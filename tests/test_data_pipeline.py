@@ -322,6 +322,9 @@ def _run(path, *, steps, batch_size=2, seq_len=4, allow_repeat=False):
 
 def test_too_little_data_is_refused_naming_the_shortfall(tmp_path):
     """Before: nothing checked; the last steps silently repeated data."""
+    from configs import base
+
+    assert base.get_config().data.allow_repeat is False  # refusing is the default
     path = make_tokens(tmp_path / "tok", [50, 60])  # 110 tokens: 27 windows of 4, 2 documents
     with pytest.raises(budget.NotEnoughData) as info:
         budget.check_enough(_run(path, steps=40))  # 40 x 2 x 4 + 1 = 321 tokens

@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 SEED_SALT = "prefixlm-fewshot-v1"
 
 
-def document_seed(task: str, doc_id: int, seed: int | None) -> int:
+def document_seed(task: str, doc_id: int | str, seed: int | None) -> int:
     """The generator seed of one document's examples: stable across processes and Python hash
     seeds (sha256, not ``hash``)."""
     digest = hashlib.sha256(f"{SEED_SALT}/{task}/{doc_id}/{seed}".encode()).digest()
@@ -79,7 +79,7 @@ class PerDocumentSampler:
         self.doc: dict | None = None
         self.twins_excluded = 0
 
-    def start(self, doc_id: int, doc: dict) -> None:
+    def start(self, doc_id: int | str, doc: dict) -> None:
         self.rnd = random.Random(document_seed(self.task, doc_id, self.seed))
         self.doc = doc
 
@@ -132,7 +132,8 @@ def per_document_fewshot(task, seed: int | None) -> PerDocumentSampler | None:
     render = task.fewshot_context
 
     def fewshot_context(doc, *args, **kwargs):
-        sampler.start(ids[document_key(doc)], doc)
+        key = document_key(doc)  # a document from outside the split is seeded by its content
+        sampler.start(ids.get(key, key), doc)
         return render(doc, *args, **kwargs)
 
     task.sampler = sampler
