@@ -61,7 +61,7 @@ def check_enough(config) -> dict:
     short = needed - held
     per_file = held / max(1, len(files))
     per_doc = held / max(1, int(split["documents"]))
-    what = (f"data.path={d.path!r}: the train split holds {held:,} tokens, but train.steps="
+    what = (f"the train split of {d.path} holds {held:,} tokens, but train.steps="
             f"{t.steps} x train.batch_tokens={int(t.batch_size) * int(d.seq_len):,} needs "
             f"{needed:,}; short by {short:,} tokens (about "
             f"{math.ceil(short / per_file) if held else '?'} more shard files of "
