@@ -22,6 +22,7 @@ HF model on the ``prefixlm.export`` of the same weights (accuracies must agree).
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import pathlib
 import sys
@@ -41,7 +42,9 @@ def build_model(args):
 
         _, model, step = checkpoint.load_model(args.workdir)
         return model, f"{args.workdir} step {step}"
-    cfg = ModelConfig(vocab_size=128256, d_model=args.d_model, n_layers=args.n_layers,
+    # --flops only counts call shapes, which depend on the requests alone: a model with a tiny
+    # vocabulary runs them in seconds (ids past it read garbage embeddings, which nothing uses).
+    cfg = ModelConfig(vocab_size=256 if args.flops else 128256, d_model=args.d_model, n_layers=args.n_layers,
                       n_heads=args.n_heads, n_kv_heads=args.n_kv_heads, d_ff=args.d_ff,
                       max_seq_len=args.max_seq_len, dtype="float32")
     return Llama(cfg, rngs=nnx.Rngs(0)), (
@@ -91,6 +94,59 @@ def in_loop_table(args, model, tok, names, limits) -> None:
           f"unembedding a little). At 30% of an H100's 989 TFLOP/s bf16 dense that is "
           f"{flops / (0.30 * 989e12):.2f} s of model time per evaluation (an estimate from "
           f"FLOPs, not a measurement).")
+
+
+def eval_flops(shapes, *, D=512, n_layers=10, n_heads=8, n_kv_heads=4, d_ff=1536,
+               vocab=128256) -> dict[str, float]:
+    """Forward FLOPs JaxLM spends on calls of shape (rows B, padded length L, scored positions
+    C), for the study model: the trunk over all B x L padded tokens, attention over the full
+    L x L square (no causal saving is assumed), and the [C, V] projection at scored positions."""
+    hd = D // n_heads
+    trunk_params = n_layers * (2 * D * n_heads * hd + 2 * D * n_kv_heads * hd + 3 * D * d_ff)
+    out = {"tokens": 0.0, "scored": 0.0, "trunk": 0.0, "attention": 0.0, "projection": 0.0}
+    for (B, L, C), calls in shapes.items():
+        out["tokens"] += calls * B * L
+        out["scored"] += calls * B * C
+        out["trunk"] += calls * 2 * trunk_params * B * L
+        out["attention"] += calls * 4 * n_layers * n_heads * hd * L * L * B
+        out["projection"] += calls * 2 * vocab * D * B * C
+    return out
+
+
+class ShapeCounter(collections.Counter):
+    """Stands in for ``JaxLM.compiled_shapes`` (a set it adds each call's shape to) and counts
+    the calls of each (rows, padded length, scored positions, targets) shape instead."""
+
+    def add(self, shape) -> None:
+        self[shape] += 1
+
+
+def flops_table(args, model, tok, names, limits) -> None:
+    """Counts the calls JaxLM makes for one in-loop and one final evaluation (run on the given,
+    small, model: the shapes depend on the requests, not on the weights) and prints the forward
+    FLOPs the study model would spend on them."""
+    from prefixlm import evaluate
+
+    print("| evaluation | documents | padded tokens | scored positions (padded) | trunk FLOPs | "
+          "attention FLOPs | projection FLOPs | total |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for label, lim in (("in-loop (eval.limits)", limits), ("final (full sets)", None)):
+        shapes, docs = ShapeCounter(), 0
+        for name in names:
+            task_set = evaluate.TaskSet([name], num_fewshot=args.num_fewshot, limits=lim)
+            lm = evaluate.JaxLM(model, tok, batch_size=args.batch_size)
+            lm.compiled_shapes = shapes
+            evaluate.run_task_set(lm, task_set, bootstrap_iters=0)
+            docs += sum(task_set.sizes.values())
+        calls: collections.Counter = collections.Counter()
+        for (B, L, C, _), n in shapes.items():  # K (targets per row) costs no FLOPs
+            calls[(B, L, C)] += n
+        f = eval_flops(calls)
+        total = f["trunk"] + f["attention"] + f["projection"]
+        print(f"| {label} | {docs:,} | {f['tokens']:,.0f} | {f['scored']:,.0f} | "
+              f"{f['trunk']:.3g} | {f['attention']:.3g} | {f['projection']:.3g} | {total:.3g} |")
+        if args.flops_in_loop_only:
+            break
 
 
 def hf_comparison(args, model, tok, names) -> None:
@@ -155,6 +211,12 @@ def main(argv=None) -> int:
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--offline", action="store_true", help="use the *_local twins without probing")
     p.add_argument("--hf", action="store_true", help="also compare with lm_eval --model hf")
+    p.add_argument("--flops", action="store_true",
+                   help="only count the study model's forward FLOPs for an in-loop and a final "
+                        "evaluation, as JaxLM batches them (runs a small stand-in model with a "
+                        "256-id vocabulary: the call shapes do not depend on the model)")
+    p.add_argument("--flops_in_loop_only", action="store_true", help="with --flops: skip the "
+                   "final (full-set) evaluation, whose request building takes minutes")
     args = p.parse_args(argv)
 
     import jax
@@ -172,6 +234,9 @@ def main(argv=None) -> int:
     print(f"\nmodel: {desc}; tasks {','.join(names)}; limit {args.limit}, limits {limits}; "
           f"{args.num_fewshot}-shot; batch {args.batch_size}; {os.cpu_count()} CPU cores, "
           f"jax {jax.__version__} on {jax.devices()[0].platform}\n")
+    if args.flops:
+        flops_table(args, model, tok, names, limits)
+        return 0
     in_loop_table(args, model, tok, names, limits)
     print(f"\n(load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; "
           "other jobs share this machine)")

@@ -117,6 +117,10 @@ def get_config() -> ml_collections.ConfigDict:
     d.seq_len = 2048
     d.worker_count = 0  # grain worker processes; 0 reads memmaps in-process (fast enough)
     d.prefetch_threads = 2
+    # False: a train split shorter than train.steps x train.batch_tokens is refused before
+    # training (exit 2, naming the shortfall). True: the run repeats the data in reshuffled
+    # epochs and logs each epoch boundary (prefixlm.data.pipeline.check_enough).
+    d.allow_repeat = False
 
     c.train = t = ml_collections.ConfigDict()
     t.tokens = 2_000_000_000  # training budget; steps = tokens // (batch_size x seq_len)

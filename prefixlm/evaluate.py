@@ -45,6 +45,7 @@ from prefixlm.eval_results import (  # noqa: F401 - the public results API, as b
     stratified_subset,
 )
 from prefixlm.jaxlm import JaxLM, config_get, with_compute_dtype  # noqa: F401 - pinned name
+from prefixlm.tasks import fewshot
 
 
 def _parents(group_map: dict) -> dict[str, str]:
@@ -69,7 +70,8 @@ class TaskSet:
       limit: documents per leaf task (None: all), for tasks without an entry in ``limits``.
       limits: per-task documents, by leaf task or group name (a group's entry applies to each of
         its subtasks, as lm-eval's ``limit`` does).
-      seed: few-shot sampling seed.
+      seed: few-shot sampling seed; a document's examples depend on its task, its index and this
+        seed only (``tasks.fewshot``), so a subset shows each document the full set's prompt.
 
     A limited task is scored on ``stratified_subset`` of its evaluation split, not its first
     documents, so every run and every step sees the same label-balanced documents.
@@ -112,13 +114,16 @@ class TaskSet:
 
 
 def _configure(task, num_fewshot: int | None, seed: int) -> None:
-    """What ``lm_eval.simple_evaluate`` does to each task before building requests."""
+    """What ``lm_eval.simple_evaluate`` does to each task before building requests, except that
+    few-shot examples are drawn per document (``tasks.fewshot``): a document gets the same prompt
+    in a limited subset and in the full set."""
     if num_fewshot is not None:
         if task.get_config("num_fewshot") != 0:  # a YAML that pins 0 keeps it (lm-eval's rule)
             task.set_config(key="num_fewshot", value=num_fewshot)
     elif task.get_config("num_fewshot") is None:
         task.set_config(key="num_fewshot", value=0)
     task.set_fewshot_seed(seed=seed)
+    fewshot.per_document_fewshot(task, seed)
 
 
 def _reuse_requests(task) -> None:

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 from huggingface_hub.errors import LocalEntryNotFoundError
 
-from prefixlm.data import fineweb
+from prefixlm.data import budget, fineweb
 
 N_FILES, ROWS, TOKENS_PER_ROW = 12, 20, 50
 SHA1, SHA2 = "1" * 40, "2" * 40
@@ -254,3 +254,37 @@ def test_spread_order_is_a_permutation():
         order = fineweb.spread_order(n)
         assert sorted(order) == list(range(n))
     assert fineweb.spread_order(8)[:4] == [0, 4, 2, 6]
+
+
+def test_check_measures_llama3_tokens_and_says_how_many_more_files(tmp_path, capsys):
+    """Before: the margin was GPT-2 token_count x 1.15 and nothing measured the Llama 3 count."""
+    from prefixlm.data import tokenize
+
+    folder = tmp_path / "hub" / fineweb.FOLDER
+    folder.mkdir(parents=True)
+    for i in range(N_FILES):
+        (folder / f"{i:03d}_00000.parquet").write_bytes(parquet_bytes(i))
+    out, toks = tmp_path / "local", tmp_path / "tokens"
+    fineweb.select_local(out, str(folder / "*.parquet"), 2 * PER_FILE, margin=1.0)
+    tokenize.tokenize(f"{out}/{fineweb.FOLDER}/*.parquet", toks, val_fraction=0.0,
+                      progress=False)
+    train = json.loads((toks / "stats.json").read_text())["splits"]["train"]["tokens"]
+    ratio = train / (2 * PER_FILE)  # the 2 files' GPT-2 token_count
+    need = train + int(2.5 * PER_FILE * ratio)  # 2.5 more files' worth of Llama 3 tokens
+    args = ["--output", str(out), "--tokens", str(need), "--check", str(toks)]
+    assert fineweb.main(args) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "about 3 more files" in err, err
+    c = budget.check_tokens(out, toks, need)
+    assert c["more_files"] == 3 and c["ratio"] == pytest.approx(ratio)
+    # The suggested --margin fetches exactly those files; tokenized, the check passes.
+    m = fineweb.select_local(out, str(folder / "*.parquet"), need, margin=c["margin"])
+    assert len(m["files"]) == 5
+    tokenize.tokenize(f"{out}/{fineweb.FOLDER}/*.parquet", toks, val_fraction=0.0,
+                      progress=False)
+    assert fineweb.main(args) == 0
+    assert "enough" in capsys.readouterr().out
+    # A download not yet tokenized is named, not measured wrongly.
+    fineweb.select_local(out, str(folder / "*.parquet"), need * 2, margin=c["margin"])
+    assert fineweb.main(args) == 2
+    assert "not tokenized" in capsys.readouterr().err

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from prefixlm.data import pipeline, shards
+from prefixlm.data import budget, pipeline, shards
 
 HASH = "0123456789abcdef"
 
@@ -252,3 +252,105 @@ def test_id_check_uses_the_model_vocab_and_caches_the_max(tmp_path, monkeypatch)
     os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))
     with pytest.raises(shards.TokenIdError, match=f"token id {2**31 + 5} at position 3"):
         pipeline.build_iterator(path, seq_len=4, batch_size=1, seed=0)
+
+
+def _record_checksums(root):
+    """What tokenize records per shard file: its max id and its content checksum."""
+    stats = json.loads((root / "stats.json").read_text())
+    for shard in stats["shards"]:
+        for split in shards.SPLITS:
+            f = root / shard[split]["file"]
+            ids = np.fromfile(f, dtype=shards.DTYPE)
+            shard[split]["max_id"] = int(ids.max()) if ids.size else -1
+            shard[split]["checksum"] = shards.file_checksum(f)
+    stats["vocab_size"] = 128256
+    (root / "stats.json").write_text(json.dumps(stats))
+
+
+def _poke(f, position, value, keep_mtime=True):
+    """Writes one id into a shard in place, same size, the old mtime restored."""
+    st = f.stat()
+    ids = np.fromfile(f, dtype=shards.DTYPE)
+    ids[position] = value
+    ids.tofile(f)
+    if keep_mtime:
+        os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_a_shard_edited_after_tokenization_is_refused_by_content(tmp_path):
+    """Before: the recorded max_id was trusted, so id 200000 written later reached the model."""
+    root = tmp_path / "tok"
+    path = make_tokens(root, [50, 60])
+    _record_checksums(root)
+    _poke(root / "train" / "s1.bin", 17, 200_000)
+    with pytest.raises(shards.ShardChecksumError,
+                       match=r"s1\.bin: content checksum .* the shard was changed after "
+                             r"tokenization\. Re-tokenize") as info:
+        pipeline.build_iterator(path, seq_len=4, batch_size=1, seed=0)
+    assert isinstance(info.value, ValueError)  # config/data errors exit 2 in main
+    assert "\n" not in str(info.value)
+
+
+def test_each_shard_is_hashed_once_then_trusted_until_it_changes(tmp_path, monkeypatch):
+    root = tmp_path / "tok"
+    path = make_tokens(root, [50, 60], val_sizes=[10, 0])
+    _record_checksums(root)
+    hashed = []
+    real = shards.file_checksum
+    monkeypatch.setattr(shards, "file_checksum", lambda f, *a: hashed.append(f) or real(f, *a))
+    scans = []
+    real_memmap = np.memmap
+    monkeypatch.setattr(np, "memmap", lambda *a, **k: scans.append(a) or real_memmap(*a, **k))
+    pipeline.build_iterator(path, seq_len=4, batch_size=1, seed=0)
+    assert sorted(p.name for p in hashed) == ["s0.bin", "s1.bin"] and scans == []
+    hashed.clear()
+    pipeline.build_iterator(path, seq_len=4, batch_size=1, seed=0)
+    assert hashed == [] and scans == []  # cached by (size, mtime, checksum) in parts/
+    monkeypatch.undo()
+    _poke(root / "train" / "s0.bin", 3, 7, keep_mtime=False)  # an in-vocabulary edit, new mtime
+    with pytest.raises(shards.ShardChecksumError, match=r"s0\.bin"):
+        pipeline.build_iterator(path, seq_len=4, batch_size=1, seed=0)
+
+
+def _run(path, *, steps, batch_size=2, seq_len=4, allow_repeat=False):
+    import types
+
+    return types.SimpleNamespace(
+        data=types.SimpleNamespace(path=path, seq_len=seq_len, allow_repeat=allow_repeat),
+        train=types.SimpleNamespace(steps=steps, batch_size=batch_size))
+
+
+def test_too_little_data_is_refused_naming_the_shortfall(tmp_path):
+    """Before: nothing checked; the last steps silently repeated data."""
+    from configs import base
+
+    assert base.get_config().data.allow_repeat is False  # refusing is the default
+    path = make_tokens(tmp_path / "tok", [50, 60])  # 110 tokens: 27 windows of 4, 2 documents
+    with pytest.raises(budget.NotEnoughData) as info:
+        budget.check_enough(_run(path, steps=40))  # 40 x 2 x 4 + 1 = 321 tokens
+    msg = str(info.value)
+    assert isinstance(info.value, ValueError) and "\n" not in msg  # one line, exit 2 in main
+    assert ("holds 110 tokens, but train.steps=40 x train.batch_tokens=8 needs 321; short by 211 "
+            "tokens (about 4 more shard files of 55 tokens, or 4 more documents)") in msg
+    assert "data.allow_repeat=True" in msg
+    assert budget.check_enough(_run(path, steps=13)) == {  # 26 of 27 windows: enough
+        "tokens_needed": 105, "tokens_held": 110, "windows_per_epoch": 27, "epochs": 1}
+    with pytest.raises(budget.NotEnoughData):
+        budget.check_enough(_run(path, steps=14))  # 28 windows > 27
+
+
+def test_allow_repeat_trains_on_epochs_and_logs_each_boundary(tmp_path, caplog):
+    path = make_tokens(tmp_path / "tok", [50, 60])
+    with caplog.at_level("WARNING", logger="prefixlm.data"):
+        info = budget.check_enough(_run(path, steps=30, allow_repeat=True))
+        assert info["epochs"] == 3 and "reads 3 epochs of 27 windows" in caplog.text
+        caplog.clear()
+        it = pipeline.build_iterator(path, seq_len=4, batch_size=2, seed=0, prefetch_threads=0)
+        batches = collect(it, 30)  # 60 windows: epochs 0, 1 and 2 (27 windows each)
+    wraps = [r.getMessage() for r in caplog.records if "wraps" in r.getMessage()]
+    assert len(wraps) == 2 and "epoch 1 begins (window 27" in wraps[0]
+    assert "epoch 2 begins (window 54" in wraps[1]
+    ids = [w for b in batches for w in window_ids(b, 4)]
+    assert sorted(ids[:27]) == list(range(27)) == sorted(ids[27:54])  # each epoch: every window
+    epochs = [budget.epoch_at_step(s, batch_size=2, windows_per_epoch=27) for s in range(30)]
+    assert epochs == [0] * 14 + [1] * 13 + [2] * 3  # step 13 reads windows 26, 27: epoch 0 to 1

@@ -204,6 +204,35 @@ def test_missing_text_column_and_no_inputs(tmp_path):
         tokenize.tokenize(str(tmp_path / "nothing*.parquet"), tmp_path / "out", progress=False)
 
 
+@pytest.mark.parametrize("column", [pa.array([b"bytes", b"more"], pa.binary()),
+                                    pa.array([1, 2], pa.int64())], ids=["binary", "int64"])
+def test_a_text_column_that_is_not_strings_is_one_line(tmp_path, capsys, column):
+    """Before: a traceback from inside the worker (bytes.encode / int has no len)."""
+    src = tmp_path / "in" / "odd.parquet"
+    src.parent.mkdir()
+    pq.write_table(pa.table({"text": column}), src)
+    rc = tokenize.main(["--input", str(src), "--output", str(tmp_path / "out"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert "odd.parquet" in err and "column 'text'" in err and str(column.type) in err
+    assert not (tmp_path / "out").exists()  # refused before any output
+
+
+def test_shards_record_a_checksum_of_their_bytes(tmp_path):
+    import hashlib
+
+    import xxhash
+
+    src = write_parquet(tmp_path / "in" / "a.parquet", many_docs(60, seed=5))
+    stats = tokenize.tokenize(str(src), tmp_path / "out", val_fraction=0.2, progress=False)
+    for split in shards.SPLITS:
+        entry = stats["shards"][0][split]
+        data = (tmp_path / "out" / entry["file"]).read_bytes()
+        assert entry["tokens"] > 0 and entry["checksum"] == "xxh3_64:" + xxhash.xxh3_64_hexdigest(data)
+        assert shards.file_checksum(tmp_path / "out" / entry["file"], "sha256") == (
+            "sha256:" + hashlib.sha256(data).hexdigest())
+
+
 def test_cli_help_explains():
     r = subprocess.run([sys.executable, "-m", "prefixlm.data.tokenize", "--help"],
                        capture_output=True, text=True, env={**os.environ, "COLUMNS": "120"})

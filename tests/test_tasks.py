@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from prefixlm import tasks
-from prefixlm.tasks import charbench_local, olmo_data
+from prefixlm.tasks import charbench_local, fewshot, olmo_data
 
 # An independent reading of each question: parse the word and character back out of the text.
 PATTERNS = {
@@ -170,14 +170,18 @@ def example_block(task, doc) -> str:
     return text + task.config.target_delimiter + answer + task.config.fewshot_delimiter
 
 
-def self_including_prompts(loaded, num_fewshot=5) -> dict[str, tuple[int, int]]:
+def self_including_prompts(loaded, num_fewshot=5, per_document=True
+                           ) -> dict[str, tuple[int, int]]:
     """{leaf task: (prompts holding their own document with its answer, prompts)}, every
     document of every task, prompts built by lm-eval's own ``build_all_requests`` after the
-    set-up ``simple_evaluate`` does (few-shot count, seed 1234)."""
+    set-up ``simple_evaluate`` does (few-shot count, seed 1234) and, with ``per_document``, the
+    per-document examples every prefixlm evaluation uses (``tasks.fewshot``)."""
     counts = {}
     for name, task in loaded["tasks"].items():
         task.set_config(key="num_fewshot", value=num_fewshot)
         task.set_fewshot_seed(seed=1234)
+        if per_document:
+            fewshot.per_document_fewshot(task, 1234)
         task.build_all_requests(limit=None, rank=0, world_size=1)
         docs = task.eval_docs
         contexts = collections.defaultdict(set)
@@ -276,7 +280,8 @@ def test_the_check_finds_leaks_where_lm_eval_is_not_told(charbench_hub_copy):
         "doc_to_choice": charbench_local.CHOICES, "doc_to_target": hooks.charbench_target,
         "metric_list": [{"metric": "acc"}]}
     found = self_including_prompts(
-        tasks.shared_task_manager().load([winogrande_before, charbench_before]))
+        tasks.shared_task_manager().load([winogrande_before, charbench_before]),
+        per_document=False)  # lm-eval's own sampler, as the configurations ran then
     assert found["winogrande_before"] == (7, 1267), found  # the count the issue reported
     assert found["charbench_before"][0] > 0, found
     with_fix = self_including_prompts(tasks.shared_task_manager().load(
@@ -299,6 +304,75 @@ def test_zero_self_including_prompts_across_all_tasks(charbench_hub_copy, capsys
         print(f"\n{leaks} self-including prompts across all tasks at full size "
               f"({prompts} prompts, {len(LEAKS)} leaf tasks, 5-shot)")
     assert leaks == 0, {k: v for k, v in LEAKS.items() if v[0]}
+
+
+# --- One prompt per document: a subset shows each document the full set's prompt -------------
+
+def prompts_by_document(task, samples=None, per_document=True) -> dict[int, tuple[str, ...]]:
+    """{index in the scored split: the contexts lm-eval's ``build_all_requests`` rendered for it},
+    5-shot, seed 1234, for the documents ``samples`` (sorted indices; None: all)."""
+    task.set_config(key="num_fewshot", value=5)
+    task.set_fewshot_seed(seed=1234)
+    if per_document:
+        fewshot.per_document_fewshot(task, 1234)
+    task.build_all_requests(limit=None, samples=samples, rank=0, world_size=1)
+    contexts = collections.defaultdict(list)
+    for inst in task.instances:  # doc_id counts the rendered documents: map it back
+        contexts[samples[inst.doc_id] if samples else inst.doc_id].append(inst.arguments[0])
+    return {i: tuple(c) for i, c in contexts.items()}
+
+
+def _subset_and_full(name, limit, per_document):
+    from prefixlm.eval_results import gold_index, stratified_subset
+
+    (task,) = tasks.shared_task_manager().load([name])["tasks"].values()
+    labels = [gold_index(task, doc) for doc in task.eval_docs]
+    subset = stratified_subset(labels, limit, name)  # what TaskSet scores in the loop
+    in_loop = prompts_by_document(task, subset, per_document)
+    (task,) = tasks.shared_task_manager().load([name])["tasks"].values()
+    return in_loop, prompts_by_document(task, None, per_document)
+
+
+def test_a_document_gets_one_prompt_in_the_subset_and_in_the_full_set(capsys):
+    """piqa_local at the in-loop limit: every scored document's prompt text is the same in the
+    in-loop subset and in the final full-set evaluation; lm-eval's shared sampler (the check's
+    control) changes almost all of them."""
+    in_loop, full = _subset_and_full("piqa_local", 1000, per_document=True)
+    assert len(in_loop) == 1000 and len(full) == 1838
+    differ = [i for i in in_loop if in_loop[i] != full[i]]
+    assert differ == [], differ[:5]
+    shots = {c[0].rsplit("\n\n", 1)[0] for c in full.values()}
+    assert len(shots) > 0.99 * len(full)  # documents do not all share one set of examples
+    in_loop_before, full_before = _subset_and_full("piqa_local", 1000, per_document=False)
+    before = sum(in_loop_before[i] != full_before[i] for i in in_loop_before)
+    assert before > 900, before
+    with capsys.disabled():
+        print(f"\npiqa_local, 1,000 of 1,838: prompts differing between subset and full set: "
+              f"{before} with lm-eval's sampler, {len(differ)} per document")
+
+
+def test_winogrande_never_shows_the_scored_items_twin(capsys):
+    """The twin (same sentence up to the blank, the other option) is never a shot, at full size;
+    lm-eval's sampler (the control) shows it in some prompts."""
+    key = fewshot.winogrande_twin_key
+    shown = {}
+    for per_document in (False, True):
+        (task,) = tasks.shared_task_manager().load(["winogrande_local"])["tasks"].values()
+        docs = list(task.eval_docs)
+        prompts = prompts_by_document(task, None, per_document)
+        by_key = collections.defaultdict(list)
+        for i, doc in enumerate(docs):
+            by_key[key(doc)].append(i)
+        shown[per_document] = sum(
+            any(example_block(task, docs[j]) in c for j in by_key[key(docs[i])] if j != i
+                for c in ctxs) for i, ctxs in prompts.items())
+    excluded = task.sampler.twins_excluded
+    assert shown[True] == 0 and shown[False] > 0, shown
+    assert excluded > 0
+    with capsys.disabled():
+        print(f"\nwinogrande_local, 1,267 prompts: showing the scored item's twin: "
+              f"{shown[False]} with lm-eval's sampler, {shown[True]} per document; twins "
+              f"excluded: {excluded} prompts")
 
 
 def test_builtin_tasks_draw_examples_from_train_and_score_another_split():

@@ -7,11 +7,10 @@ then ``python -m prefixlm.data.tokenize --input 'data/fineweb/sample/100BT/*.par
   taken in a *spread* order (0, 1/2, 1/4, 3/4, 1/8, ... of the sorted list), because each file
   covers only a few crawl dumps: any prefix of that order mixes dumps from across the list, where
   the first N files would not.
-* **How many.** Files are planned from their size at ``BYTES_PER_TOKEN`` and then counted exactly
-  once on disk: each parquet's ``token_count`` column (GPT-2 tokens, as FineWeb reports them) is
-  summed, and files are added until the sum reaches ``tokens * --margin``. The default margin
-  1.15 covers Llama 3's larger vocabulary, which needs ~10-15% fewer tokens for the same text,
-  so 2e9 Llama 3 tokens need ~2.3e9 GPT-2 tokens of text.
+* **How many.** Files are counted by ``token_count`` (GPT-2) up to ``tokens * --margin``; Llama 3
+  needs ~10-15% fewer and 0.5% go to validation, so 1.15 left 2e9 x 1.15 x 0.875 x 0.995 = 2.0e9
+  train tokens for 2.0e9 needed: now 1.20. After tokenizing, ``--check TOKENS_DIR`` measures the
+  ratio and names the files (and ``--margin``) still needed (``prefixlm.data.budget``).
 * **Pinned.** Everything is read at one commit: ``--revision`` (sha, branch or tag), else the one
   recorded in ``DIR/manifest.json``, else today's ``main``, resolved to a sha and recorded first.
 * **Resumable, verified, sized.** ``hf_hub_download`` cannot resume (huggingface_hub 2.4 writes a
@@ -39,6 +38,7 @@ import sys
 import time
 import urllib.parse
 
+from prefixlm.data import budget
 from prefixlm.data.shards import OutputWriteError, writing
 
 REPO_ID = "HuggingFaceFW/fineweb-edu"
@@ -46,9 +46,8 @@ FOLDER = "sample/100BT"
 # Bytes of (zstd/snappy) parquet per GPT-2 token, from sample/10BT: ~2.15 GB files of ~0.7e9
 # tokens. Only a first guess; token_count columns decide.
 BYTES_PER_TOKEN = 3.0
-DEFAULT_MARGIN = 1.15
-# A dropped connection is resumed in place this many times (from the .part file) before the run
-# gives up with exit 3; the next run resumes from the same .part.
+DEFAULT_MARGIN = 1.20
+# Resumes in place (from the .part) before exit 3; the next run resumes from the same .part.
 RESUME_ATTEMPTS = 3
 RESUME_WAIT_S = 2.0
 
@@ -410,6 +409,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--revision", default=None,
                    help="dataset commit sha, branch or tag (default: the one recorded in "
                    "OUTPUT/manifest.json, else the current main, resolved to a sha and recorded)")
+    p.add_argument("--check", metavar="TOKENS_DIR", help="after tokenizing: count TOKENS_DIR's "
+                   "Llama 3 train tokens; exit 2 naming the files still needed when short")
     p.add_argument("--no-sha", action="store_true", help="check sizes only, not sha256")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
@@ -420,6 +421,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     try:
+        if args.check:
+            return budget.check_download_main(args.output, args.check, args.tokens)
         if args.input:
             m = select_local(args.output, args.input, args.tokens, margin=args.margin)
         else:
@@ -439,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"{args.output}: {len(m['files'])} files, {m['token_count']:,} GPT-2 tokens; next: "
           f"python -m prefixlm.data.tokenize --input '{args.output}/{FOLDER}/*.parquet' "
-          f"--output DIR")
+          f"--output DIR, then the same command with --check DIR")
     return 0
 
 

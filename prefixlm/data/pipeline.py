@@ -26,6 +26,7 @@ exact batch sequence of an uninterrupted run.
 
 from __future__ import annotations
 
+import logging
 import os
 import pathlib
 import sys
@@ -34,6 +35,8 @@ from typing import Any
 import numpy as np
 
 from prefixlm.data import shards
+
+log = logging.getLogger("prefixlm.data")
 
 
 class TokenWindows:
@@ -108,6 +111,26 @@ def steps_per_epoch(
     return num_windows(path, seq_len, split) // (batch_size * process_count)
 
 
+class EpochLog:
+    """A grain ``map_with_index`` transform that logs when this process first reads a window of
+    a new epoch of the repeated stream (grain reshuffles each epoch). Windows are read a few
+    batches ahead of training (prefetch), so the line comes slightly before the step;
+    :func:`prefixlm.data.budget.epoch_at_step` gives the exact epoch of a step."""
+
+    def __init__(self, windows_per_epoch: int, split: str, path):
+        self.windows_per_epoch = max(1, int(windows_per_epoch))
+        self.where = f"{split} split of {path}"
+        self.seen = 0
+
+    def __call__(self, index: int, window):
+        epoch = int(index) // self.windows_per_epoch
+        if epoch > self.seen:
+            self.seen = epoch
+            log.warning("data: the %s wraps: epoch %d begins (window %d of the repeated stream, "
+                        "%d windows per epoch)", self.where, epoch, index, self.windows_per_epoch)
+        return window
+
+
 def _split_batch(windows_BxL1: np.ndarray) -> dict[str, np.ndarray]:
     w = windows_BxL1.astype(np.int32)
     return {"inputs": w[:, :-1], "targets": w[:, 1:]}
@@ -166,6 +189,7 @@ def build_dataset(
         if num_epochs > 1:
             ds = ds.repeat(num_epochs)
         ds = ds[: len(ds) // need * need]
+    ds = ds.map_with_index(EpochLog(len(source), split, path))
     if process_count > 1:
         ds = ds[process_index::process_count]
     return ds.batch(batch_size, drop_remainder=True).map(_split_batch)

@@ -17,15 +17,21 @@ from a killed or differently-configured run are never read.
 
 Token ids are checked against the vocabulary when a split's shards are opened
 (:func:`split_files`): an id >= vocab size would index past the embedding (NaN at step 1) and one
->= 2**31 wraps to a negative int32 and trains silently. The check is a max over each shard, which
-is free for shards written by ``tokenize`` (it records ``max_id`` per split) and otherwise computed
-once and cached in ``parts/<shard>.json`` under ``id_check`` (keyed by file size and mtime).
+>= 2**31 wraps to a negative int32 and trains silently. The check is a max over each shard.
+``tokenize`` records each shard file's ``max_id`` and a content ``checksum`` (xxh3-64 when the
+``xxhash`` package is installed, else sha256); the recorded max is trusted only once the file's
+bytes hash to the recorded checksum (:func:`verify_checksum`: a file edited after tokenization is a
+:class:`ShardChecksumError` naming it). A file is hashed once: the verdict is cached in
+``parts/<shard>.json`` under ``verified``, keyed by (size, mtime, checksum). Shards without a
+checksum (older tokenizations) get their max computed instead, cached the same way under
+``id_check``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import pathlib
@@ -42,6 +48,41 @@ INT32_LIMIT = 2**31  # ids reach the model as int32: anything at or above this w
 
 class TokenIdError(ValueError):
     """A shard holds a token id outside the vocabulary (a ValueError: a data error, exit 2)."""
+
+
+class ShardChecksumError(ValueError):
+    """A shard's bytes differ from what tokenize wrote (a ValueError: a data error, exit 2)."""
+
+
+# --- content checksums -----------------------------------------------------------------------
+
+HASH_CHUNK = 16 << 20  # bytes per read while hashing: large enough to run at memory speed
+
+
+def new_hasher(algorithm: str | None = None):
+    """(name, hasher) for ``algorithm`` ("xxh3_64" or "sha256"); None: xxh3_64 if ``xxhash`` is
+    installed (~10x faster than sha256, see bench/data.py --hash), else sha256. Raises
+    ``ModuleNotFoundError`` for xxh3_64 without xxhash."""
+    if algorithm in (None, "xxh3_64"):
+        try:
+            import xxhash
+
+            return "xxh3_64", xxhash.xxh3_64()
+        except ModuleNotFoundError:
+            if algorithm is not None:
+                raise
+    if algorithm not in (None, "sha256"):
+        raise ValueError(f"unknown checksum algorithm {algorithm!r}")
+    return "sha256", hashlib.sha256()
+
+
+def file_checksum(path: os.PathLike, algorithm: str | None = None) -> str:
+    """``"<algorithm>:<hex digest>"`` of a file's bytes, read in HASH_CHUNK pieces."""
+    name, h = new_hasher(algorithm)
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            h.update(chunk)
+    return f"{name}:{h.hexdigest()}"
 
 
 # --- writing (tokenize): output failures are never blamed on the input --------------------------
@@ -81,14 +122,22 @@ class ShardWriter:
         self.final = final
         self.tmp = final.with_name(final.name + ".tmp")
         self.max_id = -1
+        self._algorithm, self._hasher = new_hasher()
         with writing(self.tmp):
             self._file = open_output(self.tmp)
+
+    @property
+    def checksum(self) -> str:
+        """The written bytes' checksum, as :func:`file_checksum` computes it from the file."""
+        return f"{self._algorithm}:{self._hasher.hexdigest()}"
 
     def write(self, ids: np.ndarray) -> None:
         if ids.size:
             self.max_id = max(self.max_id, int(ids.max()))
+        data = ids.tobytes()
+        self._hasher.update(data)
         with writing(self.tmp):
-            self._file.write(ids.tobytes())
+            self._file.write(data)
 
     def commit(self) -> None:
         with writing(self.tmp):
@@ -107,6 +156,32 @@ def write_json_atomic(path: pathlib.Path, obj: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=1, sort_keys=False) + "\n")
     os.replace(tmp, path)
+
+
+def build_stats(ordered: list[dict], corrupt: list[dict], files, tok, *, tokenizer: str,
+                val_fraction: float) -> dict:
+    """The stats.json record tokenize writes: totals, per split, the inputs, and the shard list
+    (each shard's part record: files, counts, ``max_id``, ``checksum``) in stream order."""
+    corrupt = corrupt + [{"file": p["source"], "row_groups": p["row_groups"],
+                          "error": p["corrupt"]} for p in ordered if "corrupt" in p]
+    splits = {s: {"documents": sum(p[s]["documents"] for p in ordered),
+                  "tokens": sum(p[s]["tokens"] for p in ordered)} for s in SPLITS}
+    return {
+        "format": FORMAT,
+        "dtype": "uint32",
+        "tokenizer": tokenizer,
+        "tokenizer_hash": tok.vocab_hash,
+        "eos_id": tok.eos_id,
+        "vocab_size": tok.vocab_size,
+        "val_fraction": float(val_fraction),
+        "documents": sum(v["documents"] for v in splits.values()),
+        "tokens": sum(v["tokens"] for v in splits.values()),
+        "skipped": sum(p["skipped"] for p in ordered),
+        "splits": splits,
+        "inputs": [str(f) for f in files],
+        "corrupt": corrupt,
+        "shards": [{k: v for k, v in p.items() if k != "signature"} for p in ordered],
+    }
 
 
 def read_stats(path: str | os.PathLike) -> dict:
@@ -186,32 +261,77 @@ def id_limit(stats: dict, vocab_size: int | None = None) -> int:
     return min(limits)
 
 
-def shard_max_id(root: pathlib.Path, shard: dict, split: str, f: pathlib.Path) -> int:
-    """The largest id in one shard file: recorded by tokenize, cached, or computed and cached."""
-    recorded = shard[split].get("max_id")
-    if recorded is not None:
-        return int(recorded)
-    st = f.stat()
-    key = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    part_file = root / "parts" / f"{shard.get('name', f.stem)}.json"
+def _part_file(root: pathlib.Path, shard: dict, f: pathlib.Path) -> pathlib.Path:
+    return root / "parts" / f"{shard.get('name', f.stem)}.json"
+
+
+def _read_part(part_file: pathlib.Path) -> dict:
     try:
         part = json.loads(part_file.read_text())
     except (OSError, ValueError):
-        part = {}
-    cached = part.get("id_check", {}).get(split)
-    if cached is not None and {k: cached.get(k) for k in key} == key:
-        return int(cached["max_id"])
-    arr = np.memmap(f, dtype=DTYPE, mode="r")
-    max_id = int(arr.max()) if arr.size else -1
-    del arr
-    part.setdefault("id_check", {})[split] = {"max_id": max_id, **key}
-    # Best effort: a read-only token directory is still usable, it just recomputes each time.
-    # The temp name is per process so processes opening the same shards never collide.
+        return {}
+    return part if isinstance(part, dict) else {}
+
+
+def _cache(part_file: pathlib.Path, section: str, split: str, entry: dict) -> None:
+    """Records ``entry`` under ``section``/``split`` of a part file. Best effort: a read-only
+    token directory is still usable, it just checks again each time. The temp name is per process
+    so processes opening the same shards never collide."""
+    part = _read_part(part_file)
+    part.setdefault(section, {})[split] = entry
     with contextlib.suppress(OSError):
         part_file.parent.mkdir(exist_ok=True)
         tmp = part_file.with_name(f"{part_file.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(part, indent=1) + "\n")
         os.replace(tmp, part_file)
+
+
+def _file_key(f: pathlib.Path) -> dict:
+    st = f.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def verify_checksum(root: pathlib.Path, shard: dict, split: str, f: pathlib.Path) -> bool:
+    """True when ``f`` holds the bytes tokenize wrote (its recorded ``checksum``); raises
+    :class:`ShardChecksumError` when it does not. False when it cannot tell (no checksum recorded,
+    or an xxh3 checksum without ``xxhash`` installed). Hashes a file once: a match is cached
+    under ``verified`` in its part file, keyed by (size, mtime, checksum)."""
+    want = shard[split].get("checksum")
+    if not want:
+        return False
+    part_file = _part_file(root, shard, f)
+    key = {**_file_key(f), "checksum": want}
+    cached = _read_part(part_file).get("verified", {}).get(split)
+    if cached == key:
+        return True
+    try:
+        got = file_checksum(f, want.split(":", 1)[0])
+    except (ModuleNotFoundError, ValueError):
+        return False
+    if got != want:
+        raise ShardChecksumError(
+            f"{f}: content checksum {got} differs from {want}, recorded by tokenize in "
+            f"{root / STATS}; the shard was changed after tokenization. Re-tokenize into a fresh "
+            "directory: python -m prefixlm.data.tokenize --input 'PARQUET_GLOB' --output NEW_DIR")
+    _cache(part_file, "verified", split, key)
+    return True
+
+
+def shard_max_id(root: pathlib.Path, shard: dict, split: str, f: pathlib.Path) -> int:
+    """The largest id in one shard file: the one tokenize recorded once the file's checksum
+    matches (:func:`verify_checksum`), else computed and cached by (size, mtime)."""
+    recorded = shard[split].get("max_id")
+    if recorded is not None and verify_checksum(root, shard, split, f):
+        return int(recorded)
+    part_file = _part_file(root, shard, f)
+    key = _file_key(f)
+    cached = _read_part(part_file).get("id_check", {}).get(split)
+    if cached is not None and {k: cached.get(k) for k in key} == key:
+        return int(cached["max_id"])
+    arr = np.memmap(f, dtype=DTYPE, mode="r")
+    max_id = int(arr.max()) if arr.size else -1
+    del arr
+    _cache(part_file, "id_check", split, {"max_id": max_id, **key})
     return max_id
 
 

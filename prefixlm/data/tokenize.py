@@ -114,6 +114,7 @@ def plan_units(
                 ) from e
             corrupt.append({"file": str(f), "error": str(e)})
             continue
+        check_text_column(f, meta)
         size = f.stat().st_size
         group: list[int] = []
         rows = k = 0
@@ -124,6 +125,19 @@ def plan_units(
                 units.append(Unit(f"{stem}-{k:04d}", str(f), tuple(group), rows, size))
                 group, rows, k = [], 0, k + 1
     return units, corrupt
+
+
+def check_text_column(f: pathlib.Path, meta) -> None:
+    """Refuses a ``text`` column that is not strings (binary, integers, ...) before any work:
+    tokenize encodes Python str, and bytes of unknown encoding would be guessed at."""
+    import pyarrow as pa
+
+    kind = meta.schema.to_arrow_schema().field("text").type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)
+            or getattr(pa.types, "is_string_view", lambda _: False)(kind)):
+        raise ValueError(
+            f"{f}: column 'text' has type {kind}, not string; tokenize reads UTF-8 text. Cast "
+            "the column to string (decoding its bytes yourself), or remove the file from --input")
 
 
 def is_validation(text: str, val_fraction: float) -> bool:
@@ -183,52 +197,72 @@ def _load_done(out: pathlib.Path, unit: Unit, settings: Settings) -> dict | None
     return part
 
 
+def _empty_counts(unit: Unit) -> dict:
+    return {s: {"file": f"{s}/{unit.name}.bin", "documents": 0, "tokens": 0}
+            for s in shards.SPLITS}
+
+
+def _encode_batches(unit: Unit, settings: Settings, writers: dict, counts: dict
+                    ) -> tuple[int, Exception | None]:
+    """Reads the unit's rows batch by batch and appends their ids to ``writers``; returns (empty
+    rows skipped, the read error that stopped it or None). Write errors propagate."""
+    import pyarrow.parquet as pq
+
+    encode = _encoder(settings.tokenizer)
+    eos = np.array([settings.eos_id], dtype=shards.DTYPE)
+    skipped = 0
+    try:
+        batches = pq.ParquetFile(unit.source).iter_batches(
+            batch_size=settings.batch_rows, row_groups=list(unit.row_groups),
+            columns=["text"], use_threads=False)
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a bad file
+        return skipped, e
+    while True:
+        try:
+            texts = next(batches).column(0).to_pylist()
+        except StopIteration:
+            return skipped, None
+        except Exception as e:  # noqa: BLE001 - as above
+            return skipped, e
+        pieces: dict[str, list[np.ndarray]] = {s: [] for s in shards.SPLITS}
+        for text in texts:
+            if not text:  # None or ""
+                skipped += 1
+                continue
+            split = "validation" if is_validation(text, settings.val_fraction) else "train"
+            ids = np.array(encode(text), dtype=shards.DTYPE)
+            pieces[split] += [ids, eos]
+            counts[split]["documents"] += 1
+            counts[split]["tokens"] += len(ids) + 1
+        for s, p in pieces.items():
+            if p:
+                writers[s].write(np.concatenate(p))
+
+
+def _skipped_part(unit: Unit, out: pathlib.Path, read_error: Exception) -> dict:
+    """The record of a unit skipped with --skip-corrupt: empty shards, the error kept."""
+    for s in shards.SPLITS:
+        with shards.writing(out / s / f"{unit.name}.bin"):
+            (out / s / f"{unit.name}.bin").write_bytes(b"")
+    return {"name": unit.name, "source": unit.source, "row_groups": list(unit.row_groups),
+            "rows": unit.rows, "skipped": 0, "corrupt": str(read_error), **_empty_counts(unit)}
+
+
 def tokenize_unit(unit: Unit, out: pathlib.Path, settings: Settings) -> dict:
-    """Tokenizes one unit into train/validation shards; returns its part record.
+    """Tokenizes one unit into train/validation shards; returns its part record (per split: file,
+    documents, tokens, ``max_id`` and the file's ``checksum``).
 
     Reading (parquet footer, pages, the text column) and writing (shard files, the part record)
     fail differently: a read failure is the input's (:class:`CorruptParquetError`, or a skip with
     ``--skip-corrupt``), a write failure is the output's (``shards.OutputWriteError``, fatal).
     """
-    import pyarrow.parquet as pq
-
-    encode = _encoder(settings.tokenizer)
-    eos = np.array([settings.eos_id], dtype=shards.DTYPE)
-    counts = {s: {"file": f"{s}/{unit.name}.bin", "documents": 0, "tokens": 0}
-              for s in shards.SPLITS}
-    skipped = 0
+    counts = _empty_counts(unit)
     writers: dict[str, shards.ShardWriter] = {}
     read_error = None
     try:
         for s in shards.SPLITS:
             writers[s] = shards.ShardWriter(out / s / f"{unit.name}.bin")
-        try:
-            batches = pq.ParquetFile(unit.source).iter_batches(
-                batch_size=settings.batch_rows, row_groups=list(unit.row_groups),
-                columns=["text"], use_threads=False)
-        except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a bad file
-            read_error = e
-        while read_error is None:
-            try:
-                texts = next(batches).column(0).to_pylist()
-            except StopIteration:
-                break
-            except Exception as e:  # noqa: BLE001 - as above
-                read_error = e
-                break
-            pieces: dict[str, list[np.ndarray]] = {s: [] for s in shards.SPLITS}
-            for text in texts:
-                if not text:  # None or ""
-                    skipped += 1
-                    continue
-                split = "validation" if is_validation(text, settings.val_fraction) else "train"
-                ids = np.array(encode(text), dtype=shards.DTYPE)
-                pieces[split] += [ids, eos]
-                counts[split]["documents"] += 1
-                counts[split]["tokens"] += len(ids) + 1
-            for s, p in pieces.items():
-                if p:
-                    writers[s].write(np.concatenate(p))
+        skipped, read_error = _encode_batches(unit, settings, writers, counts)
         if read_error is None:
             for w in writers.values():
                 w.commit()
@@ -237,23 +271,16 @@ def tokenize_unit(unit: Unit, out: pathlib.Path, settings: Settings) -> dict:
             for w in writers.values():
                 w.discard()
     if read_error is not None:
-        msg = f"{unit.source}: unreadable parquet ({type(read_error).__name__}: {read_error})"
         if not settings.skip_corrupt:
             raise CorruptParquetError(
-                msg + " while reading row groups "
-                f"{unit.row_groups[0]}..{unit.row_groups[-1]}; re-download it, remove it from "
-                "--input, or pass --skip-corrupt"
-            ) from None
-        counts = {s: {"file": f"{s}/{unit.name}.bin", "documents": 0, "tokens": 0}
-                  for s in shards.SPLITS}
-        for s in shards.SPLITS:
-            with shards.writing(out / s / f"{unit.name}.bin"):
-                (out / s / f"{unit.name}.bin").write_bytes(b"")
-        part = {"name": unit.name, "source": unit.source, "row_groups": list(unit.row_groups),
-                "rows": unit.rows, "skipped": 0, "corrupt": str(read_error), **counts}
+                f"{unit.source}: unreadable parquet ({type(read_error).__name__}: {read_error}) "
+                f"while reading row groups {unit.row_groups[0]}..{unit.row_groups[-1]}; "
+                "re-download it, remove it from --input, or pass --skip-corrupt") from None
+        part = _skipped_part(unit, out, read_error)
     else:
         for s in shards.SPLITS:
             counts[s]["max_id"] = writers[s].max_id
+            counts[s]["checksum"] = writers[s].checksum
         part = {"name": unit.name, "source": unit.source, "row_groups": list(unit.row_groups),
                 "rows": unit.rows, "skipped": skipped, **counts}
     part["signature"] = _signature(unit, settings)
@@ -270,26 +297,9 @@ def _work(args):
 # --- driver ------------------------------------------------------------------------------------
 
 
-def tokenize(
-    input_glob: str,
-    output: str | os.PathLike,
-    *,
-    workers: int = 1,
-    tokenizer_name: str = "llama3",
-    val_fraction: float = DEFAULT_VAL_FRACTION,
-    shard_rows: int = 50_000,
-    batch_rows: int = 1024,
-    skip_corrupt: bool = False,
-    progress: bool = True,
-) -> dict:
-    """Tokenizes parquet files into ``output``; returns the stats written to stats.json."""
-    from tqdm.auto import tqdm
-
-    from prefixlm import tokenizer
-
-    check_arguments(workers=workers, val_fraction=val_fraction, shard_rows=shard_rows,
-                    batch_rows=batch_rows)
-    out = pathlib.Path(output)
+def _prepare_output(out: pathlib.Path) -> None:
+    """Creates the directory layout and removes what a killed run left (temp files, and the
+    stats.json that would say "done")."""
     with shards.writing(out):
         for d in (*shards.SPLITS, "parts"):
             (out / d).mkdir(parents=True, exist_ok=True)
@@ -297,23 +307,16 @@ def tokenize(
             leftover.unlink()
         (out / shards.STATS).unlink(missing_ok=True)
 
-    tok = tokenizer.load(tokenizer_name)
-    settings = Settings(tokenizer_name, tok.vocab_hash, tok.eos_id, float(val_fraction),
-                        int(batch_rows), bool(skip_corrupt))
-    files = find_inputs(input_glob)
-    units, corrupt = plan_units(files, shard_rows, skip_corrupt)
-    parts: dict[str, dict] = {}
-    todo = []
-    for u in units:
-        done = _load_done(out, u, settings)
-        if done is not None:
-            parts[u.name] = done
-        else:
-            todo.append(u)
 
-    total_rows = sum(u.rows for u in units)
-    bar = tqdm(total=total_rows, unit="doc", unit_scale=True, disable=not progress,
-               desc=f"tokenize {len(todo)}/{len(units)} shards", dynamic_ncols=True)
+def _run_units(todo: list[Unit], units: list[Unit], parts: dict, out: pathlib.Path,
+               settings: Settings, workers: int, progress: bool) -> None:
+    """Tokenizes the ``todo`` units (in ``workers`` processes), adding their records to ``parts``
+    under a progress bar over all ``units``."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=sum(u.rows for u in units), unit="doc", unit_scale=True,
+               disable=not progress, desc=f"tokenize {len(todo)}/{len(units)} shards",
+               dynamic_ncols=True)
     bar.update(sum(u.rows for u in units if u.name in parts))
     t0, new_tokens = time.perf_counter(), 0
 
@@ -337,27 +340,40 @@ def tokenize(
                 record(part)
     bar.close()
 
-    ordered = [parts[u.name] for u in units]
-    corrupt += [{"file": p["source"], "row_groups": p["row_groups"], "error": p["corrupt"]}
-                for p in ordered if "corrupt" in p]
-    splits = {s: {"documents": sum(p[s]["documents"] for p in ordered),
-                  "tokens": sum(p[s]["tokens"] for p in ordered)} for s in shards.SPLITS}
-    stats = {
-        "format": shards.FORMAT,
-        "dtype": "uint32",
-        "tokenizer": tokenizer_name,
-        "tokenizer_hash": tok.vocab_hash,
-        "eos_id": tok.eos_id,
-        "vocab_size": tok.vocab_size,
-        "val_fraction": float(val_fraction),
-        "documents": sum(v["documents"] for v in splits.values()),
-        "tokens": sum(v["tokens"] for v in splits.values()),
-        "skipped": sum(p["skipped"] for p in ordered),
-        "splits": splits,
-        "inputs": [str(f) for f in files],
-        "corrupt": corrupt,
-        "shards": [{k: v for k, v in p.items() if k != "signature"} for p in ordered],
-    }
+
+def tokenize(
+    input_glob: str,
+    output: str | os.PathLike,
+    *,
+    workers: int = 1,
+    tokenizer_name: str = "llama3",
+    val_fraction: float = DEFAULT_VAL_FRACTION,
+    shard_rows: int = 50_000,
+    batch_rows: int = 1024,
+    skip_corrupt: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Tokenizes parquet files into ``output``; returns the stats written to stats.json."""
+    from prefixlm import tokenizer
+
+    check_arguments(workers=workers, val_fraction=val_fraction, shard_rows=shard_rows,
+                    batch_rows=batch_rows)
+    files = find_inputs(input_glob)
+    units, corrupt = plan_units(files, shard_rows, skip_corrupt)  # metadata only: bad inputs
+    out = pathlib.Path(output)                                     # fail before any output
+    _prepare_output(out)
+    tok = tokenizer.load(tokenizer_name)
+    settings = Settings(tokenizer_name, tok.vocab_hash, tok.eos_id, float(val_fraction),
+                        int(batch_rows), bool(skip_corrupt))
+    parts: dict[str, dict] = {}
+    for u in units:
+        done = _load_done(out, u, settings)
+        if done is not None:
+            parts[u.name] = done
+    todo = [u for u in units if u.name not in parts]
+    _run_units(todo, units, parts, out, settings, workers, progress)
+    stats = shards.build_stats([parts[u.name] for u in units], corrupt, files, tok,
+                               tokenizer=settings.tokenizer, val_fraction=settings.val_fraction)
     with shards.writing(out / shards.STATS):
         shards.write_json_atomic(out / shards.STATS, stats)
     return stats
