@@ -198,7 +198,7 @@ def sentence(arm: str, base: str, results: list[EndpointResult], n_pairs: int) -
     others = "; ".join(f"{effect_text(r)}" + (f", Holm p {r.p_holm:.2g}"
                                               if np.isfinite(r.p_holm) else "") for r in rest)
     if not claimed:
-        return head + f"no primary endpoint differs beyond seed noise ({level}): {others}."
+        return head + f"no primary endpoint differs after correction ({level}): {others}."
     tail = f"; no corrected difference in {others}" if rest else ""
     return head + "; ".join(parts) + tail + f" ({level})."
 

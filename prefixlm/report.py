@@ -148,7 +148,7 @@ def primary_section(primary_results, n_pairs) -> list[str]:
             elif r.test is None:
                 verdict = "untested (one seed pair)" if n_pairs[arm] < 2 else "n/a"
             else:
-                verdict = "within seed noise"
+                verdict = "no corrected effect"
             p = f"{r.test.p:.2g}" if r.test else ""
             holm = f"{r.p_holm:.2g}" if np.isfinite(r.p_holm) else ""
             lines.append(f"| {arm} | {e.label} | {n_pairs[arm]} | {len(r.tasks) or ''} | "

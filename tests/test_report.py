@@ -181,7 +181,7 @@ def test_seed_level_intervals_are_t_intervals_over_seed_pair_means(study):
     assert "| ce_eps0p0 | 2 |" in text  # the baseline arm holds both ce seeds
     line = sentence(text, "prefix_simple_eps0p1")
     assert line.startswith("- prefix_simple_eps0p1 (2 seed pairs) vs ce_eps0p0: no primary "
-                           "endpoint differs beyond seed noise")
+                           "endpoint differs after correction")
     vals = [3.1, 3.11]
     assert f"| prefix_simple_eps0p1 | 2 | {np.mean(vals):.4f} ± {np.std(vals, ddof=1):.4f} |" \
         in text
