@@ -75,12 +75,16 @@ def item_rows(results: dict, tasks: dict) -> list[dict]:
     """One row per scored multiple-choice document, in the per-item file format::
 
         {"task": "piqa_local", "doc_id": 17, "correct": 1, "correct_norm": 0,
-         "gold_logprob": -23.1, "gold_bytes": 41, "n_choices": 2}
+         "gold_logprob": -23.1, "gold_bytes": 41, "n_choices": 2, "gold_index": 1,
+         "pred_index": 0}
 
     ``doc_id`` indexes the task's evaluation split (the same id in every run and at every step);
     ``gold_logprob`` is the summed log-probability (nats) of the gold continuation exactly as
     lm-eval scored it, ``gold_bytes`` its UTF-8 length; ``correct_norm`` is null for tasks
-    without ``acc_norm``. ``tasks`` maps task names to lm-eval task objects (for the gold index).
+    without ``acc_norm``. ``gold_index`` is the gold choice and ``pred_index`` the choice with
+    the highest log-likelihood (the one ``correct`` scores; first on ties, as numpy's argmax):
+    the report needs both for majority-answer baselines. ``tasks`` maps task names to lm-eval
+    task objects (for the gold index).
     """
     rows, seen = [], set()
     for name, samples in results.get("samples", {}).items():
@@ -100,7 +104,8 @@ def item_rows(results: dict, tasks: dict) -> list[dict]:
                 "correct_norm": int(sample["acc_norm"]) if "acc_norm" in sample else None,
                 "gold_logprob": loglikelihoods[gold],
                 "gold_bytes": len(continuation.encode("utf-8")),
-                "n_choices": len(loglikelihoods),
+                "n_choices": len(loglikelihoods), "gold_index": int(gold),
+                "pred_index": int(np.argmax(loglikelihoods)),
             })
     return rows
 

@@ -18,6 +18,8 @@ import sys
 
 import numpy as np
 
+from prefixlm import atomic
+
 EXAMPLES = (" personality", " strawberry", "ing", " the", " understanding", "2026")
 
 
@@ -95,7 +97,7 @@ def plot_prefix_counts(stats: dict, path: pathlib.Path) -> None:
         f"p50 {p[50]:g}, p90 {p[90]:g}, p99 {p[99]:g}"
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic.save_figure(fig, path, dpi=120)
 
 
 def prefix_counts_main(args) -> int:
@@ -153,7 +155,7 @@ def plot_targets(tok, word: str, path: pathlib.Path, **kwargs) -> None:
     axes[0].set_yticks(range(len(labels)), labels, fontsize=8)
     fig.suptitle(f"Target distributions for gold token {word!r} (red) over its prefixes P(s)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic.save_figure(fig, path, dpi=110)
 
 
 def targets_main(args) -> int:
@@ -205,9 +207,7 @@ def series(records: list[dict], key: str) -> tuple[np.ndarray, np.ndarray, str]:
     xk = "tokens" if any("tokens" in r for r in records) else "step"
     pts = [(r[xk], r[key]) for r in records
            if isinstance(r.get(key), (int, float)) and xk in r and np.isfinite(r[key])]
-    if not pts:
-        return np.zeros(0), np.zeros(0), xk
-    x, y = np.asarray(pts, dtype=np.float64).T
+    x, y = np.asarray(pts, dtype=np.float64).reshape(-1, 2).T
     return x, y, xk
 
 
@@ -215,8 +215,7 @@ def ema(y: np.ndarray, smoothing: float) -> np.ndarray:
     """Debiased exponential moving average (TensorBoard's smoothing slider)."""
     out, acc, w = np.empty_like(y), 0.0, 0.0
     for i, v in enumerate(y):
-        acc = smoothing * acc + (1 - smoothing) * v
-        w = smoothing * w + (1 - smoothing)
+        acc, w = smoothing * acc + (1 - smoothing) * v, smoothing * w + (1 - smoothing)
         out[i] = acc / w
     return out
 
@@ -271,7 +270,7 @@ def plot_training_curves(runs: dict[str, list[dict]], path: pathlib.Path,
     fig.suptitle("Own-objective losses are not comparable across objectives (smoothing adds "
                  "entropy): compare runs on the gold-token NLL", fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic.save_figure(fig, path, dpi=120)
 
 
 def _clip_start(ax, runs, key, smoothing) -> None:
@@ -341,7 +340,7 @@ def plot_task_curves(runs: dict[str, list[dict]], tasks: list[str], path: pathli
                frameon=False)
     fig.suptitle(title + " (bands: ±1 standard error)", fontsize=11)
     fig.tight_layout(rect=(0, 0.9 / (3.6 * nrow + 0.9), 1, 1))
-    fig.savefig(path, dpi=120)
+    atomic.save_figure(fig, path, dpi=120)
 
 
 def final_results_table(runs: dict[str, list[dict]], tasks: list[str]) -> str:

@@ -166,8 +166,9 @@ def test_in_loop_evaluator_builds_requests_once(tmp_path, llama3):
     assert items[0] == items[20] and len(items[0]) == 8
     for row in items[0]:
         assert set(row) == {"task", "doc_id", "correct", "correct_norm", "gold_logprob",
-                            "gold_bytes", "n_choices"}
+                            "gold_bytes", "n_choices", "gold_index", "pred_index"}
         assert row["task"] == "piqa_local" and row["n_choices"] == 2
+        assert row["correct"] == int(row["pred_index"] == row["gold_index"])
         assert row["correct"] in (0, 1) and row["correct_norm"] in (0, 1)
         assert row["gold_logprob"] < 0 and row["gold_bytes"] > 0
     # bits per byte, from the per-item file in float64, as the formula says
