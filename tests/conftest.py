@@ -6,6 +6,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The hub is never reachable in CI; offline mode fails fast instead of retrying for a minute.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# With the AOT extras installed, the CUDA plugin logs "could not find cuda drivers" (XLA C++ INFO
+# lines) on every start of a CLI subprocess, burying the one-line errors under test. XLA reads
+# the level from the environment a process starts with, so it is set here for the subprocesses.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
 import pytest  # noqa: E402
 
