@@ -23,6 +23,7 @@ from prefixlm import hooks as hooks_lib
 from prefixlm import model as model_lib
 from prefixlm import preflight, sinks, validation
 from prefixlm import workdir as workdir_lib
+from prefixlm.data import budget
 from prefixlm.loop import Hook, LoopHook, Run, run_loop
 from prefixlm.step import Trainer, data_iterator, peak_flops
 
@@ -36,7 +37,9 @@ class DataError(config_lib.ConfigError):
 
 
 def _open_data(config, trainer: Trainer):
+    """The train iterator, once the split is known to hold the run (or data.allow_repeat)."""
     try:
+        budget.check_enough(config)
         return data_iterator(config, trainer.tokenizer)
     except (ValueError, FileNotFoundError, KeyError, IndexError) as e:
         raise DataError(f"data.path={config.data.path!r}: {e}") from e
