@@ -58,10 +58,12 @@ class LocalLock:
         self.workdir = run_path(workdir)
         self.path = self.workdir / LOCK
         self.fd: int | None = None
+        self.created = False  # this lock made the workdir (a refused first run leaves none)
 
     def acquire(self) -> None:
         import fcntl
 
+        self.created = not self.workdir.exists()
         while True:
             try:
                 self.workdir.mkdir(parents=True, exist_ok=True)
@@ -88,9 +90,18 @@ class LocalLock:
         self.fd = fd
 
     def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)  # closing drops the flock; the file stays (harmless, reused)
-            self.fd = None
+        """Drops the flock. The file stays (harmless, reused), except in a workdir this lock
+        made that holds nothing else: a first command refused by a check leaves no trace. The
+        file is unlinked while still locked, and a waiter that then gets the unlinked inode
+        sees that it is no longer the one on disk and starts over (``acquire``)."""
+        if self.fd is None:
+            return
+        if self.created and [p.name for p in self.workdir.iterdir()] == [LOCK]:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+                self.workdir.rmdir()
+        os.close(self.fd)
+        self.fd = None
 
 
 class Lease:

@@ -174,7 +174,7 @@ def test_two_processes_train_like_one_and_resume(setup, tmp_path):
 def test_sigterm_saves_a_checkpoint_and_exits_143(setup, tmp_path):
     """launch/sweep.sh marks a run DONE when prefixlm.main exits 0: a preempted run must not."""
     workdir = tmp_path / "run"
-    cmd = _argv(setup, workdir, "--config.train.steps=100000", "--config.checkpoint.every=0",
+    cmd = _argv(setup, workdir, "--config.train.steps=100000", "--config.data.allow_repeat=True", "--config.checkpoint.every=0",
                 "--config.eval.every=0")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -204,7 +204,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_an_agreed_step(setup, tmp
     checkpoint.preemption_check_every steps (not every step), save that step collectively and
     both exit 143."""
     workdir = tmp_path / "run"
-    cmds = commands(setup, workdir, 2, "--config.train.steps=100000",
+    cmds = commands(setup, workdir, 2, "--config.train.steps=100000", "--config.data.allow_repeat=True",
                     "--config.checkpoint.every=0", "--config.eval.every=0",
                     "--config.checkpoint.preemption_check_every=3")
     procs = [subprocess.Popen(c, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,

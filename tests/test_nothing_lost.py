@@ -283,7 +283,7 @@ def test_stray_names_under_checkpoints_never_block_a_resume(token_dir, tmp_path,
 # ---- one run per workdir --------------------------------------------------------------------------
 def test_the_same_command_started_twice_refuses_the_second(cli, tmp_path):
     workdir = tmp_path / "run"
-    cmd = _argv(cli, workdir, "--config.train.steps=100000", "--config.eval.every=0",
+    cmd = _argv(cli, workdir, "--config.train.steps=100000", "--config.data.allow_repeat=True", "--config.eval.every=0",
                 "--config.checkpoint.every=0")
     first = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
