@@ -12,9 +12,9 @@ FLOPs per token), schedule and mesh, and estimates the bytes per device at the p
                          (``model.saved_activation_bytes``, checked against saved_residuals)
   backward working set   under remat one layer recomputed and its activations' gradients;
                          xla's [heads, T, T] f32 dP and dS or blockwise's tiles
-  loss chunk             ``min(chunk_size, tokens per device)`` x V: the fused loss's one
-                         buffer in the compute dtype (branch ``loss``; its float32 logits of
-                         before took two float32 buffers)
+  loss chunk             ``min(chunk_size, tokens per device)`` x V x 4 bytes: between the
+                         two float32 buffers of a loss that stores its logits and the one
+                         bfloat16 buffer of the fused loss of branch ``loss`` (both compiled)
   unembedding carry      the chunked loss's [V, D] f32 gradient carry, the compute-dtype
                          unembedding, the saved dh
   objective tables, batch   the replicated prefix tables; int32 inputs and targets
@@ -205,7 +205,7 @@ def _estimate(config, num_devices: int, kind: str) -> tuple[dict, dict]:
         workspace += 16 * micro * mcfg.n_heads * block * block
 
     chunk = min(int(config.objective.chunk_size), max(1, micro * T))
-    loss_chunk = chunk * V * c  # the one [chunk, V] buffer of the fused loss (compute dtype)
+    loss_chunk = chunk * V * 4  # calibrated: see the module docstring
     unembed = V * D * 4 + (V * D * c if c != 4 else 0) + micro * T * D * c
     name = config.objective.name
     tables = V * 4 + (V * PREFIX_TABLE_WIDTH * 8 if name.startswith("prefix") else 0)
