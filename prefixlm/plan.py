@@ -21,7 +21,7 @@ FLOPs per token), schedule and mesh, and estimates the bytes per device at the p
   headroom               HEADROOM of the sum, for fragmentation
 
 Checked against the compilers (``--dry_run=aot``, README "Compiled for the real targets"):
-within 0.85-1.25x of the compiled peak of the study config on TPU v5e/v4 and H100/A100.
+within 0.8-1.25x of the compiled peak of the study config on TPU v5e/v4 and H100/A100.
 
 The total is compared with what JAX may allocate (75% of a GPU by default, all of a TPU). An
 unfit plan names config overrides, cheapest first: remat, an O(T) attention kernel, more
