@@ -250,8 +250,11 @@ def _splash_kernel(n_heads: int, T: int, block: int, interpret: bool):
     sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
                               block_q_dkv=block, block_kv_dkv=block,
                               block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
-    return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
-                                  interpret=interpret)
+    # The kernel holds its block-mask tables as arrays. It is built while a step is traced and
+    # cached across traces, so the tables must be concrete, never tracers of one trace.
+    with jax.ensure_compile_time_eval():
+        return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                                      interpret=interpret)
 
 
 def _mesh_and_platform():

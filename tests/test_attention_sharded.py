@@ -1,6 +1,7 @@
 """Attention and the step on multi-device meshes: the real train and eval steps compiled for TPU
 hosts (splash) and 8 x H100 (cuDNN) on this CPU, with their collectives; splash exact on an
-8-device CPU mesh (Pallas interpret mode) against the float64 reference; JaxLM on a mesh."""
+8-device CPU mesh (Pallas interpret mode) against the float64 reference; JaxLM on a mesh; the
+CPU compiler's collectives of the same step."""
 
 import os
 import pathlib
@@ -120,12 +121,17 @@ splash = lm.score_tokens(pairs)
 blockwise = jaxlm.JaxLM(model_lib.Llama(dataclasses.replace(cfg, attention="blockwise"),
                                         rngs=nnx.Rngs(0)), tok, batch_size=2).score_tokens(pairs)
 np.testing.assert_allclose([s for s, _ in splash], [b for b, _ in blockwise], rtol=1e-5)
+
+# the CPU compiler too: one float32 gradient reduction per step, none in the microbatch loop
+import test_attention_sharded as t
+trainer = t.tiny_trainer(jax.devices(), attention="blockwise")
+t.assert_one_float32_reduction_per_step(trainer.lower_train_step().compile().as_text())
 print("ok")
 """
 
 
 @pytest.mark.slow
-def test_splash_on_an_8_device_cpu_mesh_matches_the_float64_reference():
+def test_splash_and_the_step_on_an_8_device_cpu_mesh():
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS="--xla_force_host_platform_device_count=8",
                PYTHONPATH=f"{ROOT}:{ROOT / 'tests'}")
