@@ -13,7 +13,7 @@ PY := $(VENV)/bin/python
 # TPU VMs are set up by launch/tpu_vm.sh setup.
 ACCEL ?= cpu
 ifeq ($(filter $(ACCEL),cpu cuda aot),)
-$(error ACCEL=$(ACCEL): expected cpu, cuda or aot (TPU VMs: launch/tpu_vm.sh setup))
+$(error ACCEL=$(ACCEL): expected cpu or cuda, or aot for the AOT compilers (TPU VMs: launch/tpu_vm.sh setup))
 endif
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 TORCH_INDEX_TIMEOUT ?= 15

@@ -60,7 +60,8 @@ KNOWN_CAUSES = (
      "steps and attention.splash_attention do); meanwhile --config.model.attention=blockwise"),
     ("RESOURCE_EXHAUSTED",
      "the program does not fit the device: see the plan's fix (remat, grad_accum, fsdp)"),
-    ("must be fp16/bf16", "cuDNN fused attention takes bfloat16/float16 inputs of supported shapes; a "
+    ("must be fp16/bf16",
+     "cuDNN fused attention takes bfloat16/float16 inputs of supported shapes; a "
      "float32 program (JaxLM scores in float32) needs model.attention=blockwise or xla"),
 )
 

@@ -34,12 +34,13 @@ def _field(config, path: str):
     return node
 
 
-def preset_of(config) -> str:
-    """Which hardware preset (configs/hardware.py) the config's compute fields match; "" if
-    none (hardware presets do not write their name into the config: they are not identity)."""
+def preset_of(config, target: str = "") -> str:
+    """Which hardware preset (configs/hardware.py) the config's compute fields match, the
+    target's own first (h100 and a100 differ only in grad_accum); "" if none. Hardware
+    presets do not write their name into the config: they are not the run's identity."""
     from configs import base, hardware
 
-    for name in base.HARDWARE_PRESETS:
+    for name in sorted(base.HARDWARE_PRESETS, key=lambda n: n != target):
         probe = plan_lib.with_fields(config)
         getattr(hardware, name)(probe)
         if all(_field(probe, f) == _field(config, f) for f in PRESET_FIELDS):
@@ -190,8 +191,8 @@ def dry_run(config, *, device: str | None, num_devices: int | None = None,
                                  "loss_hbm_bytes": roof.loss_bytes}
     code, line = _verdict(resolved, results, stats, plan)
     if aot_dir:
-        _write(aot_dir, train, _record(target, plan, preset_of(resolved), results, stats,
-                                       extra))
+        preset = preset_of(resolved, target.name)
+        _write(aot_dir, train, _record(target, plan, preset, results, stats, extra))
     if code:
         print(line, file=out)
     return code

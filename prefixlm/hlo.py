@@ -1,4 +1,4 @@
-"""A small reader of compiled (post-optimisation) HLO text, for the roofline (``prefixlm.roofline``).
+"""A small reader of compiled (post-optimisation) HLO text, for ``prefixlm.roofline``.
 
 ``compiled.as_text()`` is the program the device runs: a list of computations, one ENTRY, while
 loops whose bodies run ``known_trip_count`` times, and fusions (one kernel each) whose fused

@@ -10,19 +10,20 @@ FLOPs per token), schedule and mesh, and estimates the bytes per device at the p
   saved activations      autodiff's residuals for one microbatch (``batch_size / grad_accum /
                          devices`` sequences), per attention kernel and remat policy
                          (``model.saved_activation_bytes``, checked against saved_residuals)
-  backward working set   one layer recomputed under remat, the gradients of one layer's
-                         activations (compute dtype), xla's [heads, T, T] f32 dP and dS or
-                         blockwise's tiles
-  loss chunk             ``min(chunk_size, tokens per device)`` x V: two float32 buffers
-                         (the logits, then their gradient)
+  backward working set   under remat one layer recomputed and its activations' gradients;
+                         xla's [heads, T, T] f32 dP and dS or blockwise's tiles
+  loss chunk             ``min(chunk_size, tokens per device)`` x V x 4 bytes: between the
+                         two float32 buffers of a loss that stores its logits and the one
+                         bfloat16 buffer of the fused loss of branch ``loss`` (both compiled)
   unembedding carry      the chunked loss's [V, D] f32 gradient carry, the compute-dtype
                          unembedding, the saved dh
   objective tables, batch   the replicated prefix tables; int32 inputs and targets
   headroom               HEADROOM of the sum, for fragmentation
 
 Checked against the compilers (``--dry_run=aot``, README "Compiled for the real targets"):
-within 1.0-1.25x of the compiled peak of the study config on TPU v5e/v4 and H100/A100, above
-it because autodiff's residuals are an upper bound of what XLA keeps. The total is compared with what JAX may allocate (75% of a GPU by default, all of a TPU). An
+within 0.8-1.25x of the compiled peak of the study config on TPU v5e/v4 and H100/A100.
+
+The total is compared with what JAX may allocate (75% of a GPU by default, all of a TPU). An
 unfit plan names config overrides, cheapest first: remat, an O(T) attention kernel, more
 gradient accumulation, FSDP.
 """
@@ -193,8 +194,10 @@ def _estimate(config, num_devices: int, kind: str) -> tuple[dict, dict]:
     recompute = 0 if policy == "none" else (
         model_lib.saved_activation_bytes(dataclasses.replace(plain, n_layers=2), micro, T)
         - model_lib.saved_activation_bytes(dataclasses.replace(plain, n_layers=1), micro, T))
-    # Gradients of one layer's activations and attention's backward.
-    workspace = c * micro * T * (2 * mcfg.d_ff + 2 * D)
+    # Gradients of one layer's activations: without remat they fit in the residuals the
+    # backward frees as it walks down the layers (the compiled programs show no extra); under
+    # remat they come on top of the recomputed layer. Then attention's backward.
+    workspace = 0 if policy == "none" else c * micro * T * (2 * mcfg.d_ff + 2 * D)
     if kernel == "xla":
         workspace += 8 * micro * mcfg.n_heads * T * T
     elif kernel == "blockwise":  # f32 s, p, dp, ds of one [block, block] tile (in HBM, unlike
@@ -202,7 +205,7 @@ def _estimate(config, num_devices: int, kind: str) -> tuple[dict, dict]:
         workspace += 16 * micro * mcfg.n_heads * block * block
 
     chunk = min(int(config.objective.chunk_size), max(1, micro * T))
-    loss_chunk = chunk * V * (4 + 4)  # f32 logits, then their gradient
+    loss_chunk = chunk * V * 4  # calibrated: see the module docstring
     unembed = V * D * 4 + (V * D * c if c != 4 else 0) + micro * T * D * c
     name = config.objective.name
     tables = V * 4 + (V * PREFIX_TABLE_WIDTH * 8 if name.startswith("prefix") else 0)

@@ -1,4 +1,4 @@
-"""A roofline estimate of one compiled step: time per kernel, step time, MFU bound, the loss's share.
+"""A roofline estimate of one compiled step: kernel times, step time, MFU bound, the loss's share.
 
 Each kernel of the compiled program (a fusion, a library call such as a cuBLAS GEMM or cuDNN
 attention, or a lone op) is charged ``max(FLOPs / peak FLOP/s, bytes / HBM bandwidth)``: the
