@@ -60,7 +60,7 @@ def p_cell(head: Paired) -> str:
 
 
 def number(x: float, scale: float = 100.0, digits: int = 1, sign: str = "") -> str:
-    return "n/a" if not np.isfinite(x) else f"{x * scale:{sign}.{digits}f}"
+    return "n/a" if not np.isfinite(x) else f"{round(x * scale, digits) + 0.0:{sign}.{digits}f}"
 
 
 def logged_cell(metrics: list[dict], key: str) -> str:
