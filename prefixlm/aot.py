@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from prefixlm import config as config_lib
+from prefixlm import model as model_lib
 from prefixlm import step as step_lib
 
 # TPU targets: (target, devices) -> (topology name, chip config, chips per host bounds). The
@@ -155,7 +156,7 @@ SCORED_POSITIONS = 16  # JaxLM's middle continuation bucket
 def lower_score(trainer: step_lib.Trainer):
     """JaxLM as the in-loop evaluator runs it: float32 activations, eval.batch_size rows of the
     full sequence length, on one device with no mesh (``jaxlm.on_one_device``)."""
-    mcfg = dataclasses.replace(trainer.mcfg, dtype="float32", remat=False, remat_policy="none")
+    mcfg = model_lib.scoring_config(trainer.mcfg, "float32")
     # One device of the target, as a 1-device mesh in context: a kernel that reads its platform
     # from the mesh (splash's interpret mode) then sees the target's, where on the real device
     # it would see the default backend; the program is the one-device program either way.
@@ -171,6 +172,14 @@ def lower_score(trainer: step_lib.Trainer):
 
 
 LOWER = {"train": lower_train, "eval": lower_eval, "score": lower_score}
+
+
+def program_attention(mcfg, program: str) -> str:
+    """The attention kernel ``program`` runs: the run's, except JaxLM's float32 scoring of a
+    cuDNN run, which uses XLA's (``model.scoring_config``)."""
+    if program == "score":
+        return model_lib.scoring_config(mcfg, "float32").attention
+    return mcfg.attention
 
 
 @dataclasses.dataclass

@@ -54,10 +54,11 @@ def _programs(run, out) -> dict[str, aot.Compiled]:
         t0 = time.perf_counter()
         result = aot.compile_program(run, program)
         seconds = time.perf_counter() - t0
-        evidence = aot.kernel_evidence(result.hlo(), run.mcfg.attention) if result.ok else ""
+        kernel = aot.program_attention(run.mcfg, program)
+        evidence = aot.kernel_evidence(result.hlo(), kernel) if result.ok else ""
         if evidence.startswith("NO "):  # compiled, but not the kernel the target would run
-            result.error = f"compiled without the {run.mcfg.attention} kernel"
-            result.cause = (f"{run.mcfg.attention} was lowered for this CPU (Pallas interpret "
+            result.error = f"compiled without the {kernel} kernel"
+            result.cause = (f"{kernel} was lowered for this CPU (Pallas interpret "
                             "mode) instead of for the target: the kernel must take its mode "
                             "from the mesh's devices, not jax.default_backend()")
         status = ("ok" if not result.error else "FAILS") + f" in {seconds:.0f} s"

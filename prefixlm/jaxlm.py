@@ -30,7 +30,6 @@ per request) instead of at every position of a 5-shot prompt.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import functools
 import json
 import time
@@ -43,7 +42,7 @@ from lm_eval.api.model import TemplateLM
 
 from prefixlm import checkpoint
 from prefixlm import tokenizer as tok_lib
-from prefixlm.model import Llama
+from prefixlm.model import Llama, scoring_config
 
 MIN_BUCKET = 32
 CONT_BUCKETS = (4, 16, 64, 256)  # continuation positions scored per row; longer: the full length
@@ -69,10 +68,11 @@ def _cont_bucket(n: int, length: int) -> int:
 
 
 def with_compute_dtype(model, dtype: str):
-    """The same parameters under a model whose activations are computed in ``dtype``."""
-    if model.cfg.dtype == dtype:
+    """The same parameters under a model whose activations are computed in ``dtype`` (with an
+    attention kernel that takes them: ``model.scoring_config``)."""
+    cfg = scoring_config(model.cfg, dtype)
+    if cfg == model.cfg:
         return model
-    cfg = dataclasses.replace(model.cfg, dtype=dtype, remat=False)
     abstract = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
     graphdef, _ = nnx.split(abstract)
     return nnx.merge(graphdef, nnx.state(model))

@@ -117,6 +117,21 @@ class ModelConfig:
         return "full" if self.remat and self.remat_policy == "none" else self.remat_policy
 
 
+def scoring_config(cfg: ModelConfig, dtype: str) -> ModelConfig:
+    """``cfg`` for scoring (evaluation) with activations in ``dtype``, without remat.
+
+    cuDNN's fused attention takes only 16-bit inputs, so a float32 scoring model of a cuDNN run
+    (``cudnn``, or ``auto`` on a GPU) uses XLA's attention: scoring runs on one device, where its
+    [T, T] scores are small beside the model, and it is exact.
+    """
+    attention = cfg.attention
+    on_gpu = jax.default_backend() in ("gpu", "cuda")
+    if dtype == "float32" and (attention == "cudnn" or (attention == "auto" and on_gpu)):
+        attention = "xla"
+    return dataclasses.replace(cfg, dtype=dtype, remat=False, remat_policy="none",
+                               attention=attention)
+
+
 def count_params(cfg: ModelConfig) -> int:
     """Total parameters (the tied embedding counted once), without building the model."""
     D, hd = cfg.d_model, cfg.head_dim

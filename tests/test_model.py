@@ -213,3 +213,15 @@ def test_bf16_embedding_gradient_is_accumulated_in_float32():
     bf16_scatter = np.asarray(scatter_grad(jnp.bfloat16), np.float64)
     f32_scatter = np.asarray(scatter_grad(jnp.float32), np.float64)
     assert rel_err(bf16_scatter, f32_scatter) > 0.1
+
+
+def test_scoring_config_swaps_cudnn_for_xla_attention_in_float32_only():
+    """cuDNN's fused attention takes only 16-bit inputs: JaxLM scores in float32, so a cuDNN
+    run's scoring model uses XLA's attention (the AOT compile for h100 failed without this)."""
+    cfg = model_lib.ModelConfig(**{**TINY, "attention": "cudnn", "dtype": "bfloat16",
+                                   "remat": True})
+    f32 = model_lib.scoring_config(cfg, "float32")
+    assert (f32.attention, f32.dtype, f32.remat) == ("xla", "float32", False)
+    assert model_lib.scoring_config(cfg, "bfloat16").attention == "cudnn"
+    blockwise = model_lib.ModelConfig(**{**TINY, "attention": "blockwise"})
+    assert model_lib.scoring_config(blockwise, "float32").attention == "blockwise"
