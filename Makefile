@@ -2,6 +2,9 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+# XLA's C++ INFO lines off (warnings stay): with the AOT extras installed, the CUDA plugin logs
+# "could not find cuda drivers" on every start on a machine without a GPU.
+export TF_CPP_MIN_LOG_LEVEL ?= 1
 # ACCEL=cpu (default), cuda or aot:
 #   cuda  adds requirements-cuda.txt (jax[cuda12]) and takes torch from the PyTorch CPU index
 #         (PyPI's Linux torch would pull several GB of CUDA wheels that only export/lm-eval use).
