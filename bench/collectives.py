@@ -2,7 +2,7 @@
 
     python bench/collectives.py --target v5e-8 [--config configs/prefix_norm.py:tpu_v5e]
                                 [--set model.attention=blockwise] [--hlo FILE]
-    python bench/collectives.py --target h100-8 [--gpu_target prefixlm/targets/h100.txtpb]
+    python bench/collectives.py --target h100-8 [--gpu_target FILE (default: prefixlm/targets/h100_sxm.txtpb)]
 
 Builds the real train step (``step.Trainer.create(..., devices=...)``, then
 ``lower_train_step().compile()``) for compile-only devices of the target
@@ -44,7 +44,8 @@ TPU_TARGETS = {
                             chips_per_host_bounds=(2, 2, 1))),
 }
 GPU_TARGETS = {"h100-1": ("h100", 1), "h100-8": ("h100", 8)}
-DEFAULT_GPU_TARGET = "/tmp/aot/h100.txtpb"
+DEFAULT_GPU_TARGET = str(pathlib.Path(__file__).resolve().parents[1] / "prefixlm" / "targets"
+                         / "h100_sxm.txtpb")
 
 
 def target_devices(target: str, gpu_target: str) -> list:

@@ -105,9 +105,8 @@ def main(argv=None) -> int:
     p.add_argument("--chunks", type=int, default=8, help="N = chunks x 2048 tokens")
     p.add_argument("--chunk-size", type=int, default=CHUNK, help="tokens per chunk (after)")
     p.add_argument("--before", default="c189ca4", help="git revision of the old fused_loss.py")
-    p.add_argument("--target", default=os.path.join(ROOT, "prefixlm/targets/h100.txtpb")
-                   if os.path.exists(os.path.join(ROOT, "prefixlm/targets/h100.txtpb"))
-                   else "/tmp/aot/h100.txtpb", help="GpuTargetConfigProto text")
+    p.add_argument("--target", default=os.path.join(ROOT, "prefixlm/targets/h100_sxm.txtpb"),
+                   help="GpuTargetConfigProto text (default: the committed H100 SXM one)")
     p.add_argument("--kernels", action="store_true", help="also list the largest kernels")
     args = p.parse_args(argv)
 

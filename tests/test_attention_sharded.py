@@ -25,7 +25,6 @@ TPU_HOSTS = {  # as one host exposes its chips
     "v4-4": dict(topology_name="v4:2x2x1", chip_config_name="megacore",
                  chips_per_host_bounds=(2, 2, 1)),
 }
-GPU_TARGET_FILES = (ROOT / "prefixlm" / "targets" / "h100.txtpb", pathlib.Path("/tmp/aot/h100.txtpb"))
 
 
 def tiny_trainer(devices, **model):
@@ -71,13 +70,12 @@ def test_train_and_eval_steps_compile_with_splash_for_a_tpu_host(host):
 def test_train_step_compiles_for_8_h100_with_float32_gradient_reduction():
     pytest.importorskip("jax_cuda12_plugin", reason="jax-cuda12-plugin (make setup ACCEL=aot) "
                         "compiles for GPUs")
-    target = next((p for p in GPU_TARGET_FILES if p.exists()), None)
-    if target is None:
-        pytest.skip(f"no GPU target config at {GPU_TARGET_FILES[0]}")
     from jax.experimental import topologies
 
+    from prefixlm import aot
+
     devices = topologies.get_topology_desc(platform="cuda", topology_name="",
-                                           target_config=target.read_text(),
+                                           target_config=aot.gpu_target_config("h100"),
                                            topology="1x1x8").devices
     # cuDNN flash attention takes bfloat16; the matmul gradients come out in bfloat16 and
     # auto-sharding used to all-reduce them so.
