@@ -13,7 +13,8 @@ What it counts:
           (x 1/2 causal) forward, 2.5x that backward; other ops: one per output element
           (reductions: per input element). Mosaic/Pallas custom calls count none.
   bytes   operands + result of each kernel, except that a fused operand read only through
-          slices counts the slices, and an in-place dynamic-update-slice counts the update.
+          slices counts the slices, and an in-place update (a dynamic-update-slice or a scatter
+          root: XLA's GPU emitters write both into their operand's buffer) counts the update.
 Limits (why a real step is slower): no launch overhead or latency (many tiny kernels cost far
 more than this says), no cache reuse across kernels (it may be faster), peak rates real kernels
 reach ~70-85% of, collectives not overlapped or charged (listed apart by ``hlo.collectives``),
@@ -99,9 +100,13 @@ def _custom_call_flops(comp: hlo.Computation, ins: hlo.Instruction) -> float:
     return 0.0
 
 
+# Fusion roots that XLA updates in place, and the operand index of what they write.
+IN_PLACE_UPDATE = {"dynamic-update-slice": 1, "scatter": 2}
+
+
 def _fused_bytes(module: hlo.Module, comp: hlo.Computation, ins: hlo.Instruction) -> float:
     """Bytes a fusion moves: operands (those read only through slices: the slices) + result
-    (an in-place dynamic-update-slice root: the update)."""
+    (an in-place update root, ``IN_PLACE_UPDATE``: only the update)."""
     fused = module.computations.get(ins.attr("calls") or "")
     if fused is None:
         return sum(hlo.nbytes(s) for s in comp.operand_shapes(ins)) + hlo.nbytes(ins.shape)
@@ -113,17 +118,19 @@ def _fused_bytes(module: hlo.Module, comp: hlo.Computation, ins: hlo.Instruction
             users.setdefault(o, []).append(f)
     total = 0.0
     root = fused.instructions[-1] if fused.instructions else None
+    update = IN_PLACE_UPDATE.get(root.opcode) if root is not None else None
+    if update is not None and len(root.operands) <= update:
+        update = None
     for i, shape in enumerate(comp.operand_shapes(ins)):
         uses = users.get(params.get(i, ""), [])
         if uses and all(u.opcode in SLICES and u.operands[0] == params.get(i) for u in uses):
             total += sum(hlo.nbytes(u.shape) for u in uses)
-        elif (root is not None and root.opcode == "dynamic-update-slice"
-              and root.operands[:1] == [params.get(i)]):
+        elif update is not None and root.operands[:1] == [params.get(i)]:
             continue  # updated in place: only the update is written
         else:
             total += hlo.nbytes(shape)
-    if root is not None and root.opcode == "dynamic-update-slice" and len(root.operands) > 1:
-        return total + hlo.nbytes(fused.shapes.get(root.operands[1], ""))
+    if update is not None:
+        return total + hlo.nbytes(fused.shapes.get(root.operands[update], ""))
     return total + hlo.nbytes(ins.shape)
 
 

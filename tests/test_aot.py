@@ -138,6 +138,29 @@ def test_roofline_counts_a_matmul_in_a_loop():
     assert e.loss_seconds == 0  # nothing here is the loss
 
 
+@needs_cuda
+def test_roofline_charges_an_in_place_scatter_its_updates_not_the_buffer():
+    """XLA's GPU scatter writes into its operand's buffer: a few entries set in a [4096, 65536]
+    buffer move those entries, not 2 x 512 MiB (the loss's dz is written so)."""
+    devices = aot.topology("h100", 1).devices
+    s = NamedSharding(jax.sharding.Mesh(np.array(devices), ("d",)), P())
+
+    def step(g, ids, vals):
+        g = jnp.exp(g)  # a fresh buffer the scatter may take over
+        g = g.at[jnp.arange(4096)[:, None], ids].set(vals)
+        return jnp.sum(g, axis=1)
+
+    text = _compiled_text(step, jax.ShapeDtypeStruct((4096, 65536), jnp.bfloat16, sharding=s),
+                          jax.ShapeDtypeStruct((4096, 8), jnp.int32, sharding=s),
+                          jax.ShapeDtypeStruct((4096, 8), jnp.bfloat16, sharding=s))
+    peak, bandwidth = roofline.DEVICE_PEAKS["h100"]
+    ks = roofline.kernels(hlo.parse(text), peak, bandwidth, vocab=65536, d_model=512)
+    scatters = [k for k in ks if "scatter" in k.name]
+    assert scatters, [k.name for k in ks]
+    assert all(k.bytes < 4096 * 65536 * 2 / 8 for k in scatters), [(k.name, k.bytes)
+                                                                   for k in scatters]
+
+
 @pytest.mark.slow
 @needs_cuda
 def test_dry_run_aot_writes_plan_json_and_exits_0_when_it_fits(tmp_path, tiny_tok):
