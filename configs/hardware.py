@@ -19,10 +19,9 @@ beside ``prefixlm.plan``'s estimate (compiled, not run on the device). Choices a
     sequences stay divisible by 1, 2, 4 and 8 devices, so each preset is valid on any of those,
     and a full host only has more room.
   * The loss chunk: the fused loss writes one bfloat16 [chunk, 128,256] buffer per chunk
-    (prefixlm.fused_loss). On GPUs 4096 tokens: by the compiled roofline the H100 step was 0.689 s
-    at 4096 vs 0.700 s at 2048 (1.6% faster, +0.2 GiB), and the loss's HBM traffic per token is
-    lower at 4096 for every family (bench/loss_hlo.py). TPU presets keep 2048 (1024 on the
-    16 GiB v5e).
+    (prefixlm.fused_loss). On GPUs 4096 tokens: by the compiled roofline the H100 step is 0.529 s
+    at 4096 vs 0.540 s at 2048 (2% faster, +0.2 GiB), and bench/loss_hlo.py measures less loss
+    traffic per token at 4096 for every family. TPU presets keep 2048 (1024 on the 16 GiB v5e).
   * XLA flags: on GPUs the latency-hiding scheduler overlaps the data-parallel gradient
     all-reduce with the backward pass. TPU flags belong in $LIBTPU_INIT_ARGS, not $XLA_FLAGS
     (jaxlib rejects unknown --xla_tpu_* flags at start-up), and libtpu's defaults suit this

@@ -219,9 +219,8 @@ def _chunk_grads(fw: _Chunk, h_cxD, e_aug_VxA, esum_D, ids_c, w_c, t: SparseTarg
     # was); the uniform part, -s u everywhere, is applied after the matmuls.
     # s' = s / Q; padded tokens have Q = 0 (their target is zero), and then dz = 0.
     s_c = jnp.where(fw.mass_c > 0, fw.s_c / jnp.where(fw.mass_c > 0, fw.mass_c, 1), 0)
-    # One scatter for the gold and the prefix entries together: each scatter into the
-    # [chunk, V] buffer costs a full read and write of it on the GPU (the compiled H100 step
-    # spent ~160 ms in two of them), so there is exactly one.
+    # One scatter for the gold and the prefix entries together: XLA writes it into G in place,
+    # one small kernel per chunk (two before).
     ids_cxJ = ids_c[:, None]
     vals_cxJ = (fw.g_gold_c - s_c * (t.gold_N - u))[:, None]
     if fw.g_sparse_cxK is not None:

@@ -69,6 +69,6 @@ def test_h100_loss_writes_no_float32_vocabulary_buffer(name):
     fused = fused[:fused.index("\n}")]
     assert " dot(" in fused and " exponential(" in fused
     # The gradient's few target entries are written into G by ONE scatter (gold and prefixes
-    # together): each scatter into the [chunk, V] buffer reads and writes all of it.
+    # together), in place: one kernel per chunk.
     scatters = [line for _, line in wide if "scatter" in line]
     assert len(scatters) <= 1, scatters
