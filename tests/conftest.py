@@ -10,6 +10,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 # lines) on every start of a CLI subprocess, burying the one-line errors under test. XLA reads
 # the level from the environment a process starts with, so it is set here for the subprocesses.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+# libtpu (the TPU compiler of the AOT tests) takes a machine-wide lock file unless told that
+# several processes may load it: pytest-xdist's workers and the CLI subprocesses do.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import pytest  # noqa: E402
 
