@@ -72,6 +72,10 @@ prefix-counts: setup
 # 20 fixed documents per task), the study report comparing them, the HF export and the plots.
 # Rerunning resumes the finished runs at once (rm -rf runs/demo to train again).
 DEMO_RUN := runs/demo/prefix_norm
+# The demo is a CPU run unless set up with ACCEL=cuda: with only the AOT compilers installed
+# (`make test` adds them), jax would otherwise try the CUDA plugin and libtpu at start-up and
+# print their tracebacks on a machine that has neither.
+demo prefix-counts: export JAX_PLATFORMS ?= $(if $(filter cuda,$(ACCEL)),,cpu)
 DEMO_BASE := runs/demo/ce
 demo: setup prefix-counts
 	$(PY) -c "from prefixlm.data import corpus; print(corpus.prepare_demo())"
