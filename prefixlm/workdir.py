@@ -15,6 +15,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
+from prefixlm import atomic
 from prefixlm.config import ConfigError
 
 log = logging.getLogger("prefixlm.workdir")
@@ -41,9 +42,7 @@ def write_text_atomic(path: epath.Path, text: str) -> None:
     if is_remote(path):
         path.write_text(text)  # an object upload is atomic
         return
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic.write_text(os.fspath(path), text)
 
 
 # Fields that change memory, speed or bookkeeping but not what is trained: they may differ
