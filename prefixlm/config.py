@@ -16,10 +16,7 @@ import ml_collections
 
 from prefixlm import model as model_lib
 from prefixlm import objectives
-
-
-class ConfigError(ValueError):
-    """A config value that cannot work; raised before anything is compiled."""
+from prefixlm.errors import ConfigError
 
 
 # ---- config ------------------------------------------------------------------------------------

@@ -36,6 +36,8 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from prefixlm import errors
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "configs/<family>.py[:ARGS], e.g. configs/prefix_norm.py:demo,eps=1.0",
     lock_config=True)
@@ -294,9 +296,8 @@ def main(argv) -> int:
 def _user_error_types() -> tuple[type[BaseException], ...]:
     """Errors that are the user's to fix (config, data, files), reported in one line."""
     from prefixlm import checkpoint
-    from prefixlm import config as config_lib
 
-    return (config_lib.ConfigError, FileNotFoundError, checkpoint.CheckpointError)
+    return (errors.UserError, FileNotFoundError, checkpoint.CheckpointError)
 
 
 def guarded_main(argv) -> int:

@@ -20,6 +20,7 @@ import sys
 import numpy as np
 
 from prefixlm import plots, workdir
+from prefixlm.errors import UserError
 from prefixlm.paired import Items
 
 STEP_FILE = re.compile(r"step_(\d+)\.jsonl")
@@ -27,8 +28,8 @@ SEED_FIELDS = ("seed", "data_seed")  # what may differ between seeds of one arm
 OPTIONAL_FIELDS = ("n_choices", "gold_index", "pred_index")  # nan when a row lacks them
 
 
-class ReportError(Exception):
-    """A problem with the inputs: reported as one line, exit status 2."""
+class ReportError(UserError):
+    """A problem with the report's inputs: reported as one line, exit status 2."""
 
 
 @dataclasses.dataclass

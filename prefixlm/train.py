@@ -24,16 +24,13 @@ from prefixlm import model as model_lib
 from prefixlm import preflight, sinks, validation
 from prefixlm import workdir as workdir_lib
 from prefixlm.data import budget
+from prefixlm.errors import DataError
 from prefixlm.loop import Hook, LoopHook, Run, run_loop
 from prefixlm.step import Trainer, data_iterator, peak_flops
 
 log = logging.getLogger("prefixlm.train")
 
 __all__ = ["DataError", "Hook", "train_and_evaluate"]
-
-
-class DataError(config_lib.ConfigError):
-    """The training data cannot be used (missing, truncated, wrong tokenizer, out of range)."""
 
 
 def _open_data(config, trainer: Trainer):
