@@ -279,7 +279,7 @@ def sentence(arm: str, base: str, results: list[EndpointResult], n_pairs: int,
         shown = "; ".join(effect_text(r) for r in results)
         return (f"{arm} vs {base} (one seed each): no claim, since run-to-run variance is "
                 f"unmeasured with one seed per arm. Item-level 95% intervals (they cover the "
-                f"choice of items only): {shown}. Run --seeds 0,1,2,3 to test.")
+                f"choice of items only): {shown}. Run --seeds 0,1,2,3,4 to test.")
     claimed = [r for r in results if r.claimed]
     rest = [r for r in results if not r.claimed]
     head = f"{arm} ({n_pairs} seed pairs) vs {base}: "

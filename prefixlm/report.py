@@ -127,7 +127,7 @@ def header(base, arms, runs, step, chosen, primary, n_pairs, resamples, seed,
             f"Intervals are 95% percentile intervals of a paired bootstrap over items "
             f"({resamples:,} resamples, numpy seed {seed}); p is McNemar's exact two-sided test "
             "on the discordant pairs (b = only the arm right, c = only the baseline right). No "
-            "effect is claimed for such an arm: train --seeds 0,1,2,3 to test.")
+            "effect is claimed for such an arm: train --seeds 0,1,2,3,4 to test.")
     method = "\n\n".join(methods)
     return [
         f"# Study report: {len(arms) - 1} arm(s) against {base}", "",
@@ -137,8 +137,8 @@ def header(base, arms, runs, step, chosen, primary, n_pairs, resamples, seed,
         f"Primary endpoints (declared with --primary): {', '.join(e.name for e in primary)}. "
         f"**Error control: the family is every arm x every primary endpoint; method: {family}** "
         "(prefixlm.endpoints says why Holm over the whole report rather than per arm, a "
-        "hierarchy or a pooled many-to-one test): the chance that this report holds any false "
-        f"\"improves\" or \"worsens\" is at most {inference.ALPHA:.0%}. Everything else (each "
+        "hierarchy or a pooled many-to-one test): the chance that this report claims any effect "
+        f"that is not there is at most {inference.ALPHA:.0%}. Everything else (each "
         "task's table, the forest plot) is exploratory and never counts as an effect, whatever "
         "its interval.", "",
         "Δ = arm − baseline over the same items (inner join on task, doc_id); Δacc in points. "

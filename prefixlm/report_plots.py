@@ -20,7 +20,8 @@ def plot_forest(results, arms: list[str], tasks: list[str], base: str,
     from matplotlib.figure import Figure
 
     colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
-    height = 1.2 + 0.32 * len(tasks) * max(1, len(arms))
+    legend_rows = (len(arms) + 1) // 2  # two entries a row, each naming its arm's method
+    height = 1.6 + 0.32 * len(tasks) * max(1, len(arms)) + 0.2 * legend_rows
     fig = Figure(figsize=(11, height))
     axes = fig.subplots(1, 2, sharey=True)
     step = 0.8 / max(1, len(arms))
@@ -43,7 +44,7 @@ def plot_forest(results, arms: list[str], tasks: list[str], base: str,
     fig.legend(loc="lower center", ncol=min(len(arms), 2), fontsize=8, frameon=False)
     fig.suptitle(f"Paired difference to {base}, exploratory (95% intervals; each arm's method "
                  "in its legend entry)", fontsize=11)
-    fig.tight_layout(rect=(0, min(0.4, 0.25 * (1 + (len(arms) + 1) // 2) / height), 1, 1))
+    fig.tight_layout(rect=(0, (0.15 + 0.2 * legend_rows) / height, 1, 1))
     atomic.save_figure(fig, path, dpi=120)
 
 
