@@ -263,13 +263,14 @@ def no_interval_reason(r: EndpointResult) -> str:
 
 
 def family_text(results: dict[str, list[EndpointResult]]) -> str:
-    """'Holm over the report's 18 primary tests (6 arms x 3 endpoints), family-wise 5%'."""
+    """'Holm over the report's 18 primary tests = 6 arm(s) with seed pairs x 3 endpoint(s) less
+    untested ones, family-wise 5%': the family and the method, as the header states them."""
     tested = sum(r.test is not None and np.isfinite(r.test.p)
                  for rs in results.values() for r in rs)
     arms = sum(any(r.test is not None for r in rs) for rs in results.values())
     k = len(next(iter(results.values()), []))
-    return (f"Holm over the report's {tested} primary test(s) ({arms} arm(s) with seed pairs x "
-            f"{k} endpoint(s), less untested ones), family-wise {inference.ALPHA:.0%}")
+    return (f"Holm over the report's {tested} primary tests = {arms} arm(s) with seed pairs x "
+            f"{k} endpoint(s) less untested ones, family-wise {inference.ALPHA:.0%}")
 
 
 def sentence(arm: str, base: str, results: list[EndpointResult], n_pairs: int,

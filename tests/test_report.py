@@ -412,8 +412,8 @@ def test_the_pinned_verbs_only_for_corrected_primary_endpoints():
     endpoints.correct_family(results)
     assert [r.claimed for r in results] == [True, False, True]
     family = endpoints.family_text({"pn": results})
-    assert family == ("Holm over the report's 3 primary test(s) (1 arm(s) with seed pairs x 3 "
-                      "endpoint(s), less untested ones), family-wise 5%")
+    assert family == ("Holm over the report's 3 primary tests = 1 arm(s) with seed pairs x 3 "
+                      "endpoint(s) less untested ones, family-wise 5%")
     line = endpoints.sentence("pn", "ce", results, 3, family)
     assert line == (
         "pn (3 seed pairs) vs ce: improves mean CharBench bits/byte by 0.0400 [0.0300, 0.0500] "

@@ -108,7 +108,7 @@ def test_holm_runs_over_every_arm_and_endpoint(tmp_path):
                       val_nll={200: 3.0 + 0.02 * s}) for s in range(3)]
     text, _ = run_report(dirs, tmp_path / "o")
     assert "the family is every arm x every primary endpoint; method: Holm over the report's " \
-        "6 primary test(s)" in text
+        "6 primary tests = 2 arm(s) with seed pairs x 3 endpoint(s)" in text
     cells = [primary(text, arm, e) for arm in ("label_smoothing", "prefix_norm")
              for e in ("mean CharBench bits/byte", "mean accuracy over piqa/winogrande/"
                        "arc_easy/hellaswag", "val/nll")]
