@@ -363,10 +363,12 @@ def plan(run_dirs, baseline, effects: str, plan_arms: int, step: int | None = No
                                                     need_other_arm=False)
     paired_arms = {a: study.seed_pairs(m, arms[base]) for a, m in arms.items()
                    if base is not None and a != base}
-    pilots, texts = {}, []
+    pilots = {}
     for e, _ in wanted:
         results = [endpoints.evaluate_endpoint(e, pairs, items, step_used, paired.RESAMPLES, 0)
                    for pairs in paired_arms.values() if len(pairs) >= 2]
+        for warning in dict.fromkeys(w for r in results for w in r.left_out):
+            print(f"prefixlm.report: warning: {warning}", file=sys.stderr)
         pilot = detectable.from_results(results) if results else None
         if pilot is None or pilot.df < 1:
             pilot = detectable.single_arm_sd(e, arms, items, step_used)
@@ -375,8 +377,8 @@ def plan(run_dirs, baseline, effects: str, plan_arms: int, step: int | None = No
                               f"{step_used}: pass two or more seeds of an arm (the baseline's "
                               "seeds will do)")
         pilots[e.name] = pilot
-    texts = [f"{len(runs)} runs of {len(arms)} arm(s) at step {step_used}"]
-    return detectable.plan_lines(pilots, wanted, family, "; ".join(texts))
+    return detectable.plan_lines(pilots, wanted, family,
+                                 f"{len(runs)} runs of {len(arms)} arm(s) at step {step_used}")
 
 
 def _parse(parse, text):
