@@ -16,7 +16,7 @@ import numpy as np
 from etils import epath
 
 from prefixlm import atomic
-from prefixlm.config import ConfigError
+from prefixlm.errors import ConfigError  # not via prefixlm.config, which imports JAX
 
 log = logging.getLogger("prefixlm.workdir")
 
