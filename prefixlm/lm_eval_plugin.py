@@ -28,6 +28,7 @@ import sys
 import lm_eval.models  # noqa: F401  lm-eval's own names first: get_model fills an empty registry only
 from lm_eval.api.registry import register_model
 
+from prefixlm.checkpoint import CheckpointError
 from prefixlm.errors import EXIT_USAGE, UserError
 from prefixlm.jaxlm import JaxLM
 from prefixlm.tasks import TASKS_DIR
@@ -83,9 +84,9 @@ def _batch_size(value) -> int:
 
 
 def with_task_path(argv: list[str]) -> list[str]:
-    """``argv`` with ``--include_path TASKS_DIR`` appended unless it names one (or asks only for
-    help: lm-eval prints its top-level help for no arguments or ``-h``)."""
-    if not argv or argv[0] in ("-h", "--help"):
+    """``argv`` with ``--include_path TASKS_DIR`` appended unless it names one, or asks only for
+    help (no arguments, ``-h``, or a bare ``run``, which lm-eval answers with the run help)."""
+    if not argv or argv[0] in ("-h", "--help") or argv == ["run"]:
         return argv
     if any(a == "--include_path" or a.startswith("--include_path=") for a in argv):
         return argv
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.argv = ["prefixlm-lm-eval", *with_task_path(argv)]  # lm-eval's CLI parses sys.argv
     try:
         cli_evaluate()
-    except UserError as e:
+    except (UserError, FileNotFoundError, CheckpointError) as e:  # the run directory's, as export
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     return 0

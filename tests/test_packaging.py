@@ -160,3 +160,4 @@ def test_prefixlm_tasks_are_on_the_include_path():
     assert with_task_path([*argv, "--include_path", "mine"]) == [*argv, "--include_path", "mine"]
     assert with_task_path(["--include_path=mine"]) == ["--include_path=mine"]
     assert with_task_path([]) == [] and with_task_path(["-h"]) == ["-h"]
+    assert with_task_path(["run"]) == ["run"]
