@@ -221,6 +221,12 @@ SPLIT_ENTRY = Obj({
 }, optional=("documents", "max_id", "checksum"))
 SHARD_RECORD = Obj({"name": STR, "train": SPLIT_ENTRY, "validation": SPLIT_ENTRY},
                    optional=("name",))
+# parts/<shard>.json as the readers' caches see it: per split, the file key a checksum was
+# verified under, and the max id computed for shards without a recorded one (data/shards.py).
+PART_CACHE = Obj({
+    "verified": Obj({}, rest=Obj({})),
+    "id_check": Obj({}, rest=Obj({"max_id": Scalar(("int",), minimum=-1)})),
+}, optional=("verified", "id_check"))
 STATS = Obj({
     "format": STR, "tokenizer_hash": Maybe(STR), "vocab_size": Maybe(Scalar(("int",), minimum=1)),
     "eos_id": INT, "documents": COUNT, "tokens": COUNT,
