@@ -33,6 +33,7 @@ from test_train import (
 from prefixlm import checkpoint as ckpt_lib
 from prefixlm import config as config_lib
 from prefixlm import lock, preflight
+from prefixlm.errors import UserError
 
 TIMEOUT = 120  # a hang fails the test, not the suite
 
@@ -477,8 +478,8 @@ def test_a_config_file_that_cannot_load_is_one_line(tmp_path, case, needle):
 @pytest.mark.parametrize("fault, message", [
     ("metrics_is_a_dir", "metrics.jsonl is a directory where the run keeps a file"),
     ("checkpoints_bad_is_a_file", "checkpoints_bad is a file where the run keeps a directory"),
-    ("config_is_corrupt", "config.json is not a readable config.json"),
-    ("config_is_a_list", "config.json holds list, not a config"),
+    ("config_is_corrupt", "config.json: not JSON"),
+    ("config_is_a_list", r"config.json: \[1\] is not an object"),
 ])
 def test_a_workdir_of_the_wrong_shape_is_one_line(token_dir, tmp_path, fault, message):
     tmp_path.mkdir(exist_ok=True)
@@ -488,7 +489,7 @@ def test_a_workdir_of_the_wrong_shape_is_one_line(token_dir, tmp_path, fault, me
         (tmp_path / "checkpoints_bad").write_text("x")
     else:
         (tmp_path / "config.json").write_text("{not json" if "corrupt" in fault else "[1]")
-    with pytest.raises(config_lib.ConfigError, match=message):
+    with pytest.raises(UserError, match=message):
         run(_short(token_dir), tmp_path)
 
 
