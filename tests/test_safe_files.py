@@ -182,3 +182,15 @@ def test_a_short_write_is_completed(tmp_path, monkeypatch):
     safe_files.append_text(tmp_path / "m.jsonl", '{"step": 1}\n')
     monkeypatch.undo()
     assert (tmp_path / "m.jsonl").read_text() == '{"step": 1}\n'
+
+
+@pytest.mark.parametrize("name", ["metrics.jsonl", "changes.jsonl", "wandb_run_id"])
+def test_the_layout_check_refuses_a_symlinked_run_file_before_any_write(tmp_path, name):
+    """Before: a symlinked metrics.jsonl passed the layout check; the run read through it and
+    renamed a new file over the link after writing config.json."""
+    from prefixlm import preflight
+
+    victim = _victim(tmp_path)
+    (tmp_path / name).symlink_to(victim)
+    with pytest.raises(UnsafePathError, match="is a symlink"):
+        preflight.check_layout(tmp_path)
