@@ -185,7 +185,8 @@ def hold(workdir):
         except UserError as e:
             lock, error = None, e
     if bool(hosts.from_process_0(error is not None)):
-        raise error or ConfigError(f"{workdir} is in use by another run (see process 0's log)")
+        raise error or ConfigError(f"{workdir}: process 0 could not take the run's lock (in use "
+                                   "by another run, or a run.lock it refuses; see its log)")
     try:
         yield lock
     finally:
