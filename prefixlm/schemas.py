@@ -227,9 +227,11 @@ PART_CACHE = Obj({
     "verified": Obj({}, rest=Obj({})),
     "id_check": Obj({}, rest=Obj({"max_id": Scalar(("int",), minimum=-1)})),
 }, optional=("verified", "id_check"))
+SPLIT_TOTALS = Obj({"documents": COUNT, "tokens": COUNT}, optional=("documents",))
 STATS = Obj({
     "format": STR, "tokenizer_hash": Maybe(STR), "vocab_size": Maybe(Scalar(("int",), minimum=1)),
     "eos_id": INT, "documents": COUNT, "tokens": COUNT,
+    "splits": Obj({"train": SPLIT_TOTALS, "validation": SPLIT_TOTALS}),
     "shards": List(SHARD_RECORD),
 }, optional=("tokenizer_hash", "vocab_size", "eos_id", "documents", "tokens"))
 

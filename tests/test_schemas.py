@@ -133,6 +133,7 @@ def test_a_bad_eval_row_names_the_file_line_and_field(tmp_path, bad, field):
 # ---- token directories: stats.json and shard records ------------------------------------------
 def _stats(tmp_path, **change):
     stats = {"format": shards.FORMAT, "tokenizer_hash": "abc", "documents": 1, "tokens": 4,
+             "splits": {"train": {"tokens": 4}, "validation": {"tokens": 0}},
              "shards": [{"name": "s0", "train": {"file": "train/s0.bin", "tokens": 4},
                          "validation": {"file": "validation/s0.bin", "tokens": 0}}]}
     stats.update(change)
@@ -149,6 +150,8 @@ def _stats(tmp_path, **change):
                   "validation": {"file": "validation/s0.bin", "tokens": 0}}]},
      "shards[0].train.tokens"),
     ({"tokenizer_hash": 5}, "tokenizer_hash"),
+    ({"splits": None}, "splits"),
+    ({"splits": {"train": {"tokens": 4}}}, "splits.validation"),
 ])
 def test_a_bad_stats_json_names_the_field(tmp_path, change, field):
     """Before: `shards` null or a list of numbers was a TypeError in split_files (a traceback
