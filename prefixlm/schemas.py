@@ -3,7 +3,7 @@
 A file that does not have its shape stops the command in one line naming the file, the line
 (JSONL) and the field (``prefixlm.errors.SchemaError``, exit 2), instead of a ``KeyError`` or a
 ``TypeError`` three calls later. One mechanism for every format: a schema is a tree of
-:class:`Spec` values (``INT``, ``Obj({...})``, ``List(...)``, ``Maybe(...)``) and
+:class:`Spec` values (``INT``, ``Obj({...})``, ``List(...)``, ``Tuple(...)``, ``Maybe(...)``) and
 :func:`check` walks it. Standard library only, so the JAX-free report can use it too (pydantic
 would be a new pinned dependency of every layer for some sixty lines of checking).
 
@@ -112,16 +112,13 @@ class Obj(Spec):
 
 @dataclasses.dataclass(frozen=True)
 class List(Spec):
-    """A JSON array of ``item``s (``length``: exactly that many)."""
+    """A JSON array of ``item``s."""
 
     item: Spec
-    length: int | None = None
 
     def problem(self, value, field):
         if not isinstance(value, list):
             return field, f"{_show(value)} is not a list"
-        if self.length is not None and len(value) != self.length:
-            return field, f"has {len(value)} items, expected {self.length}"
         for i, v in enumerate(value):
             if (found := self.item.problem(v, f"{field}[{i}]")) is not None:
                 return found
@@ -153,11 +150,6 @@ class Tuple(Spec):
         return None
 
 
-class Anything(Spec):
-    def problem(self, value, field):
-        return None
-
-
 def _show(value) -> str:
     text = json.dumps(value, default=str) if not isinstance(value, float) else repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
@@ -177,7 +169,6 @@ INT = Scalar(("int",))
 COUNT = Scalar(("int",), minimum=0)
 NUMBER = Scalar(("number",))
 STR = Scalar(("str",))
-ANY = Anything()
 
 
 def _relative_inside(name: str) -> bool:
@@ -227,6 +218,8 @@ PART_CACHE = Obj({
     "verified": Obj({}, rest=Obj({})),
     "id_check": Obj({}, rest=Obj({"max_id": Scalar(("int",), minimum=-1)})),
 }, optional=("verified", "id_check"))
+
+# DIR/stats.json of a token directory (data/shards.py: the pipeline reads only what it lists).
 SPLIT_TOTALS = Obj({"documents": COUNT, "tokens": COUNT}, optional=("documents",))
 STATS = Obj({
     "format": STR, "tokenizer_hash": Maybe(STR), "vocab_size": Maybe(Scalar(("int",), minimum=1)),
