@@ -261,3 +261,13 @@ def test_plan_json_is_read_by_its_schema(tmp_path):
     with pytest.raises(SchemaError) as info:
         schemas.read_json(tmp_path / "plan.json", schemas.PLAN)
     _names(info.value, tmp_path / "plan.json", field="devices")
+
+
+def test_what_the_metrics_writer_writes_its_reader_accepts(tmp_path):
+    """The writer and the schema agree: non-finite numbers, numpy scalars, None and strings."""
+    writer = sinks.MetricsWriter(tmp_path, 0, True, {"tensorboard": False})
+    writer.write(1, {"loss": float("nan"), "nll": np.float32(2.5), "eval/error": None,
+                     "inf": float("inf"), "note": "x", "flag": True})
+    writer.close()
+    (row,) = workdir_lib.read_rows(tmp_path / "metrics.jsonl")
+    assert row["loss"] == "nan" and row["nll"] == 2.5 and row["inf"] == "inf"
