@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import tempfile
 import time
 
 import jax
@@ -114,10 +115,15 @@ def check_writable(workdir: str | os.PathLike) -> None:
     if not target.is_dir():
         raise CheckpointError(f"cannot save checkpoints in {directory}: {target} is a file, not "
                               "a directory; move it aside or use another --workdir")
-    probe = target / f"{PROBE}-{os.getpid()}"
     try:
-        probe.write_text("probe")
-        probe.unlink()
+        if workdir_lib.is_remote(target):
+            probe = target / f"{PROBE}-{os.getpid()}"
+            probe.write_text("probe")
+            probe.unlink()
+        else:  # a new name (O_EXCL): a symlink planted at a guessable name is never written
+            fd, name = tempfile.mkstemp(prefix=PROBE, dir=os.fspath(target))
+            os.close(fd)
+            os.unlink(name)
     except Exception as e:  # noqa: BLE001 - any storage error means the saves would fail
         raise CheckpointError(f"cannot save checkpoints in {directory}: {target} is not "
                               f"writable ({type(e).__name__}: {_first_line(e)}); fix its "

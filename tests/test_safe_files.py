@@ -194,3 +194,15 @@ def test_the_layout_check_refuses_a_symlinked_run_file_before_any_write(tmp_path
     (tmp_path / name).symlink_to(victim)
     with pytest.raises(UnsafePathError, match="is a symlink"):
         preflight.check_layout(tmp_path)
+
+
+def test_the_write_probe_never_writes_through_a_planted_symlink(tmp_path):
+    """Before: the checkpoints/ probe was `.prefixlm-write-probe-<pid>`, written with
+    write_text: a symlink planted at that name had its target overwritten with 'probe'."""
+    from prefixlm import checkpoint as ckpt_lib
+
+    victim = _victim(tmp_path)
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / f"{ckpt_lib.PROBE}-{os.getpid()}").symlink_to(victim)
+    ckpt_lib.check_writable(tmp_path)
+    assert victim.read_text() == "precious\n"
