@@ -13,6 +13,9 @@ inside a document stays plain text. Why it is built the way it is:
   (its counts) last; a rerun skips units whose part file exists and matches, and redoes the rest.
   ``stats.json`` is written only when all units are done, so a killed run is never mistaken for
   a finished one.
+* **Nothing changed before the checks.** The arguments, the inputs' metadata, the tokenizer and
+  the output are checked before anything in ``--output`` changes; an output holding shards of
+  another tokenizer is refused unless ``--overwrite`` (its shards would be replaced).
 * **Bounded memory.** Parquet is read in record batches of ``--batch-rows`` rows; tokens are
   appended to the shard file batch by batch.
 * **Validation split.** A document goes to ``validation/`` when a hash of its text falls below
