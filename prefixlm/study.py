@@ -27,7 +27,7 @@ import sys
 
 import numpy as np
 
-from prefixlm import plots, workdir
+from prefixlm import plots, schemas, workdir
 from prefixlm.errors import UserError
 from prefixlm.paired import Items
 
@@ -75,10 +75,7 @@ def load_run(run_dir) -> Run:
              if (m := STEP_FILE.fullmatch(p.name))}
     if not files:
         raise ReportError(f"{eval_dir} holds no step_XXXXXXXX.jsonl files")
-    try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ReportError(f"{config_path} is not JSON ({e})") from e
+    config = workdir.read_config_json(config_path)  # schemas.CONFIG: SchemaError, one line
     has_metrics = (path / "metrics.jsonl").is_file()  # optional: only the training-side table
     return Run(path, config, plots.load_metrics(path) if has_metrics else [], files)
 
@@ -144,22 +141,13 @@ def _item_row(row: dict) -> tuple[str, int, tuple]:
 
 
 def load_items(path: pathlib.Path) -> dict[str, Items]:
-    """{task: Items} of one evaluation file; a torn line (a write cut short) is skipped. Rows
-    written before n_choices / gold_index / pred_index existed load with nan there."""
+    """{task: Items} of one evaluation file (``schemas.EVAL_ROW`` rows, read by the one JSONL
+    reader: a torn last line is dropped, any other bad line is a SchemaError naming the line and
+    the field). Rows written before n_choices / gold_index / pred_index existed load with nan
+    there."""
     docs: dict[str, dict[int, tuple]] = {}
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            print(f"{path}:{n}: skipping a torn line", file=sys.stderr)
-            continue
-        try:
-            task, doc_id, values = _item_row(row)
-        except (KeyError, TypeError, ValueError) as e:
-            raise ReportError(f"{path}:{n}: bad item row ({e!r}); expected task, doc_id, "
-                              "correct, correct_norm, gold_logprob, gold_bytes") from e
+    for row in schemas.read_jsonl(path, schemas.EVAL_ROW):
+        task, doc_id, values = _item_row(row)
         docs.setdefault(task, {})[doc_id] = values
     if not docs:
         raise ReportError(f"{path} holds no scored items: evaluate the run again (python -m "
