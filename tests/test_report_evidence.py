@@ -323,6 +323,21 @@ def test_runs_with_no_item_in_common_are_one_line_exit_2(tmp_path, capsys):
     assert str(base) in err and str(other) in err and "item in common at step 200" in err
 
 
+@pytest.mark.parametrize("damage", ["eval_row", "config", "metrics_row"])
+def test_a_file_off_its_schema_is_one_line_exit_2(tmp_path, capsys, damage):
+    """The readers raise SchemaError (not a ReportError): the report still says it in one line
+    naming the file and exits 2, instead of a traceback."""
+    dirs = three_seed_study(tmp_path)
+    path, text = {"eval_row": (dirs[4] / "eval" / "step_00000200.jsonl", "[1, 2]\n"),
+                  "config": (dirs[4] / "config.json", "[]"),
+                  "metrics_row": (dirs[4] / "metrics.jsonl", '{"step": "7"}\n')}[damage]
+    path.write_text(text + (path.read_text() if damage != "config" else ""))
+    code = report.main([*map(str, dirs), "--baseline", str(dirs[0]), "--output",
+                        str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and str(path) in err, err
+
+
 # ---- the report path never imports JAX ----
 
 def test_the_report_builds_with_jax_blocked(tmp_path):
