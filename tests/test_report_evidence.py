@@ -147,6 +147,35 @@ def test_an_identical_copy_of_a_seed_is_used_once(tmp_path, capsys):
     assert evidence(text, "label_smoothing").startswith("- label_smoothing (3 seed pairs)")
 
 
+def test_a_fifo_in_a_copied_seed_is_refused_not_waited_on(tmp_path, capsys):
+    """Comparing a copy with its seed reads every step's file: a FIFO at another step's name
+    (not the report's step) is refused in one line instead of blocking the report for ever."""
+    import signal
+
+    dirs = three_seed_study(tmp_path)
+    copy = make_run(tmp_path, "ls_s2_copy", "label_smoothing", 2, val_nll={100: 3.5, 200: 3.02})
+    for d in (dirs[5], copy):
+        os.mkfifo(d / "eval" / "step_00000050.jsonl")
+
+    class Blocked(Exception):  # not an OSError: the report must not catch it
+        pass
+
+    def hung(*_):
+        raise Blocked("the report waited 20 s on a named pipe")
+
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(20)
+    try:
+        code = report.main([*map(str, dirs), str(copy), "--baseline", str(dirs[0]),
+                            "--output", str(tmp_path / "o")])
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "a FIFO" in err, err
+    assert "step_00000050.jsonl" in err
+
+
 # ---- 4. no stale values ----
 
 def test_a_missing_val_nll_at_the_step_is_left_out_not_replaced(tmp_path, capsys):
