@@ -251,6 +251,10 @@ def test_a_report_of_tied_pair_means_claims_nothing_from_the_tie(tmp_path):
     line = evidence(text, "label_smoothing")
     assert "worsens val/nll" not in line and "improves val/nll" not in line
     assert "val/nll Δ +0.0125 (identical seed-pair means and no items: untested" in line
+    section = text.split("## What this study could detect\n", 1)[1].split("\n## ", 1)[0]
+    row = next(r for r in section.splitlines() if r.startswith("| val/nll |"))
+    assert "| 3 |" in row and "fewer than 2 seed pairs" not in row
+    assert "not measurable (the seed pairs agree exactly and there are no items)" in row
     diff = (np.random.default_rng(7).normal(0, 0.05, N) + 0.0125
             - np.random.default_rng(99).normal(0, 0.05, N))
     t = diff.mean() / math.sqrt(diff.var(ddof=1) / N / 3)
