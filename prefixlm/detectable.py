@@ -104,7 +104,9 @@ def detect_section(primary_results: dict[str, list], family: int) -> list[str]:
         seeds = max(r.pairs for r in results)
         mde = inference.detectable_effect(pilot.sd, seeds, max(family, 1)) \
             if pilot.df >= 1 else math.nan
-        detect = number(mde, e) if np.isfinite(mde) else "not measurable (fewer than 2 seed pairs)"
+        detect = number(mde, e) if np.isfinite(mde) else (
+            "not measurable (fewer than 2 seed pairs)" if pilot.df < 1 else
+            "not measurable (the seed pairs agree exactly and there are no items)")
         lines.append(f"| {e.label} | {seeds} | {pilot.items or '(logged scalar)'} | "
                      f"{number(pilot.sd, e)} ({pilot.df}) | {number(pilot.item_sd, e)} | "
                      f"{detect} |")

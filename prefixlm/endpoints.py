@@ -34,12 +34,11 @@ all, and not the alternatives the issue named:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 
 import numpy as np
 
-from prefixlm import inference
+from prefixlm import inference, study
 from prefixlm.inference import SeedTest
 from prefixlm.paired import Interval
 
@@ -175,10 +174,9 @@ def item_differences(endpoint, pairs, items, tasks) -> dict[str, list[np.ndarray
     field = ITEM_FIELDS[endpoint.metric]
     out = {}
     for task in tasks:
-        doc_id_M = functools.reduce(np.intersect1d, [items[r.path][task].doc_id_N
-                                                     for pair in pairs for r in pair])
-        diffs = [getattr(items[a.path][task].take(doc_id_M), field)
-                 - getattr(items[b.path][task].take(doc_id_M), field) for a, b in pairs]
+        if (pair_items := study.aligned_items(pairs, items, task)) is None:
+            continue
+        diffs = [getattr(a, field) - getattr(b, field) for a, b in pair_items]
         diffs = [d[np.isfinite(d)] for d in diffs]
         if all(len(d) for d in diffs):
             out[task] = diffs

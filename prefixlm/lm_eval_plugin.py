@@ -67,8 +67,8 @@ class RunDirectoryLM(JaxLM):
         if not workdir:
             raise UserError(f"--model {MODEL_NAME} needs --model_args workdir=RUN_DIR (a training "
                             "directory holding checkpoints/)")
-        if "batch_size" not in args:
-            args["batch_size"] = _batch_size((additional_config or {}).get("batch_size"))
+        args["batch_size"] = _batch_size(args["batch_size"] if "batch_size" in args
+                                         else (additional_config or {}).get("batch_size"))
         return cls.from_workdir(str(workdir), **args)
 
 
@@ -78,9 +78,12 @@ def _batch_size(value) -> int:
     if value is None or str(value).startswith("auto"):
         return DEFAULT_BATCH_SIZE
     try:
-        return int(value)
+        size = int(value)
     except ValueError:
-        raise UserError(f"--batch_size {value!r}: expected a positive integer or auto") from None
+        size = 0
+    if size < 1:  # 0 was range(..., 0) in JaxLM after the checkpoint loaded: a traceback
+        raise UserError(f"--batch_size {value!r}: expected a positive integer or auto")
+    return size
 
 
 def with_task_path(argv: list[str]) -> list[str]:

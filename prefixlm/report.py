@@ -33,6 +33,7 @@ import numpy as np
 
 from prefixlm import atomic, detectable, endpoints, inference, paired, report_plots, study
 from prefixlm.endpoints import last_logged
+from prefixlm.errors import UserError
 from prefixlm.paired import Interval, Items, Paired
 from prefixlm.study import ReportError, Run
 
@@ -433,7 +434,7 @@ def main(argv=None) -> int:
                 raise ReportError(f"--{flag} is required for a report (or pass --plan)")
         report = build_report(args.run_dirs, args.baseline, args.output, args.step,
                               args.resamples, args.seed, args.primary)
-    except ReportError as e:
+    except UserError as e:  # ReportError, and the readers' SchemaError / UnsafePathError
         print(f"prefixlm.report: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a full disk, a read-only OUT: nothing half-written is left behind

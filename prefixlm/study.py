@@ -27,7 +27,7 @@ import sys
 
 import numpy as np
 
-from prefixlm import plots, schemas, workdir
+from prefixlm import plots, safe_files, schemas, workdir
 from prefixlm.errors import UserError
 from prefixlm.paired import Items
 
@@ -109,9 +109,11 @@ def group_arms(runs: list[Run]) -> dict[str, list[Run]]:
 
 
 def same_rows(a: Run, b: Run) -> bool:
-    """Whether two run directories hold the same metrics rows and evaluation files."""
+    """Whether two run directories hold the same metrics rows and evaluation files (read
+    through ``safe_files``: a FIFO at any step's name is refused, never opened and waited on)."""
     return a.metrics == b.metrics and set(a.eval_files) == set(b.eval_files) and all(
-        a.eval_files[s].read_bytes() == b.eval_files[s].read_bytes() for s in a.eval_files)
+        safe_files.read_bytes(a.eval_files[s]) == safe_files.read_bytes(b.eval_files[s])
+        for s in a.eval_files)
 
 
 def one_run_per_seed(members: list[Run], arm: str) -> list[Run]:

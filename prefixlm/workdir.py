@@ -7,7 +7,6 @@ renames) and local disks (atomic rename) are handled in one place.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import time
 
@@ -18,8 +17,6 @@ from etils import epath
 from prefixlm import safe_files, schemas
 from prefixlm.errors import ConfigError  # not via prefixlm.config, which imports JAX
 from prefixlm.safe_files import is_remote  # noqa: F401 - the run layer's name for it
-
-log = logging.getLogger("prefixlm.workdir")
 
 
 def run_path(workdir) -> epath.Path:

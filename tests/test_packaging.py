@@ -149,6 +149,12 @@ def test_model_args_load_the_run_directory(monkeypatch):
         RunDirectoryLM.create_from_arg_string("", cli)
     with pytest.raises(UserError, match="unknown --model_args pretrained; expected workdir"):
         RunDirectoryLM.create_from_arg_string("pretrained=gpt2", cli)
+    for bad_args, bad_cli in (("workdir=/runs/d,batch_size=0", cli),
+                              ("workdir=/runs/d", {"batch_size": "-2"}),
+                              ("workdir=/runs/d", {"batch_size": "many"})):
+        with pytest.raises(UserError, match="expected a positive integer or auto"):
+            RunDirectoryLM.create_from_arg_string(bad_args, bad_cli)
+    assert len(calls) == 3  # refused before loading the run directory
 
 
 def test_prefixlm_tasks_are_on_the_include_path():

@@ -396,6 +396,8 @@ def test_holm_matches_a_direct_step_down():
     assert expected.any() and not expected.all()
     adjusted, rejected = inference.holm([[0.01, np.nan, 0.03]])  # untested: not counted
     np.testing.assert_allclose(adjusted[0], [0.02, np.nan, 0.03])
+    p_RxK[rng.random(p_RxK.shape) < 0.3] = np.nan  # the simulation's fast path agrees on
+    np.testing.assert_array_equal(inference.holm_rows(p_RxK), inference.holm(p_RxK)[1])  # nan
 
 
 def _result(name, est, lo, hi, p):

@@ -147,6 +147,35 @@ def test_an_identical_copy_of_a_seed_is_used_once(tmp_path, capsys):
     assert evidence(text, "label_smoothing").startswith("- label_smoothing (3 seed pairs)")
 
 
+def test_a_fifo_in_a_copied_seed_is_refused_not_waited_on(tmp_path, capsys):
+    """Comparing a copy with its seed reads every step's file: a FIFO at another step's name
+    (not the report's step) is refused in one line instead of blocking the report for ever."""
+    import signal
+
+    dirs = three_seed_study(tmp_path)
+    copy = make_run(tmp_path, "ls_s2_copy", "label_smoothing", 2, val_nll={100: 3.5, 200: 3.02})
+    for d in (dirs[5], copy):
+        os.mkfifo(d / "eval" / "step_00000050.jsonl")
+
+    class Blocked(Exception):  # not an OSError: the report must not catch it
+        pass
+
+    def hung(*_):
+        raise Blocked("the report waited 20 s on a named pipe")
+
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(20)
+    try:
+        code = report.main([*map(str, dirs), str(copy), "--baseline", str(dirs[0]),
+                            "--output", str(tmp_path / "o")])
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "a FIFO" in err, err
+    assert "step_00000050.jsonl" in err
+
+
 # ---- 4. no stale values ----
 
 def test_a_missing_val_nll_at_the_step_is_left_out_not_replaced(tmp_path, capsys):
@@ -222,6 +251,10 @@ def test_a_report_of_tied_pair_means_claims_nothing_from_the_tie(tmp_path):
     line = evidence(text, "label_smoothing")
     assert "worsens val/nll" not in line and "improves val/nll" not in line
     assert "val/nll Δ +0.0125 (identical seed-pair means and no items: untested" in line
+    section = text.split("## What this study could detect\n", 1)[1].split("\n## ", 1)[0]
+    row = next(r for r in section.splitlines() if r.startswith("| val/nll |"))
+    assert "| 3 |" in row and "fewer than 2 seed pairs" not in row
+    assert "not measurable (the seed pairs agree exactly and there are no items)" in row
     diff = (np.random.default_rng(7).normal(0, 0.05, N) + 0.0125
             - np.random.default_rng(99).normal(0, 0.05, N))
     t = diff.mean() / math.sqrt(diff.var(ddof=1) / N / 3)
@@ -321,6 +354,21 @@ def test_runs_with_no_item_in_common_are_one_line_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1, err
     assert str(base) in err and str(other) in err and "item in common at step 200" in err
+
+
+@pytest.mark.parametrize("damage", ["eval_row", "config", "metrics_row"])
+def test_a_file_off_its_schema_is_one_line_exit_2(tmp_path, capsys, damage):
+    """The readers raise SchemaError (not a ReportError): the report still says it in one line
+    naming the file and exits 2, instead of a traceback."""
+    dirs = three_seed_study(tmp_path)
+    path, text = {"eval_row": (dirs[4] / "eval" / "step_00000200.jsonl", "[1, 2]\n"),
+                  "config": (dirs[4] / "config.json", "[]"),
+                  "metrics_row": (dirs[4] / "metrics.jsonl", '{"step": "7"}\n')}[damage]
+    path.write_text(text + (path.read_text() if damage != "config" else ""))
+    code = report.main([*map(str, dirs), "--baseline", str(dirs[0]), "--output",
+                        str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and str(path) in err, err
 
 
 # ---- the report path never imports JAX ----

@@ -220,7 +220,9 @@ def test_a_lease_of_the_wrong_shape_is_taken_over(tmp_path):
                                        '"expires": "tomorrow"}')
     lease = lock.Lease(tmp_path, confirm=0.0)
     lease.acquire()
+    assert json.loads((tmp_path / lock.LEASE).read_text())["token"] == lease.token  # taken over
     lease.release()
+    assert not (tmp_path / lock.LEASE).exists()
 
 
 # ---- runs files and plan.json -----------------------------------------------------------------
