@@ -32,7 +32,6 @@ from prefixlm import step as step_lib  # noqa: E402
 from prefixlm import tokenizer as tokenizer_lib  # noqa: E402
 
 
-
 def parse_target(target: str) -> tuple[str, int]:
     """``v5e-8`` -> (``tpu_v5e``, 8), ``h100-1`` -> (``h100``, 1): a ``--dry_run=aot`` target of
     the one hardware table (``prefixlm.hardware``) and a device count."""

@@ -239,6 +239,8 @@ def _touches_logits(comp: hlo.Computation, ins: hlo.Instruction, vocab: int, d_m
     """Reads or writes a logit-shaped array: a vocabulary dimension beside one that is not
     the model width ([tokens, V] logits and their gradient, [V, K] prefix tables; a flattened
     [tokens x V] buffer), unlike the [V, D] embedding the optimizer and embedding gather touch."""
+    if vocab <= 0:
+        return False
     for s in (ins.shape, *comp.operand_shapes(ins)):
         for a in hlo.arrays(s):
             if vocab in a.dims and any(d not in (vocab, d_model, 1) for d in a.dims):
