@@ -2,12 +2,11 @@
 
     python bench/collectives.py --target v5e-8 [--config configs/prefix_norm.py:tpu_v5e]
                                 [--set model.attention=blockwise] [--hlo FILE]
-    python bench/collectives.py --target h100-8 [--gpu_target FILE (default: prefixlm/targets/h100_sxm.txtpb)]
+    python bench/collectives.py --target h100-8
 
 Builds the real train step (``step.Trainer.create(..., devices=...)``, then
-``lower_train_step().compile()``) for compile-only devices of the target
-(``jax.experimental.topologies``: libtpu for TPUs, the CUDA plugin and a GpuTargetConfigProto for
-GPUs), and prints every collective of one step: kind, dtype, bytes per execution per device, how
+``lower_train_step().compile()``) for compile-only devices of the target (``aot.topology``: the
+topologies and GPU target files of ``prefixlm.hardware``), and prints every collective of one step: kind, dtype, bytes per execution per device, how
 many such ops, how often each runs per step (while-loop trip counts: the microbatch loop) and the
 bytes per step (``prefixlm.hlo_collectives``). The study config by default, with the target's
 hardware preset. Compiled, not run: nothing here measures time.
@@ -26,39 +25,22 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the compile-only devices need n
 # libtpu takes a machine-wide lock file unless told that several processes may load it.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
-from jax.experimental import topologies  # noqa: E402
-
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from prefixlm import aot, hardware, hlo_collectives  # noqa: E402
 from prefixlm import config as config_lib  # noqa: E402
-from prefixlm import hlo_collectives  # noqa: E402
 from prefixlm import step as step_lib  # noqa: E402
 from prefixlm import tokenizer as tokenizer_lib  # noqa: E402
 
-# target -> (preset, topology arguments); a TPU host's chips as one host exposes them.
-TPU_TARGETS = {
-    "v5e-1": ("tpu_v5e", dict(topology_name="v5e:1x1", chip_config_name="default",
-                              chips_per_host_bounds=(1, 1, 1))),
-    "v5e-8": ("tpu_v5e", dict(topology_name="v5e:2x4", chip_config_name="default",
-                              chips_per_host_bounds=(2, 4, 1))),
-    "v4-4": ("tpu_v4", dict(topology_name="v4:2x2x1", chip_config_name="megacore",
-                            chips_per_host_bounds=(2, 2, 1))),
-}
-GPU_TARGETS = {"h100-1": ("h100", 1), "h100-8": ("h100", 8)}
-DEFAULT_GPU_TARGET = str(pathlib.Path(__file__).resolve().parents[1] / "prefixlm" / "targets"
-                         / "h100_sxm.txtpb")
 
-
-def target_devices(target: str, gpu_target: str) -> list:
-    """Compile-only devices of ``target``."""
-    if target in TPU_TARGETS:
-        topo = topologies.get_topology_desc(platform="tpu", num_slices=1,
-                                            **TPU_TARGETS[target][1])
-        return list(topo.devices)
-    n = GPU_TARGETS[target][1]
-    topo = topologies.get_topology_desc(platform="cuda", topology_name="",
-                                        target_config=pathlib.Path(gpu_target).read_text(),
-                                        topology=f"1x1x{n}")
-    return list(topo.devices)
+def parse_target(target: str) -> tuple[str, int]:
+    """``v5e-8`` -> (``tpu_v5e``, 8), ``h100-1`` -> (``h100``, 1): a ``--dry_run=aot`` target of
+    the one hardware table (``prefixlm.hardware``) and a device count."""
+    name, _, count = target.rpartition("-")
+    key = name if name in hardware.GPU_SPECS else f"tpu_{name}"
+    if not count.isdigit() or key not in aot.target_names():
+        raise SystemExit(f"--target {target!r}: use NAME-COUNT with NAME one of "
+                         + ", ".join(t.removeprefix("tpu_") for t in aot.target_names()))
+    return key, int(count)
 
 
 def load_config(spec: str, overrides: list[str]):
@@ -78,27 +60,24 @@ def load_config(spec: str, overrides: list[str]):
     return c
 
 
-def compiled_step(config, devices, tokenizer, *, which: str = "train"):
-    """The compiled train (or eval) step of ``config`` for ``devices``."""
+def compiled_step(config, devices, tokenizer):
+    """The compiled train step of ``config`` for ``devices``."""
     resolved = config_lib.resolve(config, num_devices=len(devices), process_count=1)
     trainer = step_lib.Trainer.create(resolved, tokenizer, devices=devices)
-    lowered = trainer.lower_train_step() if which == "train" else trainer.lower_eval_step()
-    return lowered.compile()
+    return trainer.lower_train_step().compile()
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--target", required=True, choices=[*TPU_TARGETS, *GPU_TARGETS])
+    ap.add_argument("--target", required=True, help="NAME-COUNT: v5e-8, v4-4, h100-8, ...")
     ap.add_argument("--config", default=None, help="default configs/prefix_norm.py:<preset>")
     ap.add_argument("--set", action="append", default=[], help="a.b=value override")
-    ap.add_argument("--gpu_target", default=DEFAULT_GPU_TARGET,
-                    help="GpuTargetConfigProto text file for GPU targets")
     ap.add_argument("--hlo", default=None, help="also write the compiled HLO text here")
     args = ap.parse_args(argv)
-    preset = (TPU_TARGETS.get(args.target) or GPU_TARGETS[args.target])[0]
+    preset, count = parse_target(args.target)
     spec = args.config or f"configs/prefix_norm.py:{preset}"
     config = load_config(spec, args.set)
-    devices = target_devices(args.target, args.gpu_target)
+    devices = list(aot.topology(preset, count).devices)
     t0 = time.perf_counter()
     compiled = compiled_step(config, devices, tokenizer_lib.load(config.data.tokenizer))
     text = compiled.as_text()

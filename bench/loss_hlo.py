@@ -1,21 +1,24 @@
-"""HBM traffic and roofline of the chunked loss on H100, read from the compiled HLO (not run).
+"""HBM traffic and roofline of the chunked loss on one accelerator, read from the compiled HLO
+(not run).
 
-    python bench/loss_hlo.py [--families ce,prefix_norm] [--chunks 8] [--chunk-size 2048]
-                             [--before REV] [--kernels]
+    python bench/loss_hlo.py [--device h100|tpu_v5e|tpu_v4|...] [--families ce,prefix_norm]
+                             [--chunks 8] [--chunk-size 2048] [--before REV]
+                             [--before-chunk-size 2048] [--kernels]
 
-Compiles ``value_and_grad`` (w.r.t. hidden states and the unembedding) of the chunked loss for a
-compile-only H100 (``jax.experimental.topologies``, the GPU target config in ``--target``) at the
-study's shapes: d_model 512, V = 128,256, bfloat16 hidden states, float32 unembedding, chunks
+Compiles ``value_and_grad`` (w.r.t. hidden states and the unembedding) of the chunked loss for
+one compile-only device of ``--device`` (``aot.topology``: libtpu, or the CUDA plugin and the
+committed GpuTargetConfigProto) at the study's shapes: d_model 512, V = 128,256, bfloat16 hidden states, float32 unembedding, chunks
 of ``--chunk-size`` tokens (2048, the presets'), N = ``--chunks`` x 2048 tokens on one device
 (the h100 preset's microbatch is 64 x 2048 per device). It does so twice: with this tree's
 ``prefixlm/fused_loss.py`` ("after") and with the one at git revision ``--before`` ("before",
-loaded from ``git show``), both fed by this tree's objectives. Per-kernel bytes and FLOPs come
-from the optimised HLO (``bench/hlo_bytes.py``: outputs + distinct operands, in-place updates
-and sliced/gathered operands counted by what they touch, loop bodies x trip counts); the
-roofline time of a kernel is max(FLOPs / 989e12, bytes / 3.35e12) (H100 SXM dense bf16 peak,
-HBM3 bandwidth). Figures are per 2048 tokens = the whole call / (N / 2048) (the once-per-call
-work, e.g. casting E to bfloat16, is spread over the tokens); "before" always uses 2048-token
-chunks. Compiled, not run: no time here is measured.
+loaded from ``git show``), both fed by this tree's objectives. Per-kernel FLOPs and HBM bytes come
+from the optimised HLO through ``prefixlm.roofline.kernels`` (the one HLO reader: distinct
+operands + result, in-place updates and sliced operands counted by what they touch, TPU on-chip
+arrays free and their async copies charged, loop bodies x trip counts); the roofline time of a
+kernel is max(FLOPs / peak, bytes / HBM bandwidth) with the device's figures from
+``prefixlm.hardware``. Figures are per 2048 tokens = the whole call / (N / 2048) (the
+once-per-call work, e.g. casting E to bfloat16, is spread over the tokens); "before" uses
+``--before-chunk-size`` tokens per chunk. Compiled, not run: no time here is measured.
 """
 
 from __future__ import annotations
@@ -31,17 +34,14 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "bench")]  # this tree's prefixlm, not an installed one
 
-import hlo_bytes  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from jax.experimental import topologies  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from prefixlm import fused_loss, objectives, tokenizer  # noqa: E402
+from prefixlm import aot, fused_loss, hardware, hlo, objectives, roofline, tokenizer  # noqa: E402
 
-PEAK_FLOPS, HBM_BYTES_S = 989e12, 3.35e12
 CHUNK, D_MODEL = 2048, 512
 
 
@@ -56,13 +56,6 @@ def load_module_at(rev: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def h100_device(target: str):
-    with open(target) as f:
-        topo = topologies.get_topology_desc(platform="cuda", topology_name="",
-                                            target_config=f.read(), topology="1x1x1")
-    return topo.devices[0]
 
 
 def compiled_hlo(module, obj, n_tokens: int, device, chunk: int = CHUNK) -> tuple[str, int]:
@@ -88,15 +81,18 @@ def compiled_hlo(module, obj, n_tokens: int, device, chunk: int = CHUNK) -> tupl
     return compiled.as_text(), int(compiled.memory_analysis().temp_size_in_bytes)
 
 
-def summary(hlo_and_temp: tuple[str, int], n_chunks: int) -> dict:
-    hlo, temp = hlo_and_temp
-    ks = hlo_bytes.kernels(hlo)
-    nbytes = sum(k.bytes * k.count for k in ks)
-    flops = sum(k.flops * k.count for k in ks)
-    seconds = sum(max(k.flops / PEAK_FLOPS, k.bytes / HBM_BYTES_S) * k.count for k in ks)
-    big = sorted(ks, key=lambda k: -k.bytes * k.count)[:6]
-    return dict(bytes=nbytes / n_chunks, flops=flops / n_chunks, seconds=seconds / n_chunks,
-                kernels=sum(k.count for k in ks) / n_chunks, top=big, temp=temp)
+def summary(hlo_and_temp: tuple[str, int], n_chunks: int, device: str) -> dict:
+    """Per 2048 tokens: HBM bytes, FLOPs, roofline seconds, kernel runs; and the largest
+    kernels by bytes per call, and the loss's working memory."""
+    text, temp = hlo_and_temp
+    spec = hardware.DEVICES[device]
+    ks = roofline.kernels(hlo.parse(text), spec.peak_flops, spec.hbm_bytes_s, vocab=0,
+                          d_model=D_MODEL)
+    big = sorted(ks, key=lambda k: -k.bytes * k.times)[:6]
+    return dict(bytes=sum(k.bytes * k.times for k in ks) / n_chunks,
+                flops=sum(k.flops * k.times for k in ks) / n_chunks,
+                seconds=sum(k.seconds * k.times for k in ks) / n_chunks,
+                kernels=sum(k.times for k in ks) / n_chunks, top=big, temp=temp)
 
 
 def main(argv=None) -> int:
@@ -105,19 +101,21 @@ def main(argv=None) -> int:
     p.add_argument("--chunks", type=int, default=8, help="N = chunks x 2048 tokens")
     p.add_argument("--chunk-size", type=int, default=CHUNK, help="tokens per chunk (after)")
     p.add_argument("--before", default="c189ca4", help="git revision of the old fused_loss.py")
-    p.add_argument("--target", default=os.path.join(ROOT, "prefixlm/targets/h100_sxm.txtpb"),
-                   help="GpuTargetConfigProto text (default: the committed H100 SXM one)")
+    p.add_argument("--device", default="h100", help="an aot target: h100, a100, tpu_v5e, ...")
+    p.add_argument("--before-chunk-size", type=int, default=CHUNK,
+                   help="tokens per chunk (before)")
     p.add_argument("--kernels", action="store_true", help="also list the largest kernels")
     args = p.parse_args(argv)
 
-    device = h100_device(args.target)
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    device = aot.topology(args.device, 1).devices[0]
     tok = tokenizer.load("llama3")
     before = load_module_at(args.before)
     n = args.chunks * CHUNK
-    print(f"# bench/loss_hlo.py: value_and_grad of the chunked loss, H100 (compiled, not run), "
-          f"N={n:,} bf16 tokens, d_model {D_MODEL}, V={tok.vocab_size:,}; "
-          f"chunk {args.chunk_size} after; per 2048 tokens; before = fused_loss.py at "
-          f"{args.before}")
+    print(f"# bench/loss_hlo.py: value_and_grad of the chunked loss, {device.device_kind} "
+          f"(compiled, not run), N={n:,} bf16 tokens, d_model {D_MODEL}, V={tok.vocab_size:,}; "
+          f"chunk {args.before_chunk_size} before, {args.chunk_size} after; per 2048 tokens; "
+          f"before = fused_loss.py at {args.before}")
     print()
     print("| objective | GB before | GB after | traffic cut | GFLOP before | GFLOP after "
           "| roofline ms before | roofline ms after | speed-up | temp GiB before | after |")
@@ -126,8 +124,10 @@ def main(argv=None) -> int:
     for name in args.families.split(","):
         eps = objectives.FAMILIES[name].default_eps
         obj = objectives.build(name, tok.token_bytes, eps=eps, vocab_size=tok.vocab_size)
-        b = summary(compiled_hlo(before, obj, n, device), args.chunks)
-        a = summary(compiled_hlo(fused_loss, obj, n, device, args.chunk_size), args.chunks)
+        b = summary(compiled_hlo(before, obj, n, device, args.before_chunk_size), args.chunks,
+                    args.device)
+        a = summary(compiled_hlo(fused_loss, obj, n, device, args.chunk_size), args.chunks,
+                    args.device)
         print(f"| {name} | {b['bytes'] / 1e9:.2f} | {a['bytes'] / 1e9:.2f} "
               f"| {b['bytes'] / a['bytes']:.2f}x | {b['flops'] / 1e9:.0f} | {a['flops'] / 1e9:.0f} "
               f"| {b['seconds'] * 1e3:.3f} | {a['seconds'] * 1e3:.3f} "
@@ -139,7 +139,7 @@ def main(argv=None) -> int:
             for label, s in (("before", b), ("after", a)):
                 print(f"\n{name} {label}: largest kernels (GB per launch x launches)")
                 for k in s["top"]:
-                    print(f"  {k.name:36s} {k.bytes / 1e9:7.3f} GB x {k.count}  "
+                    print(f"  {k.name:36s} {k.bytes / 1e9:7.3f} GB x {k.times}  "
                           f"{k.flops / 1e9:6.0f} GFLOP")
     return 0
 

@@ -31,27 +31,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from prefixlm import config as config_lib
+from prefixlm import hardware
 from prefixlm import model as model_lib
 from prefixlm import step as step_lib
 
-# TPU targets: (target, devices) -> (topology name, chip config, chips per host bounds). The
-# device counts are what one host exposes (v4-8: 4 megacore chips; v5e-8 and v6e-8: 8 chips).
-TPU_TOPOLOGIES = {
-    ("tpu_v4", 1): ("v4:1x1x1", "megacore", (1, 1, 1)),
-    ("tpu_v4", 4): ("v4:2x2x1", "megacore", None),
-    ("tpu_v5e", 1): ("v5e:1x1", "default", (1, 1, 1)),
-    ("tpu_v5e", 4): ("v5e:2x2", "default", (2, 2, 1)),
-    ("tpu_v5e", 8): ("v5e:2x4", "default", (2, 4, 1)),
-    ("tpu_v5p", 1): ("v5p:1x1x1", "megacore", (1, 1, 1)),
-    ("tpu_v5p", 4): ("v5p:2x2x1", "megacore", None),
-    ("tpu_v6e", 1): ("v6e:1x1", "default", (1, 1, 1)),
-    ("tpu_v6e", 4): ("v6e:2x2", "default", (2, 2, 1)),
-    ("tpu_v6e", 8): ("v6e:2x4", "default", (2, 4, 1)),
-}
-# GPU targets: GpuTargetConfigProto text files in prefixlm/targets/ (our own, from the
-# published figures); 1 to 8 GPUs of one host ("1x1xN").
-GPU_SPECS = {"h100": "h100_sxm.txtpb", "a100": "a100_sxm_80.txtpb"}
-GPU_COUNTS = (1, 2, 4, 8)
 PROGRAMS = ("train", "eval", "score")
 # Known compiler messages -> their cause in this codebase and the fix.
 KNOWN_CAUSES = (
@@ -79,12 +62,13 @@ class Target:
 
 
 def target_names() -> list[str]:
-    return sorted({t for t, _ in TPU_TOPOLOGIES} | set(GPU_SPECS))
+    return sorted({t for t, _ in hardware.TPU_TOPOLOGIES} | set(hardware.GPU_SPECS))
 
 
 def gpu_target_config(name: str) -> str:
     """The GpuTargetConfigProto text of a GPU target (package data)."""
-    return importlib.resources.files("prefixlm").joinpath("targets", GPU_SPECS[name]).read_text()
+    spec = hardware.GPU_SPECS[name]
+    return importlib.resources.files("prefixlm").joinpath("targets", spec).read_text()
 
 
 def topology(name: str, num_devices: int) -> Target:
@@ -93,23 +77,24 @@ def topology(name: str, num_devices: int) -> Target:
     from jax.experimental import topologies
 
     key = name.strip().lower().replace("-", "_")
-    if key in GPU_SPECS:
-        if num_devices not in GPU_COUNTS:
+    if key in hardware.GPU_SPECS:
+        if num_devices not in hardware.GPU_COUNTS:
             raise config_lib.ConfigError(f"--plan_devices={num_devices} for {key}: AOT compiles "
-                                         f"for {GPU_COUNTS} GPUs of one host")
+                                         f"for {hardware.GPU_COUNTS} GPUs of one host")
         kwargs = dict(platform="cuda", topology_name="", target_config=gpu_target_config(key),
                       topology=f"1x1x{num_devices}")
         platform = "cuda"
-    elif (key, num_devices) in TPU_TOPOLOGIES:
+    elif (key, num_devices) in hardware.TPU_TOPOLOGIES:
         # Compile-only devices touch no TPU: let several processes load libtpu at once (else
         # the second waits on /tmp/libtpu_lockfile and fails).
         os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-        topo, chip, bounds = TPU_TOPOLOGIES[(key, num_devices)]
+        topo, chip, bounds = hardware.TPU_TOPOLOGIES[(key, num_devices)]
         kwargs = dict(platform="tpu", topology_name=topo, chip_config_name=chip, num_slices=1,
                       **({"chips_per_host_bounds": bounds} if bounds else {}))
         platform = "tpu"
     else:
-        counts = sorted(n for t, n in TPU_TOPOLOGIES if t == key) or list(GPU_COUNTS)
+        counts = (sorted(n for t, n in hardware.TPU_TOPOLOGIES if t == key)
+                  or list(hardware.GPU_COUNTS))
         known = ", ".join(target_names())
         raise config_lib.ConfigError(
             f"--plan_device={name!r} --plan_devices={num_devices}: --dry_run=aot knows "

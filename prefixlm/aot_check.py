@@ -4,7 +4,9 @@
 [--aot_dir=DIR]`` resolves the config for the target, prints ``prefixlm.plan``'s estimate,
 compiles the train, eval and score programs for the target on this CPU (``prefixlm.aot``) and
 prints each one's outcome, the train step's memory analysis beside the estimate, the collectives
-per step and, on GPU targets, the roofline (``prefixlm.roofline``). Exit 0 when the train step
+per step and, on every target, the train step's roofline (``prefixlm.roofline``: step time and
+MFU bounds, the loss's and attention's shares, the ten costliest kernels, XLA's own
+cost_analysis() beside it where the compiler answers). Exit 0 when the train step
 compiles and its peak fits what the target may allocate; 2 (first line: why, and the fix) when
 it does not fit, or any program does not compile. ``--aot_dir`` keeps the evidence:
 ``DIR/train_step.hlo.txt`` and ``DIR/plan.json``.
@@ -81,13 +83,14 @@ def _memory_lines(stats: dict, plan: plan_lib.Plan) -> list[str]:
 
 
 def _roofline(train: aot.Compiled, run, target: aot.Target, n: int) -> dict:
-    if target.name not in roofline.DEVICE_PEAKS or target.platform != "cuda":
-        return {}
+    """The train step's roofline on ``target`` (every target of the hardware table), and the
+    compiler's own cost_analysis() totals where it answers (TPU), for the cross-check."""
     tokens = int(run.config.train.batch_size) * int(run.config.data.seq_len)
     flops = model_lib.flops_per_token(run.mcfg, int(run.config.data.seq_len)) * tokens / n
     return {"estimate": roofline.estimate(train.hlo(), device=target.name, model_flops=flops,
-                                          vocab=run.mcfg.vocab_size,
-                                          d_model=run.mcfg.d_model)}
+                                          vocab=run.mcfg.vocab_size, d_model=run.mcfg.d_model,
+                                          seq_len=int(run.config.data.seq_len)),
+            "xla_cost": roofline.xla_cost(train.executable)}
 
 
 def _fixes_at_compiled_scale(resolved, plan: plan_lib.Plan, peak: int) -> tuple[str, ...]:
@@ -174,7 +177,7 @@ def dry_run(config, *, device: str | None, num_devices: int | None = None,
           f"{run.mcfg.attention}), on this CPU; compiled, not run:", file=out)
     results = _programs(run, out)
     train, stats = results["train"], results["train"].memory()
-    extra: dict = {}
+    extra: dict = {"roofline": None}  # plan.json's roofline object once the train step compiles
     if train.ok:
         if stats:
             print("\n".join(_memory_lines(stats, plan)), file=out)
@@ -182,14 +185,13 @@ def dry_run(config, *, device: str | None, num_devices: int | None = None,
         print("  collectives per step of the train step (compiled HLO, loop trip counts "
               "included):\n" + hlo_collectives.format_table(rows), file=out)
         extra["collectives"] = rows
-        roof = _roofline(train, run, target, n).get("estimate")
-        if roof is not None:
-            print(roofline.format_estimate(roof, target.name, _loss_chunks(resolved, n)),
-                  file=out)
-            extra["roofline"] = {"step_seconds": roof.step_seconds,
-                                 "mfu_bound": roof.mfu_bound,
-                                 "loss_seconds": roof.loss_seconds,
-                                 "loss_hbm_bytes": roof.loss_bytes}
+        roof = _roofline(train, run, target, n)
+        print(roofline.format_estimate(roof["estimate"], target.name,
+                                       _loss_chunks(resolved, n), roof["xla_cost"]), file=out)
+        # eval_fraction: evaluation time over training time for the whole run, from the
+        # evaluation programs' rooflines (None until they are costed here).
+        extra["roofline"] = roofline.as_record(roof["estimate"], eval_fraction=None,
+                                               xla_cost=roof["xla_cost"])
     code, line = _verdict(resolved, results, stats, plan)
     if aot_dir:
         preset = preset_of(resolved, target.name)

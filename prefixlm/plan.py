@@ -36,7 +36,7 @@ import sys
 
 import ml_collections
 
-from prefixlm import aot
+from prefixlm import aot, hardware
 from prefixlm import attention as attention_lib
 from prefixlm import config as config_lib
 from prefixlm import model as model_lib
@@ -49,20 +49,6 @@ GPU_MEM_FRACTION_DEFAULT = 0.75  # JAX's GPU allocator default (XLA_PYTHON_CLIEN
 # prefix tables are [V, 85]. The plan does not load the tokenizer, so it assumes this width.
 PREFIX_TABLE_WIDTH = 85
 
-# --plan_device short name -> (device_kind as JAX reports it, bytes of memory per device as the
-# device reports it: nvidia-smi, or the TPU's HBM). "a100" is the 40 GB part, the one a preset
-# must fit; the CPU's is the host's RAM (``host_memory_bytes``), shared by its devices.
-DEVICES = {
-    "h100": ("NVIDIA H100 80GB HBM3", int(79.6 * GIB)),
-    "h200": ("NVIDIA H200", int(139.8 * GIB)),
-    "a100": ("NVIDIA A100-SXM4-40GB", int(39.5 * GIB)),
-    "a100_80": ("NVIDIA A100-SXM4-80GB", int(79.2 * GIB)),
-    "tpu_v4": ("TPU v4", 32 * GIB),
-    "tpu_v5e": ("TPU v5 lite", 16 * GIB),
-    "tpu_v5p": ("TPU v5p", 95 * GIB),
-    "tpu_v6e": ("TPU v6 lite", 32 * GIB),
-    "cpu": ("cpu", None),
-}
 REMAT_FIXES = ("dots_saveable", "attention_saveable", "full")  # cheapest recompute first
 MIN_MICRO_SEQUENCES = 4  # per device: a smaller microbatch is no fix on its own
 
@@ -70,25 +56,18 @@ MIN_MICRO_SEQUENCES = 4  # per device: a smaller microbatch is no fix on its own
 def device_kind_of(name: str) -> str:
     """A short name (``h100``, ``tpu_v5e``, ...) -> the device_kind JAX reports; else as given."""
     key = name.strip().lower().replace("-", "_")
-    return DEVICES[key][0] if key in DEVICES else name
+    return hardware.DEVICES[key].device_kind if key in hardware.DEVICES else name
 
 
 def _short_name(kind: str) -> str | None:
-    """Which DEVICES entry a device_kind is ("NVIDIA A100 80GB PCIe" -> "a100_80")."""
-    k = device_kind_of(kind).lower()
-    for needle, short in (("h100", "h100"), ("h200", "h200"), ("v5 lite", "tpu_v5e"),
-                          ("v5e", "tpu_v5e"), ("v5", "tpu_v5p"), ("v4", "tpu_v4"),
-                          ("v6", "tpu_v6e"), ("cpu", "cpu")):
-        if needle in k:
-            return short
-    if "a100" in k:
-        return "a100_80" if "80gb" in k.replace(" ", "").replace("-", "") else "a100"
-    return None
+    """Which hardware.DEVICES entry a device_kind is ("NVIDIA A100 80GB PCIe" -> "a100_80")."""
+    return hardware.short_name(device_kind_of(kind))
 
 
 def device_memory(kind: str) -> int | None:
     """Bytes per device of this kind (short name or device_kind); None: the CPU, or unknown."""
-    return DEVICES[_short_name(kind)][1] if _short_name(kind) else None
+    found = hardware.device(device_kind_of(kind))
+    return found.memory_bytes if found else None
 
 
 def host_memory_bytes() -> int | None:
@@ -423,7 +402,7 @@ def dry_run(config, *, num_devices: int | None = None, device_kind: str | None =
     if device_kind and _short_name(kind) is None:
         raise config_lib.ConfigError(
             f"--plan_device={device_kind!r} is not a known device; use one of "
-            f"{', '.join(DEVICES)} or a device_kind such as 'NVIDIA H100 80GB HBM3'")
+            f"{', '.join(hardware.DEVICES)} or a device_kind such as 'NVIDIA H100 80GB HBM3'")
     if compile and (kind != local_kind or n != jax.device_count()):
         raise config_lib.ConfigError(
             f"--dry_run=compile compiles on the local {jax.device_count()} x {local_kind}; "

@@ -29,7 +29,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from prefixlm import attention, objectives
+from prefixlm import attention, hardware, objectives
 from prefixlm import checkpoint as ckpt_lib
 from prefixlm import model as model_lib
 from prefixlm import tokenizer as tokenizer_lib
@@ -37,12 +37,6 @@ from prefixlm.config import ConfigError, data_seed, model_config
 
 BATCH_AXES = ("data", "fsdp")
 
-# Dense bf16 peak FLOP/s per device, looked up by ``device_kind`` when config.peak_flops is 0.
-PEAK_FLOPS = {
-    "H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12,
-    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
-    "TPU v5": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12,
-}
 
 
 
@@ -435,8 +429,5 @@ def peak_flops(config) -> float | None:
     """Per-device peak FLOP/s: the config's, else looked up by device kind, else None."""
     if config.peak_flops:
         return float(config.peak_flops)
-    kind = jax.devices()[0].device_kind
-    for name, flops in sorted(PEAK_FLOPS.items(), key=lambda kv: -len(kv[0])):
-        if name.lower() in kind.lower():
-            return flops
-    return None
+    found = hardware.device(jax.devices()[0].device_kind)  # the one hardware table
+    return found.peak_flops if found else None

@@ -18,7 +18,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from configs import base
-from prefixlm import aot, aot_check, hlo, hlo_collectives, roofline
+from prefixlm import aot, aot_check, hardware, hlo, hlo_collectives, roofline
 from prefixlm import config as config_lib
 from prefixlm import model as model_lib
 
@@ -124,7 +124,8 @@ def test_roofline_counts_a_matmul_in_a_loop():
 
     text = _compiled_text(step, jax.ShapeDtypeStruct((1024, 2048), jnp.bfloat16, sharding=s),
                           jax.ShapeDtypeStruct((2048, 4096), jnp.bfloat16, sharding=s))
-    peak, bandwidth = roofline.DEVICE_PEAKS["h100"]
+    h100 = hardware.DEVICES["h100"]
+    peak, bandwidth = h100.peak_flops, h100.hbm_bytes_s
     ks = roofline.kernels(hlo.parse(text), peak, bandwidth, vocab=128256, d_model=512)
     matmul = [k for k in ks if k.flops >= 2 * 1024 * 2048 * 4096]
     assert matmul and all(k.times == 5 for k in matmul)
@@ -153,7 +154,8 @@ def test_roofline_charges_an_in_place_scatter_its_updates_not_the_buffer():
     text = _compiled_text(step, jax.ShapeDtypeStruct((4096, 65536), jnp.bfloat16, sharding=s),
                           jax.ShapeDtypeStruct((4096, 8), jnp.int32, sharding=s),
                           jax.ShapeDtypeStruct((4096, 8), jnp.bfloat16, sharding=s))
-    peak, bandwidth = roofline.DEVICE_PEAKS["h100"]
+    h100 = hardware.DEVICES["h100"]
+    peak, bandwidth = h100.peak_flops, h100.hbm_bytes_s
     ks = roofline.kernels(hlo.parse(text), peak, bandwidth, vocab=65536, d_model=512)
     scatters = [k for k in ks if "scatter" in k.name]
     assert scatters, [k.name for k in ks]
@@ -179,6 +181,9 @@ def test_dry_run_aot_writes_plan_json_and_exits_0_when_it_fits(tmp_path, tiny_to
     assert all(record["programs"][p]["ok"] for p in aot.PROGRAMS), record["programs"]
     assert "HloModule" in (tmp_path / "train_step.hlo.txt").read_text()
     assert "roofline" in text and "MFU bound" in text
+    roof = record["roofline"]
+    assert roof["step_seconds"] > 0 and 0 < roof["mfu_bound"] <= 1
+    assert 0 <= roof["loss_fraction"] <= 1 and "eval_fraction" in roof and roof["kernels"]
 
 
 @pytest.mark.slow

@@ -1,0 +1,110 @@
+"""The one HLO reader and the roofline on TPU programs (compiled for v5e by libtpu on this CPU,
+not run), each small enough that its FLOPs and HBM bytes are known by hand.
+
+TPU HLO writes matmuls as ``convolution``, moves operands into on-chip memory (layout tag
+``S(1)``) with async ``copy-start``, writes loops without ``known_trip_count`` and runs splash
+attention as a Mosaic ``tpu_custom_call``: each test pins one of those readings.
+"""
+
+import importlib.util
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from prefixlm import aot, attention, hardware, hlo, hlo_collectives, roofline
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                reason="libtpu (requirements-aot.txt) is not installed")
+V5E = hardware.DEVICES["tpu_v5e"]
+
+
+@pytest.fixture(scope="module")
+def one_chip():
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    return jax.sharding.Mesh(np.array(aot.topology("tpu_v5e", 1).devices), ("d",))
+
+
+def _spec(mesh, shape, dtype=jnp.bfloat16):
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, P()))
+
+
+def _kernels(text: str) -> list[roofline.Kernel]:
+    return roofline.kernels(hlo.parse(text), V5E.peak_flops, V5E.hbm_bytes_s, vocab=7,
+                            d_model=3)
+
+
+def test_a_tpu_matmul_is_a_convolution_charged_2mnk_and_its_hbm_bytes_once(one_chip):
+    """[256, 512] x [512, 1024] bf16: 2 M N K FLOPs; HBM traffic is both operands read once
+    and the result written once, wherever the compiler stages them (b is prefetched into
+    on-chip memory by a copy-start: charged there, free in the matmul)."""
+    text = jax.jit(lambda a, b: a @ b).lower(_spec(one_chip, (256, 512)),
+                                             _spec(one_chip, (512, 1024))).compile().as_text()
+    assert " convolution(" in text
+    ks = _kernels(text)
+    assert sum(k.flops * k.times for k in ks) == 2 * 256 * 512 * 1024
+    assert sum(k.bytes * k.times for k in ks) == 2 * (256 * 512 + 512 * 1024 + 256 * 1024)
+
+
+def test_a_tpu_loop_of_matmuls_counts_its_trips_from_the_condition(one_chip):
+    """x <- 0.5 (x @ b) five times: TPU HLO records no known_trip_count here; the trip count
+    comes from the loop condition ``i < 5``, so the matmul counts 5 times (XLA's own
+    cost_analysis() counts the body once)."""
+    def five(a, b):
+        return jax.lax.fori_loop(0, 5, lambda i, x: (x @ b) * 0.5, a)
+
+    compiled = jax.jit(five).lower(_spec(one_chip, (256, 512)),
+                                   _spec(one_chip, (512, 512))).compile()
+    module = hlo.parse(compiled.as_text())
+    loops = [(c, i) for c in module.computations.values() for i in c.instructions
+             if i.opcode == "while"]
+    assert len(loops) == 1 and '"known_trip_count"' not in loops[0][1].attrs
+    assert hlo.trip_count(module, *loops[0]) == 5
+    matmul = 2 * 256 * 512 * 512
+    ks = _kernels(compiled.as_text())
+    convs = [k for k in ks if k.flops >= matmul]
+    assert len(convs) == 1 and convs[0].times == 5
+    assert convs[0].flops == pytest.approx(matmul + 256 * 512, rel=1e-9)  # + the 0.5 scale
+    xla = roofline.xla_cost(compiled)
+    assert xla is not None and xla["flops"] < 2 * matmul  # the body once
+
+
+def test_a_tpu_all_reduce_in_a_loop_is_charged_its_ring_time_on_ici():
+    """A psum of float32 [1024] over the 8 chips of a v5e-8, 3 times in a loop: 3 all-reduces
+    of 4 KiB in a group of 8, each charged 2 (n-1)/n x 4 KiB over one direction of the chip's
+    ICI (400 GB/s bidirectional)."""
+    mesh = jax.sharding.Mesh(np.array(aot.topology("tpu_v5e", 8).devices), ("d",))
+
+    def step(x):
+        reduce = jax.shard_map(lambda u: jax.lax.psum(u, "d"), mesh=mesh, in_specs=P(),
+                               out_specs=P(), check_vma=False)
+        return jax.lax.fori_loop(0, 3, lambda i, x: reduce(x * 1.5), x)
+
+    text = jax.jit(step).lower(_spec(mesh, (1024,), jnp.float32)).compile().as_text()
+    found = hlo_collectives.collectives(text)
+    assert [(c.kind, c.bytes, c.per_step, c.group, c.trip_known) for c in found] == [
+        ("all-reduce", 4096, 3, 8, True)]
+    comms = roofline.collective_kernels(text, V5E.interconnect_bytes_s)
+    seconds = sum(k.seconds * k.times for k in comms)
+    assert seconds == pytest.approx(3 * 2 * 7 / 8 * 4096 / (400e9 / 2))
+
+
+def test_a_splash_call_is_charged_the_causal_blocks_it_runs(one_chip):
+    """Causal splash attention, 2 query heads over 1 kv head of 64, T = 512 in 256-token blocks:
+    2 x 2 blocks of which 3 run, 4 x 256 x 256 x 64 FLOPs per block and head (QK^T, PV);
+    k and v tiles are fetched once per run block and query head."""
+    def attend(q, k, v):
+        return jax.shard_map(attention.splash_attention, mesh=one_chip, in_specs=P(),
+                             out_specs=P(), check_vma=False)(q, k, v)
+
+    q, kv = _spec(one_chip, (1, 512, 2, 64)), _spec(one_chip, (1, 512, 1, 64))
+    text = jax.jit(attend).lower(q, kv, kv).compile().as_text()
+    splash = [k for k in _kernels(text) if k.name.startswith("splash_mha_fwd")]
+    assert len(splash) == 1 and splash[0].attention
+    assert splash[0].flops == 4 * 2 * 3 * 256 * 256 * 64
+    streamed = 2 * 2 * 3 * 256 * 64 * 2  # k and v, query heads, run blocks, tile bytes
+    assert streamed <= splash[0].bytes <= streamed + 2 * (512 * 2 * 64 * 2)  # + q, o if in HBM
