@@ -56,7 +56,7 @@ def verify(step_dir: epath.Path) -> str | None:
         return None
     try:
         expected = json.loads(path.read_text())["files"]
-    except (ValueError, KeyError) as e:
+    except (ValueError, KeyError, TypeError) as e:  # TypeError: a manifest holding null
         return f"unreadable {MANIFEST} ({e})"
     actual = _file_digests(step_dir, with_hash=any(v[1] for v in expected.values()))
     for rel, (size, digest) in expected.items():

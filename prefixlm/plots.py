@@ -18,7 +18,7 @@ import sys
 
 import numpy as np
 
-from prefixlm import atomic
+from prefixlm import atomic, cli, errors
 
 EXAMPLES = (" personality", " strawberry", "ing", " the", " understanding", "2026")
 
@@ -139,7 +139,7 @@ def plot_targets(tok, word: str, path: pathlib.Path, **kwargs) -> None:
 
     ids = tok.encode(word)
     if len(ids) != 1:
-        raise ValueError(f"{word!r} is {len(ids)} tokens {ids}; pick a word that is one token "
+        raise errors.ConfigError(f"{word!r} is {len(ids)} tokens {ids}; pick a word that is one token "
                          "(a leading space often helps: ' personality')")
     support, rows = target_rows(tok, ids[0], **kwargs)
     labels = [_printable(tok.token_bytes[i]) for i in support]
@@ -440,6 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@cli.command
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     return args.func(args)

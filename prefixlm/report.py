@@ -23,7 +23,7 @@ import sys
 
 import numpy as np
 
-from prefixlm import atomic, endpoints, inference, paired, report_plots, study
+from prefixlm import atomic, cli, endpoints, inference, paired, report_plots, study
 from prefixlm.endpoints import last_logged
 from prefixlm.paired import Interval, Items, Paired
 from prefixlm.study import ReportError, Run
@@ -304,8 +304,9 @@ def build_report(run_dirs, baseline, output, step: int | None = None,
     return atomic.write_text(out / "REPORT.md", "\n".join(lines) + "\n")
 
 
+@cli.command
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog="python -m prefixlm.report", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
@@ -323,16 +324,10 @@ def main(argv=None) -> int:
                         help="bootstrap resamples for one-seed reports (default 2,000)")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap RNG seed")
     args = parser.parse_args(argv)
-    try:
-        report = build_report(args.run_dirs, args.baseline, args.output, args.step,
-                              args.resamples, args.seed, args.primary)
-    except ReportError as e:
-        print(f"prefixlm.report: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # a full disk, a read-only OUT: nothing half-written is left behind
-        print(f"prefixlm.report: error: {e.filename or args.output}: {e.strerror or e}; check "
-              "the path, free space or pick another --output", file=sys.stderr)
-        return 2
+    # A ReportError, a full disk or a read-only OUT: one line from the boundary, and nothing
+    # half-written is left behind.
+    report = build_report(args.run_dirs, args.baseline, args.output, args.step,
+                          args.resamples, args.seed, args.primary)
     print(f"wrote {report}")
     return 0
 

@@ -38,6 +38,7 @@ import sys
 import time
 import urllib.parse
 
+from prefixlm import cli, errors
 from prefixlm.data import budget
 from prefixlm.data.shards import OutputWriteError, writing
 
@@ -56,11 +57,11 @@ class HubUnreachable(RuntimeError):
     """No network route to the hub (DNS, connect or timeout failure): exit 3."""
 
 
-class InsufficientSpace(OSError):
+class InsufficientSpace(errors.UserError, OSError):
     """The planned download does not fit on the output's filesystem: exit 2."""
 
 
-class DownloadMismatch(RuntimeError):
+class DownloadMismatch(errors.UserError, RuntimeError):
     """A file downloaded twice still differs from the hub's listing: exit 2."""
 
 
@@ -391,8 +392,9 @@ def _write_manifest(out, repo, folder, tokens, margin, chosen, total, revision=N
     return manifest
 
 
+@cli.command
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
+    p = cli.ArgumentParser(
         prog="python -m prefixlm.data.fineweb",
         description=f"Download enough {REPO_ID} {FOLDER} parquet files for a token budget "
         "(files spread across the list, so across crawl dumps), resumably and verified. "
