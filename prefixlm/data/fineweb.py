@@ -40,7 +40,7 @@ import urllib.parse
 
 from prefixlm import cli, errors
 from prefixlm.data import budget
-from prefixlm.data.shards import OutputWriteError, writing
+from prefixlm.data.shards import writing
 
 REPO_ID = "HuggingFaceFW/fineweb-edu"
 FOLDER = "sample/100BT"
@@ -419,9 +419,8 @@ def main(argv: list[str] | None = None) -> int:
     from huggingface_hub.errors import HfHubHTTPError  # e.g. --revision that does not exist
 
     if not args.tokens > 0 or not args.margin > 0:
-        print(f"error: --tokens and --margin must be > 0, got {args.tokens} and {args.margin}",
-              file=sys.stderr)
-        return 2
+        raise errors.ConfigError(f"--tokens and --margin must be > 0, got {args.tokens} and "
+                                 f"{args.margin}")
     try:
         if args.check:
             return budget.check_download_main(args.output, args.check, args.tokens)
@@ -438,10 +437,8 @@ def main(argv: list[str] | None = None) -> int:
               f"resume, or to use FineWeb-Edu parquet files you already have, pass --input "
               f"'PATH/*.parquet'", file=sys.stderr)
         return 3
-    except (InsufficientSpace, DownloadMismatch, OutputWriteError, FileNotFoundError,
-            FileExistsError, ValueError, HfHubHTTPError) as e:
-        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
-        return 2
+    except (ValueError, HfHubHTTPError) as e:  # a --revision the hub lacks, a foreign file
+        raise errors.UserError(str(e).splitlines()[0]) from e
     print(f"{args.output}: {len(m['files'])} files, {m['token_count']:,} GPT-2 tokens; next: "
           f"python -m prefixlm.data.tokenize --input '{args.output}/{FOLDER}/*.parquet' "
           f"--output DIR, then the same command with --check DIR")
