@@ -409,7 +409,7 @@ def metrics_main(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog="python -m prefixlm.plots",
         description="Plots for prefixlm: vocabulary prefix statistics and run metrics.",
     )
