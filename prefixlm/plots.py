@@ -57,8 +57,7 @@ def prefix_count_stats(tok, index) -> dict:
 def prefix_count_table(stats: dict) -> str:
     p = stats["percentiles"]
     lines = [
-        "| quantity | value |",
-        "|---|---|",
+        "| quantity | value |", "|---|---|",
         f"| vocabulary (regular + special) | {stats['regular_tokens']:,} + "
         f"{stats['special_tokens']:,} |",
         f"| tokens with a nonempty P(s) | {stats['with_prefixes']:,} "
@@ -189,13 +188,14 @@ def load_metrics(run_dir) -> list[dict]:
         raise FileNotFoundError(f"{path} not found; pass training workdirs (python -m "
                                 "prefixlm.main --workdir DIR writes DIR/metrics.jsonl)")
     by_step: dict = {}
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
+    for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
         try:
-            rec = json.loads(line)
+            rec = json.loads(line) if line.strip() else {}
         except json.JSONDecodeError as e:
-            print(f"{path}:{n}: skipping a malformed line ({e})", file=sys.stderr)
+            rec = str(e)
+        if not isinstance(rec, dict) or any(  # torn, binary, not a row, "step": "7"
+                not isinstance(rec[k], int | float) for k in ("step", "tokens") if k in rec):
+            print(f"{path}:{n}: skipping a malformed line ({str(rec)[:80]})", file=sys.stderr)
             continue
         key = rec.get("step", n)
         by_step.setdefault(key, {}).update(rec)
