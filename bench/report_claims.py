@@ -1,85 +1,80 @@
-"""How often the study report's sentence claims an effect, on simulated studies with a known
-truth (prefixlm/study_sim.py: 3 seeds per arm, 8 tasks of 1,000 items, seed-level shifts of
-bpb sd 0.005 and accuracy sd 1.5 points). Prints a markdown table:
+"""How often the seven-run study's report claims an effect, on simulated studies with a known
+truth (prefixlm/study_sim.py ``simulate_means``: 6 arms against CE, the default primaries
+CharBench bpb / MC accuracy / val/nll, in-loop item counts 4 x 1,000 MC and 4 x 250 CharBench,
+seed-level shifts of accuracy sd 1.5 points, val/nll sd 0.005, bpb sd as in the scenario).
+Prints a markdown table, one row per (seed sd, method):
 
-    python bench/report_claims.py [--repo DIR] [--studies 400] [--resamples 500]
+    python bench/report_claims.py [--studies 4000] [--seeds 4,5]
 
-``--repo`` measures another checkout's report (e.g. the code before seed-level inference); its
-old API (``report.compare_arm`` + ``report.conclusion``, an item-level bootstrap) is driven study
-by study, the new one (``endpoints.claims``) for all studies at once. A study counts as a claim
-when the arm's sentence under "What the evidence supports" writes improves or worsens.
+- **before**: the report as it was (Holm within each arm over its 3 primaries, 3 seeds, no
+  floor on the seed-level variance), reimplemented here so it stays runnable;
+- **after**: ``prefixlm.endpoints.claims``, Holm over all 18 arm x endpoint tests with the
+  variance floored at item sampling, at 3 seeds and at each of ``--seeds`` (the README's
+  count is 5).
+
+Columns: the share of null reports (no true effect anywhere) that write any "improves" or
+"worsens"; the share of reports that find ("improves") a true 0.04 and a true 0.02 bpb
+CharBench gain in one arm (the other five arms null).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import pathlib
 import sys
 import time
 
 import numpy as np
 
-HERE = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from prefixlm import endpoints, inference, study_sim  # noqa: E402
 
 
-def load_sim():
-    """This checkout's simulator, loaded by path (numpy only), whichever prefixlm is imported."""
-    spec = importlib.util.spec_from_file_location("study_sim", HERE / "prefixlm/study_sim.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["study_sim"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+def before_claims(d_RxAxSxK, lower_is_better, alpha: float = inference.ALPHA) -> np.ndarray:
+    """int8 [R, A, K]: the decisions of the report before issue 20: a t-test per (arm,
+    endpoint) over the seed pairs without a variance floor, Holm within each arm only."""
+    d_RxAxKxS = np.moveaxis(np.asarray(d_RxAxSxK, dtype=np.float64), 2, -1)
+    mean, _, p = inference.t_tests(d_RxAxKxS)
+    r, a, k = p.shape
+    rejected = inference.holm_rows(p.reshape(r * a, k), alpha).reshape(r, a, k)
+    good = (mean < 0) == np.asarray(lower_is_better)
+    return np.where(rejected, np.where(good, 1, -1), 0).astype(np.int8)
 
 
-def old_claims(report, paired, sim, study_sim, resamples: int):
-    """(bool [R], bool [R]): the old report's sentence claims something / claims a CharBench bpb
-    gain (compare_arm per task, then conclusion)."""
-    s = sim.correct.shape[2]
-    runs = [[report.Run(pathlib.Path(f"/sim/{a}{k}"), {"seed": k}, [], {}) for k in range(s)]
-            for a in range(2)]
-    pairs = list(zip(runs[1], runs[0], strict=True))
+def rates(method, seeds: int, sd: float, studies: int) -> tuple[float, float, float]:
+    """(null reports with any claim, 0.04 gain found, 0.02 gain found)."""
     out = []
-    for r in range(sim.correct.shape[0]):
-        items = {}
-        for a in range(2):
-            for k in range(s):
-                items[runs[a][k].path] = {task: paired.Items(
-                    np.arange(sim.correct.shape[-1]), sim.correct[r, a, k, t].astype(float),
-                    np.full(sim.correct.shape[-1], np.nan), sim.bpb[r, a, k, t].astype(float))
-                    for t, task in enumerate(study_sim.TASKS)}
-        heads = {task: report.compare_arm(pairs, items, task, resamples, 0)[0]
-                 for task in study_sim.TASKS}
-        sentence = report.conclusion("arm", "base", heads, s)
-        out.append(("improves" in sentence or "worsens" in sentence,
-                    "improves charbench" in sentence and "bits/byte" in sentence))
-    return tuple(np.array(x) for x in zip(*out, strict=True))
+    for gain in (0.0, 0.04, 0.02):
+        design = study_sim.StudyDesign(seeds=seeds, seed_sd_bpb=sd, charbench_bpb_gain=gain)
+        d, item_var = study_sim.simulate_means(design, studies, np.random.default_rng(2026))
+        c_RxAxK = method(d, study_sim.LOWER_IS_BETTER, item_var)
+        out.append((c_RxAxK != 0).any((1, 2)).mean() if gain == 0 else
+                   (c_RxAxK[:, 0, 0] == 1).mean())
+    return tuple(out)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repo", default=str(HERE), help="checkout whose prefixlm to measure")
-    parser.add_argument("--studies", type=int, default=400)
-    parser.add_argument("--resamples", type=int, default=500, help="old API's bootstrap")
+    parser.add_argument("--studies", type=int, default=4000)
+    parser.add_argument("--seeds", default="4,5", help="seed counts for 'after' besides 3 "
+                        "(the README recommends 5)")
     args = parser.parse_args()
-    study_sim = load_sim()
-    sys.path.insert(0, args.repo)
-    from prefixlm import paired, report
-
-    print(f"code: {pathlib.Path(report.__file__).parent}\n")
-    print("| scenario | studies | sentence claims an effect | CharBench bpb claimed better |")
-    print("|---|---|---|---|")
-    for name, gain in (("no true effect", 0.0), ("CharBench bpb gain 0.04", 0.04)):
-        rng, start = np.random.default_rng(2026), time.time()
-        sim = study_sim.simulate(study_sim.Design(charbench_bpb_gain=gain), args.studies, rng)
-        if hasattr(report, "compare_arm"):
-            claimed, better = old_claims(report, paired, sim, study_sim, args.resamples)
-        else:
-            from prefixlm import endpoints
-            c_RxK = endpoints.claims(study_sim.pair_means(sim), [True, False, True])
-            claimed, better = (c_RxK != 0).any(1), c_RxK[:, 0] == 1
-        print(f"| {name} | {args.studies} | {claimed.mean():.1%} | {better.mean():.1%} |"
-              f"  <!-- {time.time() - start:.0f} s -->", flush=True)
+    methods = (("before: Holm per arm (3 primaries)", 3,
+                lambda d, lib, v: before_claims(d, lib)),
+               *(("after: Holm over 18, variance floor", seeds, endpoints.claims)
+                 for seeds in (3, *map(int, args.seeds.split(",")))))
+    print(f"{args.studies:,} simulated seven-run studies per cell (6 arms vs CE, 3 primary "
+          "endpoints)\n")
+    print("| bpb seed sd | report | seeds | null reports with any claim | 0.04 bpb gain found "
+          "| 0.02 bpb gain found |")
+    print("|---|---|---|---|---|---|")
+    for sd in (0.005, 0.01, 0.02):
+        for name, seeds, method in methods:
+            start = time.time()
+            null, big, small = rates(method, seeds, sd, args.studies)
+            print(f"| {sd} | {name} | {seeds} | {null:.1%} | {big:.1%} | {small:.1%} |"
+                  f"  <!-- {time.time() - start:.1f} s -->", flush=True)
 
 
 if __name__ == "__main__":

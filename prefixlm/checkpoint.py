@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import tempfile
 import time
 
 import jax
@@ -37,6 +38,26 @@ def _checkpoints_dir(workdir: str | os.PathLike) -> epath.Path:
     return workdir_lib.run_path(workdir) / "checkpoints"
 
 
+class _FinalizedSteps:
+    """orbax's standard step names (``<step>``), listing only the steps orbax finalized (its
+    metadata file is there). orbax alone takes any integer-named directory for a step, so a
+    user's ``checkpoints/3/`` would be deleted by ``max_to_keep``: stray names are never
+    touched."""
+
+    def __init__(self):
+        self._standard = ocp.step.standard_name_format()
+
+    def build_name(self, step: int) -> str:
+        return self._standard.build_name(step)
+
+    def find_all(self, base_path):
+        return [m for m in self._standard.find_all(base_path)
+                if (epath.Path(m.path) / "_CHECKPOINT_METADATA").exists()]
+
+    def find_step(self, base_path, step: int):
+        return self._standard.find_step(base_path, step)
+
+
 def _manager(directory: epath.Path, *, max_to_keep: int | None = None,
              async_save: bool = True, read_only: bool = False) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
@@ -47,6 +68,7 @@ def _manager(directory: epath.Path, *, max_to_keep: int | None = None,
         async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
         create=not read_only,
         read_only=read_only,
+        step_name_format=_FinalizedSteps(),
     )
     return ocp.CheckpointManager(os.fspath(directory), options=options)
 
@@ -94,10 +116,15 @@ def check_writable(workdir: str | os.PathLike) -> None:
     if not target.is_dir():
         raise CheckpointError(f"cannot save checkpoints in {directory}: {target} is a file, not "
                               "a directory; move it aside or use another --workdir")
-    probe = target / f"{PROBE}-{os.getpid()}"
     try:
-        probe.write_text("probe")
-        probe.unlink()
+        if workdir_lib.is_remote(target):
+            probe = target / f"{PROBE}-{os.getpid()}"
+            probe.write_text("probe")
+            probe.unlink()
+        else:  # a new name (O_EXCL): a symlink planted at a guessable name is never written
+            fd, name = tempfile.mkstemp(prefix=PROBE, dir=os.fspath(target))
+            os.close(fd)
+            os.unlink(name)
     except Exception as e:  # noqa: BLE001 - any storage error means the saves would fail
         raise CheckpointError(f"cannot save checkpoints in {directory}: {target} is not "
                               f"writable ({type(e).__name__}: {_first_line(e)}); fix its "
@@ -184,11 +211,27 @@ class Checkpointer:
             f"{_first_line(e)}); free space or fix permissions on {self.directory}, then run the "
             "same command again to resume from the last good checkpoint")
 
+    def _refuse_stray(self, step: int) -> None:
+        """Stops (CheckpointError, one line) before a save that would land on a name this run
+        did not make: orbax would replace a stray ``checkpoints/<step>`` (a file, a link, a
+        user's folder) with its step directory. Every step directory the run knows was either
+        restored, moved aside or never existed, so anything there now is not the run's."""
+        target = self.directory / str(step)
+        if workdir_lib.is_remote(target) or not os.path.lexists(target):
+            return
+        kind = ("a symlink" if os.path.islink(target) else "a directory"
+                if os.path.isdir(target) else "a file")
+        raise CheckpointError(
+            f"checkpoint step {step} would be saved at {target}, which holds {kind} this run did "
+            "not write; it is left as it is: move it aside, then run the same command again to "
+            "resume from the last checkpoint")
+
     def save(self, step: int, state: dict, data_iterator, identity: dict | None = None) -> None:
         """Saves ``state`` ({"params", "opt_state", "step", "rng"}), the iterator and the run's
         identity (the config fields that change results) at ``step``."""
         import grain.checkpoint
 
+        self._refuse_stray(step)
         self.wait()  # the previous async save is committed (or raises): hash it
         self._finish_manifests()
         items = dict(

@@ -1,25 +1,47 @@
 """Declared endpoints of the study: what the report may claim, and the sentence that claims it.
 
 An arm is judged on a few **primary endpoints** named before looking (``--primary``; defaults:
-mean CharBench bits per byte, mean accuracy over piqa/winogrande/arc_easy/hellaswag, final
-val/nll). With S >= 2 seed pairs each is a t-test over the per-seed-pair differences
-(prefixlm.inference), and the arm's primary tests are Holm-corrected at family-wise level
-``inference.ALPHA``. Only a primary endpoint that survives the correction is written with the
+mean CharBench bits per byte, mean accuracy over piqa/winogrande/arc_easy/hellaswag, val/nll at
+the evaluation step). With S >= 2 seed pairs each is a t-test over the per-seed-pair differences
+(prefixlm.inference). Only a primary endpoint that survives the correction is written with the
 verbs ``improves`` / ``worsens`` (pinned: checks outside the tests read them, so nothing else in
 REPORT.md may use them). Every per-task number is exploratory. With one seed pair run-to-run
 variance is unmeasured, so the sentence claims nothing and shows item-level intervals.
+
+**The family is the report, not the arm.** A reader takes REPORT.md as one verdict, so the error
+rate that matters is the chance that the report contains any false "improves"/"worsens". The
+family is therefore every tested (arm, primary endpoint): 6 arms x 3 endpoints = 18 in the
+seven-run study, and Holm's step-down runs over all of them at family-wise ``inference.ALPHA``.
+(Holm per arm, as before, let 24.5% of null seven-run reports claim something.) Why Holm over
+all, and not the alternatives the issue named:
+- a **declared hierarchy** (gatekeeping: CharBench bpb first, the rest only if it holds) spends
+  the whole level on one endpoint, and silences accuracy and val/nll whenever CharBench shows
+  nothing, which is the case the study most needs to report honestly;
+- a **Dunnett-style many-to-one test pooling the seed-level variance across arms** buys degrees
+  of freedom (12 instead of 2 at 3 seeds), but only if every objective has the same run-to-run
+  variance, which 3 seeds per arm cannot check, and the eps = 1 arms are the likeliest to differ:
+  one noisier arm then borrows the others' small variance and becomes the false claim. Pooling
+  also needs every arm on every seed and endpoint, which rule 4 (a run missing the step's value
+  leaves that endpoint) breaks;
+- Holm over all needs no assumption on variances or on the dependence between arms (they share
+  the baseline runs) and endpoints, keeps each arm's own S - 1 degrees of freedom, and takes
+  untested hypotheses (one seed pair, ties) out of the count. Its price is seeds: at 3 seeds
+  (t with 2 df at 0.05 / 18) it has 30% power for a 0.04 bpb CharBench gain at seed sd 0.005,
+  so the study plan asks for more seeds (README: "The experiment"; bench/report_claims.py and
+  ``python -m prefixlm.report --plan`` give the numbers).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import numpy as np
 
 from prefixlm import inference
 from prefixlm.inference import SeedTest
-from prefixlm.paired import Interval, Items
+from prefixlm.paired import Interval
 
 MC_TASKS = ("piqa", "winogrande", "arc_easy", "hellaswag")
 DEFAULT_PRIMARY = "charbench/bpb,mc/acc,val/nll"
@@ -32,7 +54,8 @@ class Endpoint:
     """``GROUP/METRIC``: GROUP is ``charbench`` (every CharBench subtask), ``mc`` (the four
     multiple-choice tasks) or one task name (``piqa`` matches ``piqa_local``), METRIC one of
     acc, acc_norm, bpb, each averaged over the group's tasks with equal weight; or ``val/KEY``,
-    the last value of KEY logged in metrics.jsonl at or before the evaluation step."""
+    the value of KEY logged in metrics.jsonl at the evaluation step itself (never an older one:
+    a run whose evaluation at that step failed is left out of the endpoint, with a warning)."""
     name: str
 
     @property
@@ -60,7 +83,7 @@ class Endpoint:
         what = {"acc": "accuracy", "acc_norm": "length-normalised accuracy",
                 "bpb": "bits/byte"}.get(self.metric, self.metric)
         if self.logged:
-            return f"final {self.name}"
+            return self.name
         if self.group == "charbench":
             return f"mean CharBench {what}"
         if self.group == "mc":
@@ -93,26 +116,19 @@ def parse_primary(text: str) -> list[Endpoint]:
     return list(dict.fromkeys(out))
 
 
-def last_logged(metrics: list[dict], key: str, step: int | None = None
-                ) -> tuple[int, float] | None:
-    """(step, value) of the last metrics.jsonl row that logged ``key`` (at or before step)."""
-    rows = [r for r in metrics if isinstance(r.get(key), (int, float)) and "step" in r
-            and (step is None or r["step"] <= step)]
+def last_logged(metrics: list[dict], key: str) -> tuple[int, float] | None:
+    """(step, value) of the last metrics.jsonl row that logged ``key``: the runs table's "final"
+    values, each shown with its step. The primary endpoints use ``value_at``."""
+    rows = [r for r in metrics if isinstance(r.get(key), (int, float)) and "step" in r]
     return (rows[-1]["step"], float(rows[-1][key])) if rows else None
 
 
-def item_differences(endpoint: Endpoint, pair_items: dict[str, list[tuple[Items, Items]]]
-                     ) -> dict[str, list[np.ndarray]]:
-    """{task: [per-item arm - base differences of each seed pair]} over the endpoint's tasks
-    (items where both runs have the metric)."""
-    field = ITEM_FIELDS[endpoint.metric]
-    out = {}
-    for task in endpoint.tasks(pair_items):
-        diffs = [getattr(a, field) - getattr(b, field) for a, b in pair_items[task]]
-        diffs = [d[np.isfinite(d)] for d in diffs]
-        if all(len(d) for d in diffs):
-            out[task] = diffs
-    return out
+def value_at(metrics: list[dict], key: str, step: int) -> float | None:
+    """``key`` as logged at exactly ``step`` (the last such row, after a resume); None if that
+    step's row lacks it."""
+    rows = [r for r in metrics if r.get("step") == step and isinstance(r.get(key), (int, float))
+            and math.isfinite(r[key])]
+    return float(rows[-1][key]) if rows else None
 
 
 @dataclasses.dataclass
@@ -121,6 +137,11 @@ class EndpointResult:
     interval: Interval | None  # seed-level t-interval (S >= 2) or item-level (S = 1)
     test: SeedTest | None  # None with one seed pair
     tasks: list[str]
+    pairs: int = 0  # the seed pairs this endpoint used (its `seed pairs` cell)
+    left_out: list[str] = dataclasses.field(default_factory=list)  # warnings, one per run
+    seed_var: float = math.nan  # sample variance of the pair means (nan below 2 pairs)
+    item_var: float = math.nan  # item-sampling variance of one pair mean (nan: no items)
+    items: int = 0  # items per run summed over the endpoint's tasks
     p_holm: float = math.nan
     claimed: bool = False
 
@@ -132,33 +153,86 @@ class EndpointResult:
         return IMPROVES if good else WORSENS
 
 
-def evaluate_endpoint(endpoint, pair_items, pair_metrics, step, resamples, seed
-                      ) -> EndpointResult:
-    """One endpoint of one arm: its per-seed-pair differences and the t-interval over them, or
-    with one pair the item-level interval (none for a logged scalar: one value per run)."""
+def _pairs_with_items(endpoint, pairs, items, step):
+    """(tasks, pairs having every task, warnings for the pairs left out)."""
+    tasks = endpoint.tasks(sorted({t for a, b in pairs for r in (a, b) for t in items[r.path]}))
+    used, left_out = [], []
+    for a, b in pairs:
+        missing = [(r, t) for r in (a, b) for t in tasks if t not in items[r.path]]
+        if missing:
+            r, t = missing[0]
+            left_out.append(f"{r.path.name} has no {t} items at step {step}: seed pair "
+                            f"{a.seed_label} vs {b.seed_label} left out of {endpoint.label}")
+        else:
+            used.append((a, b))
+    return tasks, used, left_out
+
+
+def item_differences(endpoint, pairs, items, tasks) -> dict[str, list[np.ndarray]]:
+    """{task: [per-item arm - base differences of each seed pair]} over the endpoint's tasks,
+    on the documents every run of ``pairs`` scored (items where both runs have the metric);
+    a task some pair has no such item for is dropped."""
+    field = ITEM_FIELDS[endpoint.metric]
+    out = {}
+    for task in tasks:
+        doc_id_M = functools.reduce(np.intersect1d, [items[r.path][task].doc_id_N
+                                                     for pair in pairs for r in pair])
+        diffs = [getattr(items[a.path][task].take(doc_id_M), field)
+                 - getattr(items[b.path][task].take(doc_id_M), field) for a, b in pairs]
+        diffs = [d[np.isfinite(d)] for d in diffs]
+        if all(len(d) for d in diffs):
+            out[task] = diffs
+    return out
+
+
+def evaluate_endpoint(endpoint, pairs, items, step, resamples, seed) -> EndpointResult:
+    """One endpoint of one arm over its seed pairs ((arm Run, baseline Run), prefixlm.study):
+    every value from evaluation step ``step``; a pair one of whose runs lacks it (val/KEY at
+    that step, or one of the endpoint's tasks) is left out with a warning naming the run and
+    the step. The t-interval over the pair means (S >= 2), or with one pair the item-level
+    interval (none for a logged scalar: one value per run)."""
+    item_var, n_items = math.nan, 0
     if endpoint.logged:
-        values = [(last_logged(a, endpoint.name, step), last_logged(b, endpoint.name, step))
-                  for a, b in pair_metrics]
-        d_S = [a[1] - b[1] for a, b in values if a and b]
-        tasks, by_task = [], {}
+        tasks, used, left_out, d_S = [], [], [], []
+        for a, b in pairs:
+            values = [value_at(r.metrics, endpoint.name, step) for r in (a, b)]
+            for r, v in zip((a, b), values, strict=True):
+                if v is None:
+                    left_out.append(f"{r.path.name} has no {endpoint.name} at step {step}: "
+                                    f"seed pair {a.seed_label} vs {b.seed_label} left out of "
+                                    f"{endpoint.label}")
+            if None not in values:
+                used.append((a, b))
+                d_S.append(values[0] - values[1])
+        by_task = {}
     else:
-        by_task = item_differences(endpoint, pair_items)
+        tasks, used, left_out = _pairs_with_items(endpoint, pairs, items, step)
+        by_task = item_differences(endpoint, used, items, tasks) if used else {}
         tasks = sorted(by_task)
-        n_pairs = len(next(iter(by_task.values()), []))
-        d_S = [float(np.mean([by_task[t][s].mean() for t in tasks])) for s in range(n_pairs)]
-    test = inference.seed_test(d_S)
+        d_S = [float(np.mean([by_task[t][s].mean() for t in tasks]))
+               for s in range(len(used) if by_task else 0)]
+        if by_task:
+            item_var = float(np.mean([inference.item_var_of_mean([by_task[t][s] for t in tasks])
+                                      for s in range(len(used))]))
+            n_items = sum(len(by_task[t][0]) for t in tasks)
+    used_n = len(d_S)
+    extra = dict(pairs=used_n, left_out=left_out, item_var=item_var, items=n_items,
+                 seed_var=float(np.var(d_S, ddof=1)) if used_n >= 2 else math.nan)
+    test = inference.seed_test(d_S, item_var)
     if test is not None:
-        return EndpointResult(endpoint, test.interval, test, tasks)
-    if len(d_S) == 1 and by_task:
+        return EndpointResult(endpoint, test.interval, test, tasks, **extra)
+    if used_n == 1 and by_task:
         iv = inference.stratified_bootstrap([d[0] for d in by_task.values()], resamples, seed)
-        return EndpointResult(endpoint, iv, None, tasks)
-    if len(d_S) == 1:
-        return EndpointResult(endpoint, Interval(d_S[0], math.nan, math.nan), None, tasks)
-    return EndpointResult(endpoint, None, None, tasks)
+        return EndpointResult(endpoint, iv, None, tasks, **extra)
+    if used_n == 1:
+        return EndpointResult(endpoint, Interval(d_S[0], math.nan, math.nan), None, tasks,
+                              **extra)
+    return EndpointResult(endpoint, None, None, tasks, **extra)
 
 
 def correct_family(results: list[EndpointResult], alpha: float = inference.ALPHA) -> None:
-    """Holm over the arm's tested primary endpoints; sets p_holm and claimed in place."""
+    """Holm over the family's tested results (the report passes every arm's primary endpoints
+    at once: module doc); sets p_holm and claimed in place."""
     p_K = [r.test.p if r.test else math.nan for r in results]
     adjusted, rejected = inference.holm([p_K], alpha)
     for r, p, rej in zip(results, adjusted[0], rejected[0], strict=True):
@@ -178,36 +252,57 @@ def effect_text(r: EndpointResult) -> str:
         return f"{label} by {sign * iv.est * scale:.{d}f}{unit} [{lo:.{d}f}, {hi:.{d}f}]"
     est = f"Δ {iv.est * scale:+.{d}f}{unit}"
     if not np.isfinite(iv.lo):
-        return f"{label} {est} (one value per run: no interval)"
+        return f"{label} {est} ({no_interval_reason(r)})"
     return f"{label} {est} [{iv.lo * scale:+.{d}f}, {iv.hi * scale:+.{d}f}]"
 
 
-def sentence(arm: str, base: str, results: list[EndpointResult], n_pairs: int) -> str:
-    """The arm's line under "What the evidence supports"."""
+def no_interval_reason(r: EndpointResult) -> str:
+    if r.test is not None:
+        return "identical seed-pair means and no items: untested, no interval"
+    return "one value per run: no interval"
+
+
+def family_text(results: dict[str, list[EndpointResult]]) -> str:
+    """'Holm over the report's 18 primary tests = 6 arm(s) with seed pairs x 3 endpoint(s) less
+    untested ones, family-wise 5%': the family and the method, as the header states them."""
+    tested = sum(r.test is not None and np.isfinite(r.test.p)
+                 for rs in results.values() for r in rs)
+    arms = sum(any(r.test is not None for r in rs) for rs in results.values())
+    k = len(next(iter(results.values()), []))
+    return (f"Holm over the report's {tested} primary tests = {arms} arm(s) with seed pairs x "
+            f"{k} endpoint(s) less untested ones, family-wise {inference.ALPHA:.0%}")
+
+
+def sentence(arm: str, base: str, results: list[EndpointResult], n_pairs: int,
+             family: str) -> str:
+    """The arm's line under "What the evidence supports"; ``family`` is family_text."""
     if n_pairs < 2:
         shown = "; ".join(effect_text(r) for r in results)
         return (f"{arm} vs {base} (one seed each): no claim, since run-to-run variance is "
                 f"unmeasured with one seed per arm. Item-level 95% intervals (they cover the "
-                f"choice of items only): {shown}. Run --seeds 0,1,2 to test.")
+                f"choice of items only): {shown}. Run --seeds 0,1,2,3,4 to test.")
     claimed = [r for r in results if r.claimed]
     rest = [r for r in results if not r.claimed]
-    level = f"Holm-corrected over {sum(r.test is not None for r in results)} primary " \
-            f"endpoint(s), family-wise {inference.ALPHA:.0%}"
     head = f"{arm} ({n_pairs} seed pairs) vs {base}: "
     parts = [f"{r.verb} {effect_text(r)} (Holm p {r.p_holm:.2g})" for r in claimed]
     others = "; ".join(f"{effect_text(r)}" + (f", Holm p {r.p_holm:.2g}"
                                               if np.isfinite(r.p_holm) else "") for r in rest)
     if not claimed:
-        return head + f"no primary endpoint differs after correction ({level}): {others}."
+        return head + f"no primary endpoint differs after correction ({family}): {others}."
     tail = f"; no corrected difference in {others}" if rest else ""
-    return head + "; ".join(parts) + tail + f" ({level})."
+    return head + "; ".join(parts) + tail + f" ({family})."
 
 
-def claims(d_RxSxK, lower_is_better, alpha: float = inference.ALPHA) -> np.ndarray:
-    """int8 [R, K]: +1 where the report writes ``improves``, -1 ``worsens``, 0 nothing, for R
-    studies at once from their per-seed-pair differences (S >= 2) of K primary endpoints: the
-    decisions of correct_family and EndpointResult.verb, vectorised for simulations."""
-    mean_RxK, _, p_RxK = inference.t_tests(np.moveaxis(np.asarray(d_RxSxK), 1, -1))
-    rejected_RxK = inference.holm_rows(p_RxK, alpha)
-    good_RxK = (mean_RxK < 0) == np.asarray(lower_is_better)
-    return np.where(rejected_RxK, np.where(good_RxK, 1, -1), 0).astype(np.int8)
+def claims(d_RxAxSxK, lower_is_better, item_var_RxAxK=None,
+           alpha: float = inference.ALPHA) -> np.ndarray:
+    """int8 [R, A, K]: +1 where the report writes ``improves``, -1 ``worsens``, 0 nothing, for
+    R studies at once from the per-seed-pair differences (S >= 2) of A arms and K primary
+    endpoints, with Holm over all A x K of a study: the decisions of correct_family and
+    EndpointResult.verb, vectorised for simulations. ``item_var_RxAxK``: the item-sampling
+    variance of one pair mean (nan for a logged scalar), as evaluate_endpoint floors at."""
+    d_RxAxKxS = np.moveaxis(np.asarray(d_RxAxSxK, dtype=np.float64), 2, -1)
+    r, a, k, _ = d_RxAxKxS.shape
+    mean_RxAxK, _, p_RxAxK = inference.t_tests(d_RxAxKxS, item_var_RxAxK)
+    rejected = inference.holm_rows(p_RxAxK.reshape(r, a * k), alpha).reshape(r, a, k)
+    good = (mean_RxAxK < 0) == np.asarray(lower_is_better)
+    return np.where(rejected, np.where(good, 1, -1), 0).astype(np.int8)

@@ -84,7 +84,8 @@ def item_rows(results: dict, tasks: dict) -> list[dict]:
     without ``acc_norm``. ``gold_index`` is the gold choice and ``pred_index`` the choice with
     the highest log-likelihood (the one ``correct`` scores; first on ties, as numpy's argmax):
     the report needs both for majority-answer baselines. ``tasks`` maps task names to lm-eval
-    task objects (for the gold index).
+    task objects (for the gold index). The format is declared once, as ``schemas.EVAL_ROW``,
+    which the report checks every line against where it reads the file.
     """
     rows, seen = [], set()
     for name, samples in results.get("samples", {}).items():

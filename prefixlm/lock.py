@@ -29,8 +29,9 @@ import threading
 import time
 import uuid
 
-from prefixlm import hosts
+from prefixlm import hosts, safe_files, schemas
 from prefixlm.config import ConfigError
+from prefixlm.errors import SchemaError, UserError
 from prefixlm.workdir import is_remote, run_path
 
 LOCK = "run.lock"
@@ -44,6 +45,16 @@ def _holder() -> dict:
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
+def _parse_holder(text: str) -> dict | None:
+    """The holder record of a lock or lease (``schemas.LOCK_HOLDER``), None when it is not one
+    (garbage or a torn write: a lock's record is for the message only, an unreadable lease is
+    taken over)."""
+    try:
+        return schemas.check(json.loads(text), schemas.LOCK_HOLDER, LOCK)
+    except (ValueError, SchemaError):
+        return None
+
+
 def _refusal(workdir, holder: dict) -> ConfigError:
     return ConfigError(
         f"{workdir} is in use by another run (pid {holder.get('pid', '?')} on host "
@@ -52,7 +63,9 @@ def _refusal(workdir, holder: dict) -> ConfigError:
 
 
 class LocalLock:
-    """``fcntl.flock`` on WORKDIR/run.lock (created with the workdir if missing)."""
+    """``fcntl.flock`` on WORKDIR/run.lock (created with the workdir if missing). The file is
+    opened through ``safe_files.open_lock_file``: a symlink there is refused, never followed
+    (the holder record would be written into its target), and so is a FIFO or device."""
 
     def __init__(self, workdir):
         self.workdir = run_path(workdir)
@@ -67,7 +80,9 @@ class LocalLock:
         while True:
             try:
                 self.workdir.mkdir(parents=True, exist_ok=True)
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                fd = safe_files.open_lock_file(self.path)
+            except UserError:
+                raise
             except OSError as e:
                 raise ConfigError(f"cannot write to --workdir={self.workdir} ({e.strerror}: "
                                   f"{self.path}); fix its permissions or mount, or use another "
@@ -77,17 +92,16 @@ class LocalLock:
             except BlockingIOError:
                 text = os.read(fd, 4096).decode(errors="replace")
                 os.close(fd)
-                try:
-                    holder = json.loads(text)
-                except ValueError:
-                    holder = {}
-                raise _refusal(self.workdir, holder) from None
+                raise _refusal(self.workdir, _parse_holder(text) or {}) from None
             if os.path.exists(self.path) and os.stat(self.path).st_ino == os.fstat(fd).st_ino:
                 break
             os.close(fd)  # the file was replaced while we waited: lock the one on disk
-        os.ftruncate(fd, 0)
-        os.write(fd, json.dumps(_holder()).encode())
         self.fd = fd
+        try:
+            safe_files.overwrite_fd(self.path, fd, json.dumps(_holder()).encode())
+        except UserError:  # a full disk: one line, and the lock goes with this process
+            self.release()
+            raise
 
     def release(self) -> None:
         """Drops the flock. The file stays (harmless, reused), except in a workdir this lock
@@ -117,8 +131,8 @@ class Lease:
 
     def _read(self) -> dict | None:
         try:
-            return json.loads(self.path.read_text())
-        except (OSError, ValueError):
+            return _parse_holder(self.path.read_text())
+        except OSError:
             return None
 
     def _write(self) -> None:
@@ -159,7 +173,8 @@ def for_workdir(workdir):
 @contextlib.contextmanager
 def hold(workdir):
     """Holds the workdir's lock for the body (process 0 takes it; every process raises the
-    ConfigError naming the holder if it is taken)."""
+    ConfigError naming the holder if it is taken, or process 0's one-line error when the lock
+    file cannot be used: a symlink, a FIFO, a full disk)."""
     import jax
 
     lock, error = None, None
@@ -167,10 +182,11 @@ def hold(workdir):
         lock = for_workdir(workdir)
         try:
             lock.acquire()
-        except ConfigError as e:
+        except UserError as e:
             lock, error = None, e
     if bool(hosts.from_process_0(error is not None)):
-        raise error or ConfigError(f"{workdir} is in use by another run (see process 0's log)")
+        raise error or ConfigError(f"{workdir}: process 0 could not take the run's lock (in use "
+                                   "by another run, or a run.lock it refuses; see its log)")
     try:
         yield lock
     finally:

@@ -14,7 +14,9 @@ import os
 
 from etils import epath
 
+from prefixlm import safe_files, schemas
 from prefixlm import workdir as workdir_lib
+from prefixlm.errors import SchemaError, UnsafePathError
 
 MANIFEST = "prefixlm_manifest.json"  # per step: file sizes and sha256, written once committed
 
@@ -35,7 +37,7 @@ def _file_digests(step_dir: epath.Path, with_hash: bool) -> dict[str, list]:
         rel = os.fspath(path)[len(os.fspath(step_dir)):].lstrip("/")
         if rel == MANIFEST or rel.endswith(".tmp"):
             continue
-        data = path.read_bytes()
+        data = safe_files.read_bytes(path)  # a FIFO planted in a step is refused, not read
         out[rel] = [len(data), hashlib.sha256(data).hexdigest() if with_hash else None]
     return out
 
@@ -50,15 +52,17 @@ def write_manifest(step_dir: epath.Path) -> None:
 
 def verify(step_dir: epath.Path) -> str | None:
     """None when the step's files match its manifest (or it has none: the restore checks those
-    steps instead), else what differs."""
+    steps instead), else what differs. A manifest that is not ``schemas.MANIFEST`` (``null``,
+    torn, garbage) or a file that is not a regular one makes the step corrupt: the caller moves
+    it aside like any other bad step, and never blames the storage."""
     path = step_dir / MANIFEST
     if not path.exists():
         return None
     try:
-        expected = json.loads(path.read_text())["files"]
-    except (ValueError, KeyError, TypeError) as e:  # TypeError: a manifest holding null
-        return f"unreadable {MANIFEST} ({e})"
-    actual = _file_digests(step_dir, with_hash=any(v[1] for v in expected.values()))
+        expected = schemas.read_json(path, schemas.MANIFEST, fix="the step is corrupt")["files"]
+        actual = _file_digests(step_dir, with_hash=any(v[1] for v in expected.values()))
+    except (SchemaError, UnsafePathError) as e:
+        return f"unreadable {MANIFEST} ({e})" if isinstance(e, SchemaError) else str(e)
     for rel, (size, digest) in expected.items():
         if rel not in actual:
             return f"{rel} is missing"

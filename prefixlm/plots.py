@@ -18,7 +18,7 @@ import sys
 
 import numpy as np
 
-from prefixlm import atomic, cli, errors
+from prefixlm import atomic, cli, errors, schemas
 
 EXAMPLES = (" personality", " strawberry", "ing", " the", " understanding", "2026")
 
@@ -188,18 +188,9 @@ def load_metrics(run_dir) -> list[dict]:
         raise FileNotFoundError(f"{path} not found; pass training workdirs (python -m "
                                 "prefixlm.main --workdir DIR writes DIR/metrics.jsonl)")
     by_step: dict = {}
-    for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
-        try:
-            rec = json.loads(line) if line.strip() else {}
-        except json.JSONDecodeError as e:
-            rec = str(e)
-        if not isinstance(rec, dict) or any(  # torn, binary, not a row, "step": "7"
-                not isinstance(rec[k], int | float) for k in ("step", "tokens") if k in rec):
-            print(f"{path}:{n}: skipping a malformed line ({str(rec)[:80]})", file=sys.stderr)
-            continue
-        key = rec.get("step", n)
-        by_step.setdefault(key, {}).update(rec)
-    return [by_step[k] for k in sorted(by_step, key=lambda s: (isinstance(s, str), s))]
+    for rec in schemas.read_jsonl(path, schemas.METRICS_ROW):  # the one reader: a torn last
+        by_step.setdefault(rec["step"], {}).update(rec)           # line dropped, others checked
+    return [by_step[k] for k in sorted(by_step)]
 
 
 def series(records: list[dict], key: str) -> tuple[np.ndarray, np.ndarray, str]:

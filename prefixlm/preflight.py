@@ -5,7 +5,8 @@
 (ConfigError or CheckpointError: exit 2):
 
 1. the layout: every name the run writes is of the right kind (a directory where a directory
-   belongs, a file where a file belongs) and config.json parses;
+   belongs, a regular file where a file belongs: never a symlink or a FIFO, see
+   prefixlm.safe_files) and config.json parses;
 2. ``--restart``: the old record (metrics, evaluations, checkpoints, bad checkpoints, config)
    moves into ``WORKDIR/restarted-<time>/``; nothing is deleted;
 3. history is evidence: metrics.jsonl with rows past step 0 but no checkpoint to resume from
@@ -25,7 +26,7 @@ import time
 import jax
 import ml_collections
 
-from prefixlm import checkpoint, hosts, lock, sinks
+from prefixlm import checkpoint, hosts, lock, safe_files, sinks
 from prefixlm import workdir as workdir_lib
 from prefixlm.config import ConfigError
 
@@ -52,6 +53,8 @@ def check_layout(workdir) -> None:
         if name in DIRS and not path.is_dir():
             raise ConfigError(f"{path} is a file where the run keeps a directory; move it "
                               "aside (or use another --workdir)")
+        if name in FILES:
+            safe_files.check_regular(path)  # a symlink, FIFO or device: one line, unopened
     if (root / "config.json").exists():
         workdir_lib.read_config_json(root / "config.json")
 

@@ -2,15 +2,23 @@
 
     python -m prefixlm.report RUN_DIR... --baseline RUN_DIR --output OUT [--step N]
         [--primary charbench/bpb,mc/acc,val/nll]
+    python -m prefixlm.report PILOT_RUN_DIR... [--baseline RUN_DIR] --plan charbench/bpb=0.04
+        [--plan_arms 6]
 
 writes ``OUT/REPORT.md``, ``OUT/forest.png`` (paired differences with 95% intervals, arms x
 tasks) and ``OUT/curves_acc.png`` / ``OUT/curves_bpb.png`` (task metrics over training), each
 atomically. Runs whose configs differ only in ``seed``/``data_seed`` are seeds of one arm
-(prefixlm.study); seeds are the unit of replication. With two or more seed pairs every interval
-and test is a t-interval over the per-seed-pair paired means (prefixlm.inference says why), and
-only the declared primary endpoints, Holm-corrected per arm, may be called an effect
-(prefixlm.endpoints). With one seed pair the intervals are item-level (prefixlm.paired) and the
-report claims nothing: run-to-run variance is then unmeasured.
+(prefixlm.study); seeds are the unit of replication, and one (arm, seed) is one run. With two or
+more seed pairs every interval and test is a t-interval over the per-seed-pair paired means
+(prefixlm.inference says why), and only the declared primary endpoints, Holm-corrected over
+every arm x endpoint of the report, may be called an effect (prefixlm.endpoints). Every primary
+value comes from the evaluation step the report names. With one seed pair the intervals are
+item-level (prefixlm.paired) and the report claims nothing: run-to-run variance is then
+unmeasured. "What this study could detect" sizes a null verdict (prefixlm.detectable).
+
+--plan reads a pilot instead (two or more seeds per arm, or the baseline's seeds alone) and
+prints the seeds per arm that each stated effect needs (accuracy in points) for 80% power when
+the study has --plan_arms arms besides the baseline and the --primary endpoints.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ import sys
 
 import numpy as np
 
-from prefixlm import atomic, cli, endpoints, inference, paired, report_plots, study
+from prefixlm import atomic, cli, detectable, endpoints, inference, paired, report_plots, study
 from prefixlm.endpoints import last_logged
 from prefixlm.paired import Interval, Items, Paired
 from prefixlm.study import ReportError, Run
@@ -93,7 +101,15 @@ def majority_cells(pairs: list[tuple[Items, Items]] | None, items: Items) -> lis
 
 # ---- REPORT.md sections ----
 
-def header(base, arms, runs, step, chosen, primary, n_pairs, resamples, seed) -> list[str]:
+def arm_method(n_pairs: int) -> str:
+    """The interval method of one arm's rows (and its forest-plot legend entry)."""
+    if n_pairs >= 2:
+        return f"t over {n_pairs} seed pairs"
+    return "item-level bootstrap, one seed pair"
+
+
+def header(base, arms, runs, step, chosen, primary, n_pairs, resamples, seed,
+           family: str) -> list[str]:
     """Title, step, baseline, and which statistics every number below comes from."""
     methods = []
     if any(n >= 2 for n in n_pairs.values()):
@@ -102,24 +118,29 @@ def header(base, arms, runs, step, chosen, primary, n_pairs, resamples, seed) ->
             "t-interval / two-sided t-test over the per-seed-pair paired means (arm seed i − "
             "baseline seed i, each a mean over the same items) with S − 1 degrees of freedom, "
             "so run-to-run variance is in every interval (prefixlm.inference explains the "
-            "choice over a hierarchical bootstrap).")
+            "choice over a hierarchical bootstrap). A pair mean's variance is never taken "
+            "below what item sampling alone gives it, and identical pair means without items "
+            "are not tested: ties are no evidence.")
     if any(n < 2 for n in n_pairs.values()):
         methods.append(
             "**Item-level only** (arms with one seed pair): run-to-run variance is unmeasured. "
             f"Intervals are 95% percentile intervals of a paired bootstrap over items "
             f"({resamples:,} resamples, numpy seed {seed}); p is McNemar's exact two-sided test "
             "on the discordant pairs (b = only the arm right, c = only the baseline right). No "
-            "effect is claimed for such an arm: train --seeds 0,1,2 to test.")
+            "effect is claimed for such an arm: train --seeds 0,1,2,3,4 to test.")
     method = "\n\n".join(methods)
     return [
         f"# Study report: {len(arms) - 1} arm(s) against {base}", "",
         f"Evaluation step **{step}** (the {'chosen' if chosen else 'last'} step common to all "
-        f"{len(runs)} runs). Baseline arm **{base}** (seeds "
-        f"{', '.join(r.seed_label for r in arms[base])}).", "", method, "",
-        f"Primary endpoints (declared with --primary): {', '.join(e.name for e in primary)}; "
-        f"each arm's primary tests are Holm-corrected at family-wise level "
-        f"{inference.ALPHA:.0%}. Everything else (each task's table, the forest plot) is "
-        "exploratory and never counts as an effect, whatever its interval.", "",
+        f"{len(runs)} runs); every primary value is from this step. Baseline arm **{base}** "
+        f"(seeds {', '.join(r.seed_label for r in arms[base])}).", "", method, "",
+        f"Primary endpoints (declared with --primary): {', '.join(e.name for e in primary)}. "
+        f"**Error control: the family is every arm x every primary endpoint; method: {family}** "
+        "(prefixlm.endpoints says why Holm over the whole report rather than per arm, a "
+        "hierarchy or a pooled many-to-one test): the chance that this report claims any effect "
+        f"that is not there is at most {inference.ALPHA:.0%}. Everything else (each "
+        "task's table, the forest plot) is exploratory and never counts as an effect, whatever "
+        "its interval.", "",
         "Δ = arm − baseline over the same items (inner join on task, doc_id); Δacc in points. "
         "bpb: bits per byte of the gold continuation, mean over documents (lower is better). "
         "Values: ± stderr for one seed, ± sd over seeds for several. chance: mean 1/n_choices; "
@@ -130,29 +151,39 @@ def header(base, arms, runs, step, chosen, primary, n_pairs, resamples, seed) ->
         "written without gold_index / pred_index.", ""]
 
 
-def primary_section(primary_results, n_pairs) -> list[str]:
-    lines = ["## Primary endpoints", "", "| arm | endpoint | seed pairs | tasks | Δ [95% CI] | "
-             "p | Holm p | verdict |", "|---|---|---|---|---|---|---|---|"]
+def primary_section(primary_results, n_pairs, step) -> list[str]:
+    """The primary table (every value from ``step``; `seed pairs`: the pairs each endpoint
+    used) and the runs left out of an endpoint."""
+    lines = ["## Primary endpoints", "", "| arm | endpoint | step | seed pairs | tasks | "
+             "Δ [95% CI] | p | Holm p | verdict |", "|---|---|---|---|---|---|---|---|---|"]
+    left_out = []
     for arm, results in primary_results.items():
         for r in results:
             e, iv = r.endpoint, r.interval
+            left_out += r.left_out
             if iv is None or not np.isfinite(iv.est):
                 cell = "n/a"
             elif not np.isfinite(iv.lo):
-                cell = f"{iv.est * e.scale:+.4f} (no interval: one value per run)"
+                cell = f"{iv.est * e.scale:+.4f} ({endpoints.no_interval_reason(r)})"
             else:
                 cell = interval_cell(iv, e.scale, 1 if e.scale == 100 else 4)
             if r.claimed:
                 verdict = "effect: arm better" if r.verb == endpoints.IMPROVES \
                     else "effect: arm worse"
             elif r.test is None:
-                verdict = "untested (one seed pair)" if n_pairs[arm] < 2 else "n/a"
+                verdict = "untested (one seed pair)" if r.pairs == 1 or n_pairs[arm] < 2 \
+                    else "n/a"
+            elif not np.isfinite(r.test.p):
+                verdict = "untested (identical seed-pair means)"
             else:
                 verdict = "no corrected effect"
-            p = f"{r.test.p:.2g}" if r.test else ""
+            p = f"{r.test.p:.2g}" if r.test and np.isfinite(r.test.p) else ""
             holm = f"{r.p_holm:.2g}" if np.isfinite(r.p_holm) else ""
-            lines.append(f"| {arm} | {e.label} | {n_pairs[arm]} | {len(r.tasks) or ''} | "
+            lines.append(f"| {arm} | {e.label} | {step} | {r.pairs} | {len(r.tasks) or ''} | "
                          f"{cell} | {p} | {holm} | {verdict} |")
+    if left_out:
+        lines += ["", "Left out (a value missing at the report's step is never replaced by an "
+                  "older one):", "", *[f"- {w}" for w in dict.fromkeys(left_out)]]
     return lines + [""]
 
 
@@ -229,12 +260,12 @@ def missing_section(tasks, runs, items) -> list[str]:
 
 # ---- the report ----
 
-def load_study(run_dirs, baseline, step):
+def load_study(run_dirs, baseline, step, need_other_arm: bool = True):
     """(runs, arms, base arm, step, items): the inputs, checked; ReportError names what is
-    missing and the fix."""
+    missing and the fix. ``baseline`` may be None for a --plan pilot."""
     dirs = study.unique_dirs(run_dirs)
-    base_path = study.unique_dirs([baseline])[0]
-    if base_path not in dirs:
+    base_path = study.unique_dirs([baseline])[0] if baseline is not None else None
+    if base_path is not None and base_path not in dirs:
         raise ReportError(f"--baseline {baseline} is not one of the RUN_DIRs: name the "
                           "baseline run among the RUN_DIRs too")
     if len(dirs) < 2:
@@ -242,17 +273,26 @@ def load_study(run_dirs, baseline, step):
                           "and at least one run of another arm")
     runs = [study.load_run(d) for d in dirs]
     arms = study.group_arms(runs)
-    base = next(r.arm for r in runs if r.path == base_path)
-    if len(arms) < 2:
+    runs = [r for members in arms.values() for r in members]  # each (arm, seed) once
+    base = next((r.arm for r in runs if r.path == base_path), None)
+    if base_path is not None and base is None:  # the baseline was a copy of another seed
+        base = next(r.arm for members in arms.values() for r in members
+                    if study.same_rows(r, study.load_run(base_path)))
+    if need_other_arm and len(arms) < 2:
         raise ReportError(f"every run is a seed of the baseline arm {base}: pass at least one "
                           "run of another arm (a config that differs in more than the seed)")
     step_used = study.choose_step(runs, step)
     items = {r.path: study.load_items(r.eval_files[step_used]) for r in runs}
+    if base is not None:
+        for arm, members in arms.items():
+            if arm != base:
+                study.check_common_items(study.seed_pairs(members, arms[base]), items, step_used)
     return runs, arms, base, step_used, items
 
 
 def compare_arms(arms, base, items, tasks, primary, step, resamples, seed):
-    """Per (arm, task) exploratory comparisons, and each arm's Holm-corrected primaries."""
+    """Per (arm, task) exploratory comparisons, and every arm's primaries, Holm-corrected
+    together over all arms x endpoints (prefixlm.endpoints: the family is the report)."""
     results, aligned, primary_results, n_pairs = {}, {}, {}, {}
     for arm, arm_runs in arms.items():
         if arm == base:
@@ -263,12 +303,9 @@ def compare_arms(arms, base, items, tasks, primary, step, resamples, seed):
             if (pair_items := study.aligned_items(pairs, items, task)) is not None:
                 aligned[arm, task] = pair_items
                 results[arm, task] = inference.compare_task(pair_items, resamples, seed)
-        pair_items = {t: aligned[arm, t] for t in tasks if (arm, t) in aligned}
-        pair_metrics = [(a.metrics, b.metrics) for a, b in pairs]
-        primary_results[arm] = [endpoints.evaluate_endpoint(e, pair_items, pair_metrics, step,
-                                                            resamples, seed) for e in primary]
-        if len(pairs) >= 2:
-            endpoints.correct_family(primary_results[arm])
+        primary_results[arm] = [endpoints.evaluate_endpoint(e, pairs, items, step, resamples,
+                                                            seed) for e in primary]
+    endpoints.correct_family([r for rs in primary_results.values() for r in rs])
     return results, aligned, primary_results, n_pairs
 
 
@@ -276,32 +313,87 @@ def build_report(run_dirs, baseline, output, step: int | None = None,
                  resamples: int = paired.RESAMPLES, seed: int = 0,
                  primary: str = endpoints.DEFAULT_PRIMARY) -> pathlib.Path:
     """Loads the runs, compares every arm with the baseline arm, writes REPORT.md and PNGs."""
-    try:
-        declared = endpoints.parse_primary(primary)
-    except ValueError as e:
-        raise ReportError(str(e)) from e
+    check_args(resamples, seed)
+    declared = _parse(endpoints.parse_primary, primary)
     runs, arms, base, step_used, items = load_study(run_dirs, baseline, step)
     tasks = sorted({t for per_run in items.values() for t in per_run})
     results, aligned, primary_results, n_pairs = compare_arms(
         arms, base, items, tasks, declared, step_used, resamples, seed)
+    for warning in dict.fromkeys(w for rs in primary_results.values() for r in rs
+                                 for w in r.left_out):
+        print(f"prefixlm.report: warning: {warning}", file=sys.stderr)
     out = pathlib.Path(output)
     out.mkdir(parents=True, exist_ok=True)
     others = [a for a in arms if a != base]
-    seed_level = min(n_pairs.values()) >= 2
     report_plots.plot_forest(results, others, tasks, base, out / "forest.png",
-                             "t over seed pairs" if seed_level else "item-level bootstrap")
+                             {arm: arm_method(n_pairs[arm]) for arm in others})
     pngs = [out / "forest.png", *report_plots.plot_curves(runs, out)]
+    family = endpoints.family_text(primary_results)
     lines = header(base, arms, runs, step_used, step is not None, declared, n_pairs,
-                   resamples, seed)
-    lines += primary_section(primary_results, n_pairs) + runs_section(arms, items)
+                   resamples, seed, family)
+    lines += primary_section(primary_results, n_pairs, step_used)
+    lines += detectable.detect_section(primary_results, family_size(primary_results))
+    lines += runs_section(arms, items)
     for task in tasks:
         lines += task_section(task, arms, base, items, results, aligned)
     lines += missing_section(tasks, runs, items)
     lines += ["## Plots", "", *[f"![{p.stem}]({p.name})" for p in pngs], "",
               "## What the evidence supports", ""]
-    lines += ["- " + endpoints.sentence(arm, base, primary_results[arm], n_pairs[arm])
+    lines += ["- " + endpoints.sentence(arm, base, primary_results[arm], n_pairs[arm], family)
               for arm in others]
     return atomic.write_text(out / "REPORT.md", "\n".join(lines) + "\n")
+
+
+def family_size(primary_results) -> int:
+    """The number of hypotheses Holm ran over (at least 1)."""
+    return max(1, sum(r.test is not None and np.isfinite(r.test.p)
+                      for rs in primary_results.values() for r in rs))
+
+
+def plan(run_dirs, baseline, effects: str, plan_arms: int, step: int | None = None,
+         primary: str = endpoints.DEFAULT_PRIMARY) -> list[str]:
+    """The --plan table: seeds per arm for each stated effect, from a pilot's variance."""
+    wanted = _parse(detectable.parse_effects, effects)
+    declared = _parse(endpoints.parse_primary, primary)
+    if plan_arms < 1:
+        raise ReportError(f"--plan_arms {plan_arms}: the study needs at least 1 arm besides "
+                          "the baseline")
+    family = plan_arms * len(set(declared) | {e for e, _ in wanted})
+    runs, arms, base, step_used, items = load_study(run_dirs, baseline, step,
+                                                    need_other_arm=False)
+    paired_arms = {a: study.seed_pairs(m, arms[base]) for a, m in arms.items()
+                   if base is not None and a != base}
+    pilots = {}
+    for e, _ in wanted:
+        results = [endpoints.evaluate_endpoint(e, pairs, items, step_used, paired.RESAMPLES, 0)
+                   for pairs in paired_arms.values() if len(pairs) >= 2]
+        for warning in dict.fromkeys(w for r in results for w in r.left_out):
+            print(f"prefixlm.report: warning: {warning}", file=sys.stderr)
+        pilot = detectable.from_results(results) if results else None
+        if pilot is None or pilot.df < 1:
+            pilot = detectable.single_arm_sd(e, arms, items, step_used)
+        if pilot.df < 1:
+            raise ReportError(f"the pilot has no two seeds of one arm with {e.name} at step "
+                              f"{step_used}: pass two or more seeds of an arm (the baseline's "
+                              "seeds will do)")
+        pilots[e.name] = pilot
+    return detectable.plan_lines(pilots, wanted, family,
+                                 f"{len(runs)} runs of {len(arms)} arm(s) at step {step_used}")
+
+
+def _parse(parse, text):
+    try:
+        return parse(text)
+    except ValueError as e:
+        raise ReportError(str(e)) from e
+
+
+def check_args(resamples: int, seed: int) -> None:
+    if resamples < 1:
+        raise ReportError(f"--resamples {resamples}: the bootstrap needs at least 1 resample "
+                          f"(default {paired.RESAMPLES:,})")
+    if seed < 0:
+        raise ReportError(f"--seed {seed}: numpy's generator takes a seed >= 0 (default 0)")
 
 
 @cli.command
@@ -311,10 +403,11 @@ def main(argv=None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
                         help="training run directories (config.json, metrics.jsonl, eval/)")
-    parser.add_argument("--baseline", required=True, metavar="RUN_DIR",
+    parser.add_argument("--baseline", metavar="RUN_DIR",
                         help="a run of the baseline arm (also among RUN_DIR); all seeds of its "
-                        "arm are the baseline")
-    parser.add_argument("--output", required=True, help="directory for REPORT.md and the PNGs")
+                        "arm are the baseline (required for a report)")
+    parser.add_argument("--output", help="directory for REPORT.md and the PNGs (required for "
+                        "a report)")
     parser.add_argument("--step", type=int, default=None,
                         help="evaluation step to compare (default: the last common to all runs)")
     parser.add_argument("--primary", default=endpoints.DEFAULT_PRIMARY,
@@ -323,9 +416,23 @@ def main(argv=None) -> int:
     parser.add_argument("--resamples", type=int, default=paired.RESAMPLES,
                         help="bootstrap resamples for one-seed reports (default 2,000)")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap RNG seed")
+    parser.add_argument("--plan", metavar="ENDPOINT=EFFECT,...",
+                        help="instead of a report: the RUN_DIRs are a pilot (2+ seeds per arm, "
+                        "or the baseline's seeds); print the seeds per arm each stated effect "
+                        "needs for 80%% power, e.g. charbench/bpb=0.04,mc/acc=2 (points)")
+    parser.add_argument("--plan_arms", type=int, default=6,
+                        help="arms besides the baseline in the planned study (default 6: the "
+                        "seven-run study); the family is arms x primary endpoints")
     args = parser.parse_args(argv)
-    # A ReportError, a full disk or a read-only OUT: one line from the boundary, and nothing
-    # half-written is left behind.
+    # A ReportError, a full disk or a read-only OUT: one line from the boundary (prefixlm.cli),
+    # and nothing half-written is left behind.
+    if args.plan is not None:
+        print("\n".join(plan(args.run_dirs, args.baseline, args.plan, args.plan_arms,
+                             args.step, args.primary)))
+        return 0
+    for flag in ("baseline", "output"):
+        if getattr(args, flag) is None:
+            raise ReportError(f"--{flag} is required for a report (or pass --plan)")
     report = build_report(args.run_dirs, args.baseline, args.output, args.step,
                           args.resamples, args.seed, args.primary)
     print(f"wrote {report}")

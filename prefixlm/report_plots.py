@@ -11,14 +11,18 @@ from prefixlm import atomic, plots
 
 
 def plot_forest(results, arms: list[str], tasks: list[str], base: str,
-                path: pathlib.Path, method: str) -> None:
+                path: pathlib.Path, methods: dict[str, str]) -> None:
     """Paired differences to the baseline with 95% intervals: a row per task, a colour per arm;
-    Δacc (points, higher is better) left, Δbpb (lower is better) right."""
+    Δacc (points, higher is better) left, Δbpb (lower is better) right. Each arm's legend entry
+    names its own interval method (``methods[arm]``): arms with one seed pair have item-level
+    intervals, the others t-intervals over seed pairs, and one report can hold both."""
     import matplotlib
     from matplotlib.figure import Figure
 
     colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
-    fig = Figure(figsize=(11, 1.2 + 0.32 * len(tasks) * max(1, len(arms))))
+    legend_rows = (len(arms) + 1) // 2  # two entries a row, each naming its arm's method
+    height = 1.6 + 0.32 * len(tasks) * max(1, len(arms)) + 0.2 * legend_rows
+    fig = Figure(figsize=(11, height))
     axes = fig.subplots(1, 2, sharey=True)
     step = 0.8 / max(1, len(arms))
     for j, (ax, metric, scale, xlabel) in enumerate(zip(
@@ -32,15 +36,15 @@ def plot_forest(results, arms: list[str], tasks: list[str], base: str,
             y_T = np.array([tasks.index(t) for t, _ in pts]) + 0.4 - (i + 0.5) * step
             est_T, lo_T, hi_T = (np.array([iv[k] for _, iv in pts]) * scale for k in range(3))
             ax.errorbar(est_T, y_T, xerr=[est_T - lo_T, hi_T - est_T], fmt="o", ms=4,
-                        capsize=3, color=colors[i % len(colors)], label=arm if j == 0 else None)
+                        capsize=3, color=colors[i % len(colors)], label=f"{arm} ({methods[arm]})" if j == 0 else None)
         ax.axvline(0, color="gray", lw=1)
         ax.set(xlabel=xlabel, yticks=range(len(tasks)), ylim=(len(tasks) - 0.5, -0.5))
         ax.grid(axis="x", alpha=0.3)
     axes[0].set_yticklabels(tasks)
-    fig.legend(loc="lower center", ncol=min(len(arms), 4), fontsize=8, frameon=False)
-    fig.suptitle(f"Paired difference to {base}, exploratory (95% intervals: {method})",
-                 fontsize=11)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.legend(loc="lower center", ncol=min(len(arms), 2), fontsize=8, frameon=False)
+    fig.suptitle(f"Paired difference to {base}, exploratory (95% intervals; each arm's method "
+                 "in its legend entry)", fontsize=11)
+    fig.tight_layout(rect=(0, (0.15 + 0.2 * legend_rows) / height, 1, 1))
     atomic.save_figure(fig, path, dpi=120)
 
 

@@ -24,6 +24,7 @@ import shutil
 import tempfile
 from typing import Protocol
 
+from prefixlm import safe_files
 from prefixlm.workdir import is_remote, read_rows, run_path, write_text_atomic
 
 log = logging.getLogger("prefixlm.sinks")
@@ -58,12 +59,13 @@ class JsonlSink:
         write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
 
     def write(self, step: int, row: dict) -> None:
+        """Appends one row. A full disk or a file swapped for a symlink or FIFO stops the run in
+        one line (``safe_files``); a row cut short is a torn last line, dropped on resume."""
         self.rows.append(row)
         if self.remote:
             self._rewrite()
         else:
-            with self.path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+            safe_files.append_text(self.path, json.dumps(row) + "\n")
 
     def close(self) -> None:
         pass
@@ -118,7 +120,7 @@ class WandbSink:
         workdir = run_path(workdir)
         id_file = workdir / "wandb_run_id"
         if id_file.exists():
-            run_id = id_file.read_text().strip()
+            run_id = safe_files.read_text(id_file).strip()
         else:
             run_id = hashlib.sha1(os.fspath(workdir).encode()).hexdigest()[:16]
             write_text_atomic(id_file, run_id + "\n")

@@ -4,6 +4,14 @@ A run directory holds ``config.json``, ``metrics.jsonl`` and ``eval/step_XXXXXXX
 JSON row per scored document, prefixlm.eval_results.item_rows). Runs whose configs differ only in
 ``seed``/``data_seed`` are the seeds of one arm; seed i of an arm is paired with seed i of the
 baseline (by rank when they share no seed). A directory named twice, by any path, counts once.
+
+A seed is an identity: two directories holding the same (arm, seed) are one run trained twice,
+not two seeds (a second copy would enter as another seed pair, paired with the same baseline
+run, and buy a degree of freedom it does not have). ``group_arms`` refuses them in one line
+naming both, or uses one when every row they hold is the same.
+
+Nothing here imports JAX: a report of finished runs reads config.json as JSON and takes the
+identity rules from prefixlm.workdir, which needs neither the model nor the configs.
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ import sys
 
 import numpy as np
 
-from prefixlm import plots, workdir
+from prefixlm import plots, schemas, workdir
 from prefixlm.errors import UserError
 from prefixlm.paired import Items
 
@@ -67,10 +75,7 @@ def load_run(run_dir) -> Run:
              if (m := STEP_FILE.fullmatch(p.name))}
     if not files:
         raise ReportError(f"{eval_dir} holds no step_XXXXXXXX.jsonl files")
-    try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ReportError(f"{config_path} is not JSON ({e})") from e
+    config = workdir.read_config_json(config_path)  # schemas.CONFIG: SchemaError, one line
     has_metrics = (path / "metrics.jsonl").is_file()  # optional: only the training-side table
     return Run(path, config, plots.load_metrics(path) if has_metrics else [], files)
 
@@ -83,8 +88,9 @@ def arm_label(config: dict) -> str:
 
 def group_arms(runs: list[Run]) -> dict[str, list[Run]]:
     """Runs grouped by identity (workdir.identity: the fields that change results) less the
-    seeds; each arm's runs sorted by seed. Labels repeat only for arms that differ elsewhere
-    (say in train.steps), which then carry their first run's directory name."""
+    seeds; each arm's runs sorted by seed, each seed once (``one_run_per_seed``). Labels repeat
+    only for arms that differ elsewhere (say in train.steps), which then carry their first
+    run's directory name."""
     by_identity: dict[str, list[Run]] = {}
     for run in runs:
         ident = {k: v for k, v in workdir.identity(run.config).items() if k not in SEED_FIELDS}
@@ -94,11 +100,36 @@ def group_arms(runs: list[Run]) -> dict[str, list[Run]]:
         label = arm_label(members[0].config)
         if label in arms:
             label = f"{label} [{members[0].path.name}]"
-        members.sort(key=lambda r: (r.config.get("seed", 0), r.seed_label))
+        members = one_run_per_seed(sorted(members, key=lambda r: (r.config.get("seed", 0),
+                                                                   r.seed_label)), label)
         for run in members:
             run.arm = label
         arms[label] = members
     return arms
+
+
+def same_rows(a: Run, b: Run) -> bool:
+    """Whether two run directories hold the same metrics rows and evaluation files."""
+    return a.metrics == b.metrics and set(a.eval_files) == set(b.eval_files) and all(
+        a.eval_files[s].read_bytes() == b.eval_files[s].read_bytes() for s in a.eval_files)
+
+
+def one_run_per_seed(members: list[Run], arm: str) -> list[Run]:
+    """The arm's runs with each seed once: a copy with the same rows is used once (with a
+    warning); a second run of the same seed with other rows is refused, naming both."""
+    kept: dict[str, Run] = {}
+    for run in members:
+        first = kept.setdefault(run.seed_label, run)
+        if first is run:
+            continue
+        if not same_rows(first, run):
+            raise ReportError(
+                f"{first.path} and {run.path} are both seed {run.seed_label} of arm {arm} with "
+                "different results: a re-run of a seed is not another seed; pass one of them "
+                "(train more seeds with --seeds)")
+        print(f"prefixlm.report: warning: {run.path} repeats {first.path} (seed "
+              f"{run.seed_label} of {arm}, same rows): used once", file=sys.stderr)
+    return list(kept.values())
 
 
 def _item_row(row: dict) -> tuple[str, int, tuple]:
@@ -110,22 +141,13 @@ def _item_row(row: dict) -> tuple[str, int, tuple]:
 
 
 def load_items(path: pathlib.Path) -> dict[str, Items]:
-    """{task: Items} of one evaluation file; a torn line (a write cut short) is skipped. Rows
-    written before n_choices / gold_index / pred_index existed load with nan there."""
+    """{task: Items} of one evaluation file (``schemas.EVAL_ROW`` rows, read by the one JSONL
+    reader: a torn last line is dropped, any other bad line is a SchemaError naming the line and
+    the field). Rows written before n_choices / gold_index / pred_index existed load with nan
+    there."""
     docs: dict[str, dict[int, tuple]] = {}
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            print(f"{path}:{n}: skipping a torn line", file=sys.stderr)
-            continue
-        try:
-            task, doc_id, values = _item_row(row)
-        except (KeyError, TypeError, ValueError) as e:
-            raise ReportError(f"{path}:{n}: bad item row ({e!r}); expected task, doc_id, "
-                              "correct, correct_norm, gold_logprob, gold_bytes") from e
+    for row in schemas.read_jsonl(path, schemas.EVAL_ROW):
+        task, doc_id, values = _item_row(row)
         docs.setdefault(task, {})[doc_id] = values
     if not docs:
         raise ReportError(f"{path} holds no scored items: evaluate the run again (python -m "
@@ -169,3 +191,16 @@ def aligned_items(pairs, items, task) -> list[tuple[Items, Items]] | None:
                                                  for pair in pairs for r in pair])
     return [(items[a.path][task].take(doc_id_M), items[b.path][task].take(doc_id_M))
             for a, b in pairs]
+
+
+def check_common_items(pairs, items, step: int) -> None:
+    """ReportError naming both runs when a seed pair shares a task but no scored document of
+    it: a paired comparison over no items is no comparison."""
+    for a, b in pairs:
+        for task in sorted(set(items[a.path]) & set(items[b.path])):
+            if not len(np.intersect1d(items[a.path][task].doc_id_N,
+                                      items[b.path][task].doc_id_N)):
+                raise ReportError(
+                    f"{a.path} and {b.path} have no {task} item in common at step {step}: "
+                    "evaluate both on the same documents (the same eval.limits, or python -m "
+                    "prefixlm.evaluate on both)")

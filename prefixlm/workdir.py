@@ -15,8 +15,9 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from prefixlm import atomic
-from prefixlm.config import ConfigError
+from prefixlm import safe_files, schemas
+from prefixlm.errors import ConfigError  # not via prefixlm.config, which imports JAX
+from prefixlm.safe_files import is_remote  # noqa: F401 - the run layer's name for it
 
 log = logging.getLogger("prefixlm.workdir")
 
@@ -32,17 +33,10 @@ def run_path(workdir) -> epath.Path:
     return path if is_remote(path) else path.absolute()
 
 
-def is_remote(path) -> bool:
-    """Object storage (gs://, s3://, ...): no appends, no renames; writing an object is atomic."""
-    return "://" in os.fspath(path)
-
-
 def write_text_atomic(path: epath.Path, text: str) -> None:
-    """Replaces ``path``'s contents at once: a reader sees the old or the new file, never half."""
-    if is_remote(path):
-        path.write_text(text)  # an object upload is atomic
-        return
-    atomic.write_text(os.fspath(path), text)
+    """Replaces ``path``'s contents at once: a reader sees the old or the new file, never half.
+    Only a missing name or a regular file is replaced (``safe_files.replace_text``)."""
+    safe_files.replace_text(path if is_remote(path) else os.fspath(path), text)
 
 
 # Fields that change memory, speed or bookkeeping but not what is trained: they may differ
@@ -94,16 +88,12 @@ def saved_identity(workdir) -> dict | None:
 
 
 def read_config_json(path) -> dict:
-    """A run's config.json as a dict; ConfigError (one line) when it is not one."""
-    try:
-        tree = json.loads(run_path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{path} is not a readable config.json ({type(e).__name__}: "
-                          f"{str(e)[:120]}); restore it from a backup, or move it aside (the "
-                          "identity saved with the checkpoints still guards a resume)") from None
-    if not isinstance(tree, dict):
-        raise ConfigError(f"{path} holds {type(tree).__name__}, not a config; move it aside")
-    return tree
+    """A run's config.json as a dict, checked against ``schemas.CONFIG``: SchemaError (one
+    line naming the file and the field) when it is not JSON or not a config; UnsafePathError
+    when it is not a regular file (a FIFO is never opened)."""
+    return schemas.read_json(run_path(path), schemas.CONFIG, fix=(
+        "restore it from a backup, or move it aside (the identity saved with the checkpoints "
+        "still guards a resume)"))
 
 
 def identity_changes(saved: dict, config) -> dict:
@@ -141,21 +131,10 @@ def check_identity(workdir, saved: dict | None, config, allow_changes=()) -> dic
 
 
 def read_rows(path) -> list[dict]:
-    """The rows of a metrics.jsonl, skipping a torn line (a write cut short by a full disk or a
-    kill): the row it held is logged again after resume, so nothing is lost by dropping it."""
-    rows = []
-    text = run_path(path).read_bytes().decode("utf-8", errors="replace")
-    for i, line in enumerate(text.splitlines()):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            log.warning("%s line %d is torn (%r...); dropping it", path, i + 1, line[:40])
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
+    """The rows of a metrics.jsonl (``schemas.METRICS_ROW``), dropping a torn last line (a
+    write cut short by a full disk or a kill: the row it held is logged again after resume);
+    any other bad line is a SchemaError naming the file, the line and the field."""
+    return schemas.read_jsonl(run_path(path), schemas.METRICS_ROW)
 
 
 def save_config(workdir, config, changes: dict | None = None, step: int = 0) -> None:
@@ -165,7 +144,7 @@ def save_config(workdir, config, changes: dict | None = None, step: int = 0) -> 
     root = run_path(workdir)
     if changes:
         log_path = root / "changes.jsonl"
-        old = log_path.read_text() if log_path.exists() else ""
+        old = safe_files.read_text(log_path) if log_path.exists() else ""
         entry = json.dumps({"step": int(step), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                             "changes": changes})
         write_text_atomic(log_path, old + entry + "\n")
@@ -174,7 +153,7 @@ def save_config(workdir, config, changes: dict | None = None, step: int = 0) -> 
 
 def load_config(workdir) -> ml_collections.ConfigDict:
     path = run_path(workdir) / "config.json"
-    if not path.is_file():
+    if not safe_files.check_regular(path, follow_symlinks=True):
         raise FileNotFoundError(f"{path} not found: {workdir} is not a training workdir")
     return ml_collections.ConfigDict(read_config_json(path))
 

@@ -33,6 +33,7 @@ from test_train import (
 from prefixlm import checkpoint as ckpt_lib
 from prefixlm import config as config_lib
 from prefixlm import lock, preflight
+from prefixlm.errors import UserError
 
 TIMEOUT = 120  # a hang fails the test, not the suite
 
@@ -477,8 +478,8 @@ def test_a_config_file_that_cannot_load_is_one_line(tmp_path, case, needle):
 @pytest.mark.parametrize("fault, message", [
     ("metrics_is_a_dir", "metrics.jsonl is a directory where the run keeps a file"),
     ("checkpoints_bad_is_a_file", "checkpoints_bad is a file where the run keeps a directory"),
-    ("config_is_corrupt", "config.json is not a readable config.json"),
-    ("config_is_a_list", "config.json holds list, not a config"),
+    ("config_is_corrupt", "config.json: not JSON"),
+    ("config_is_a_list", r"config.json: \[1\] is not an object"),
 ])
 def test_a_workdir_of_the_wrong_shape_is_one_line(token_dir, tmp_path, fault, message):
     tmp_path.mkdir(exist_ok=True)
@@ -488,7 +489,7 @@ def test_a_workdir_of_the_wrong_shape_is_one_line(token_dir, tmp_path, fault, me
         (tmp_path / "checkpoints_bad").write_text("x")
     else:
         (tmp_path / "config.json").write_text("{not json" if "corrupt" in fault else "[1]")
-    with pytest.raises(config_lib.ConfigError, match=message):
+    with pytest.raises(UserError, match=message):
         run(_short(token_dir), tmp_path)
 
 
@@ -518,3 +519,155 @@ def test_export_without_a_usable_checkpoint_is_one_line(token_dir, tmp_path, sta
     assert rc == 2 and len(err) == 1 and err[0].startswith("error: "), err
     if state == "only_quarantined":
         assert "moved aside to" in err[0] and "checkpoints_bad" in err[0]
+
+
+# ==== issue 21, round four (the safe-files, schema and data parts; unit tests of the same classes
+# are in test_safe_files.py and test_schemas.py) ================================================
+# ---- class 1: one safe way to open a run's files, end to end ----------------------------------
+@pytest.mark.parametrize("fault", ["symlinked_lock", "fifo_metrics", "fifo_config"])
+def test_a_hostile_workdir_entry_is_one_line_before_anything_is_written(cli, tmp_path, fault):
+    """Before: a symlinked run.lock had the lock's JSON written into its target; a FIFO at
+    W/metrics.jsonl or W/config.json blocked start-up for ever (here: the timeout)."""
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    name = {"symlinked_lock": lock.LOCK, "fifo_metrics": "metrics.jsonl",
+            "fifo_config": "config.json"}[fault]
+    if fault == "symlinked_lock":
+        (workdir / name).symlink_to(victim)
+    else:
+        os.mkfifo(workdir / name)
+    line = _one_line_exit_2(_cli(cli, workdir, timeout=60), str(workdir / name))
+    assert ("is a symlink" if fault == "symlinked_lock" else "is a FIFO") in line
+    assert victim.read_text() == "precious\n"
+    assert {p.name for p in workdir.iterdir()} <= {name, lock.LOCK}  # nothing else written
+
+
+def test_a_save_that_would_land_on_a_stray_file_stops_and_keeps_it(token_dir, tmp_path):
+    """Before: a stray FILE named like a future step (W/checkpoints/2) was replaced by orbax's
+    step directory at step 2, though stray names are to be ignored."""
+    stray = tmp_path / "checkpoints" / "2"
+    stray.parent.mkdir(parents=True)
+    stray.write_text("my notes\n")
+    with pytest.raises(ckpt_lib.CheckpointError) as info:
+        run(_short(token_dir), tmp_path)
+    line = str(info.value)
+    assert "\n" not in line and str(stray) in line and "move it aside" in line
+    assert stray.read_text() == "my notes\n"
+
+
+def test_max_to_keep_never_deletes_a_stray_integer_folder(tmp_path):
+    """Before: orbax took any integer-named folder for a step, so max_to_keep deleted a user's
+    W/checkpoints/3/ (with everything in it) at the next save."""
+    import jax.numpy as jnp
+    import orbax.checkpoint as ocp
+    from etils import epath
+
+    stray = tmp_path / "checkpoints" / "3"
+    stray.mkdir(parents=True)
+    (stray / "notes.txt").write_text("mine\n")
+    mngr = ckpt_lib._manager(epath.Path(tmp_path / "checkpoints"), max_to_keep=1,
+                             async_save=False)
+    try:
+        for step in (6, 8):
+            mngr.save(step, args=ocp.args.Composite(
+                params=ocp.args.StandardSave({"w": jnp.ones(2)})), force=True)
+        assert mngr.all_steps() == [8]
+    finally:
+        mngr.close()
+    assert (stray / "notes.txt").read_text() == "mine\n"
+
+
+# ---- class 5 (the data part): the checksum cache and tokenize -----------------------------------
+def test_the_checksum_cache_is_not_fooled_by_a_restored_mtime(tmp_path):
+    """Before: the cache was keyed by (size, mtime): a shard edited and given back its mtime (as
+    `cp -p` or `rsync -t` do) was trusted without hashing."""
+    from test_data_pipeline import _poke, _record_checksums, make_tokens
+
+    from prefixlm.data import pipeline, shards
+
+    root = tmp_path / "tok"
+    path = make_tokens(root, [50, 60])
+    _record_checksums(root)
+    pipeline.build_iterator(path, seq_len=4, batch_size=1, seed=0)  # hashed once, cached
+    _poke(root / "train" / "s0.bin", 3, 7, keep_mtime=True)  # same size, same mtime
+    with pytest.raises(shards.ShardChecksumError, match=r"s0\.bin"):
+        pipeline.build_iterator(path, seq_len=4, batch_size=1, seed=0)
+
+
+def _tiny_model(path, drop_merges=0):
+    import base64
+
+    ranks = [bytes([b]) for b in range(256)] + test_multiprocess.MERGES
+    ranks = ranks[:len(ranks) - drop_merges]
+    path.write_text("".join(f"{base64.b64encode(t).decode()} {i}\n" for i, t in enumerate(ranks)))
+    return str(path)
+
+
+@pytest.fixture
+def finished_token_dir(tmp_path):
+    """(input glob, output dir, tokenizer A) of a finished tokenization with tokenizer A."""
+    from test_data_tokenize import many_docs, write_parquet
+
+    from prefixlm.data import tokenize
+
+    write_parquet(tmp_path / "in" / "a.parquet", many_docs(20, seed=1))
+    glob, out = str(tmp_path / "in" / "*.parquet"), tmp_path / "out"
+    model = _tiny_model(tmp_path / "a.model")
+    tokenize.tokenize(glob, out, tokenizer_name=model, workers=1, progress=False)
+    return glob, out, model
+
+
+def _snapshot(out):
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def _tokenize_cli(capsys, *argv):
+    from prefixlm.data import tokenize
+
+    rc = tokenize.main([*argv, "--workers", "1", "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    return rc, err
+
+
+def test_tokenize_with_a_missing_tokenizer_changes_nothing(finished_token_dir, tmp_path, capsys):
+    """Before: `--output FINISHED_DIR --tokenizer /nonexistent` deleted stats.json before the
+    tokenizer loaded, then printed a traceback; training on the directory was then refused."""
+    glob, out, _ = finished_token_dir
+    before = _snapshot(out)
+    rc, err = _tokenize_cli(capsys, "--input", glob, "--output", str(out),
+                            "--tokenizer", str(tmp_path / "nonexistent"))
+    assert rc == 2 and len(err) == 1 and "nonexistent" in err[0], err
+    assert _snapshot(out) == before
+
+
+def test_tokenize_refuses_another_tokenizers_directory_unless_overwrite(finished_token_dir,
+                                                                         tmp_path, capsys):
+    """Before: tokenizing into a directory made with another tokenizer silently replaced all
+    its shards."""
+    from prefixlm.data import shards
+
+    glob, out, _ = finished_token_dir
+    before = _snapshot(out)
+    other = _tiny_model(tmp_path / "b.model", drop_merges=1)
+    rc, err = _tokenize_cli(capsys, "--input", glob, "--output", str(out), "--tokenizer", other)
+    assert rc == 2 and len(err) == 1, err
+    assert "another tokenizer" in err[0] and "--overwrite" in err[0] and str(out) in err[0]
+    assert _snapshot(out) == before
+    rc, err = _tokenize_cli(capsys, "--input", glob, "--output", str(out), "--tokenizer", other,
+                            "--overwrite")
+    assert rc == 0, err
+    assert shards.read_stats(out)["tokenizer"] == other
+
+
+def test_tokenize_removes_only_its_own_leftovers(finished_token_dir, capsys):
+    """Before: every `*/*.tmp` under --output was deleted, whoever made it."""
+    glob, out, model = finished_token_dir
+    (out / "notes").mkdir()
+    (out / "notes" / "draft.tmp").write_text("mine\n")
+    (out / "train" / "a-0000.bin.tmp").write_bytes(b"\0" * 8)  # a killed run's own leftover
+    rc, err = _tokenize_cli(capsys, "--input", glob, "--output", str(out), "--tokenizer", model)
+    assert rc == 0, err
+    assert (out / "notes" / "draft.tmp").read_text() == "mine\n"
+    assert not (out / "train" / "a-0000.bin.tmp").exists()

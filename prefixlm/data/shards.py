@@ -22,15 +22,19 @@ Token ids are checked against the vocabulary when a split's shards are opened
 ``xxhash`` package is installed, else sha256); the recorded max is trusted only once the file's
 bytes hash to the recorded checksum (:func:`verify_checksum`: a file edited after tokenization is a
 :class:`ShardChecksumError` naming it). A file is hashed once: the verdict is cached in
-``parts/<shard>.json`` under ``verified``, keyed by (size, mtime, checksum). Shards without a
-checksum (older tokenizations) get their max computed instead, cached the same way under
-``id_check``.
+``parts/<shard>.json`` under ``verified``, keyed by (size, mtime, inode, ctime, checksum): an
+edit that gives the file back its size and mtime (``cp -p``, ``rsync -t``, ``touch -r``) still
+changes its ctime, which no user call can set. Shards without a checksum (older tokenizations)
+get their max computed instead, cached the same way under ``id_check``.
+
+Every file here is opened through ``prefixlm.safe_files`` (a FIFO or device is refused in one
+line, never opened; nothing is written through a symlink) and every JSON file is checked against
+its schema where it is read (``prefixlm.schemas.STATS``, ``SHARD_RECORD``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
 import os
@@ -39,7 +43,8 @@ from typing import Any
 
 import numpy as np
 
-from prefixlm import errors
+from prefixlm import errors, safe_files, schemas
+from prefixlm.errors import SchemaError
 
 FORMAT = "prefixlm-tokens-v1"
 DTYPE = np.dtype("<u4")
@@ -81,6 +86,7 @@ def new_hasher(algorithm: str | None = None):
 def file_checksum(path: os.PathLike, algorithm: str | None = None) -> str:
     """``"<algorithm>:<hex digest>"`` of a file's bytes, read in HASH_CHUNK pieces."""
     name, h = new_hasher(algorithm)
+    safe_files.check_regular(path, follow_symlinks=True)
     with open(path, "rb") as f:
         while chunk := f.read(HASH_CHUNK):
             h.update(chunk)
@@ -89,27 +95,20 @@ def file_checksum(path: os.PathLike, algorithm: str | None = None) -> str:
 
 # --- writing (tokenize): output failures are never blamed on the input --------------------------
 
-class OutputWriteError(errors.UserError, RuntimeError):
-    """The output directory cannot be written (ENOSPC, EROFS, EACCES, ...): not an input problem."""
+OutputWriteError = safe_files.WriteError  # the output cannot be written: never the input's fault
 
 
-@contextlib.contextmanager
 def writing(path: os.PathLike):
-    """Turns an OSError raised while writing ``path`` into an :class:`OutputWriteError`."""
-    try:
-        yield
-    except OSError as e:
-        code = errno.errorcode.get(e.errno, str(e.errno)) if e.errno is not None else "OSError"
-        raise OutputWriteError(
-            f"{path}: cannot write ({code}: {e.strerror or e}); free space on that disk (or fix "
-            "its permissions), or choose another --output, then rerun the same command: finished "
-            "shards are kept"
-        ) from e
+    """Turns an OSError raised while writing ``path`` into an :class:`OutputWriteError` naming
+    the file and the errno (``safe_files.writing``)."""
+    return safe_files.writing(path, "or choose another --output, then rerun the same command: "
+                              "finished shards are kept")
 
 
 def open_output(path: pathlib.Path):
-    """Opens a shard temp file for writing (one seam, so tests can inject a full disk)."""
-    return open(path, "wb")  # noqa: SIM115 - closed by ShardWriter
+    """Opens a shard temp file for writing (one seam, so tests can inject a full disk); never
+    through a symlink or into a FIFO."""
+    return safe_files.open_binary_for_writing(path)
 
 
 class ShardWriter:
@@ -154,10 +153,8 @@ class ShardWriter:
 
 
 def write_json_atomic(path: pathlib.Path, obj: Any) -> None:
-    """Writes JSON to a temp name and renames it, so readers never see half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    """Writes JSON at once (``safe_files.replace_text``), so readers never see half a file."""
+    safe_files.replace_text(path, json.dumps(obj, indent=1, sort_keys=False) + "\n")
 
 
 def build_stats(ordered: list[dict], corrupt: list[dict], files, tok, *, tokenizer: str,
@@ -190,7 +187,7 @@ def read_stats(path: str | os.PathLike) -> dict:
     """Loads ``DIR/stats.json``, with an error that says how to make it when it is missing."""
     root = pathlib.Path(path)
     f = root / STATS
-    if not f.is_file():
+    if not safe_files.check_regular(f, follow_symlinks=True):
         hint = ""
         if (root / "parts").is_dir():
             hint = " (parts/ exists: tokenization was interrupted; rerun it to finish)"
@@ -198,7 +195,8 @@ def read_stats(path: str | os.PathLike) -> dict:
             f"{f} not found{hint}: {root} is not a finished token directory. Make one with "
             f"`python -m prefixlm.data.tokenize --input 'PARQUET_GLOB' --output {root}`"
         )
-    stats = json.loads(f.read_text())
+    stats = schemas.read_json(f, schemas.STATS, fix=(
+        "re-tokenize into a fresh directory (python -m prefixlm.data.tokenize)"))
     if stats.get("format") != FORMAT:
         raise errors.DataError(
             f"{f}: format {stats.get('format')!r}, expected {FORMAT!r}; re-tokenize into a new "
@@ -243,7 +241,7 @@ def split_files(
         if n == 0:
             continue
         f = root / entry["file"]
-        size = f.stat().st_size if f.is_file() else None
+        size = f.stat().st_size if safe_files.check_regular(f, follow_symlinks=True) else None
         if size != n * DTYPE.itemsize:
             raise errors.DataError(
                 f"{f}: expected {n} tokens ({n * DTYPE.itemsize} bytes) as stats.json says, found "
@@ -268,11 +266,12 @@ def _part_file(root: pathlib.Path, shard: dict, f: pathlib.Path) -> pathlib.Path
 
 
 def _read_part(part_file: pathlib.Path) -> dict:
+    """A part record as its caches see it (``schemas.PART_CACHE``); {} when missing or unusable
+    (the caches are then rebuilt: reading a shard never depends on them)."""
     try:
-        part = json.loads(part_file.read_text())
-    except (OSError, ValueError):
+        return schemas.read_json(part_file, schemas.PART_CACHE)
+    except (OSError, SchemaError):
         return {}
-    return part if isinstance(part, dict) else {}
 
 
 def _cache(part_file: pathlib.Path, section: str, split: str, entry: dict) -> None:
@@ -281,23 +280,24 @@ def _cache(part_file: pathlib.Path, section: str, split: str, entry: dict) -> No
     so processes opening the same shards never collide."""
     part = _read_part(part_file)
     part.setdefault(section, {})[split] = entry
-    with contextlib.suppress(OSError):
+    with contextlib.suppress(OSError):  # UnsafePathError and WriteError are OSErrors too
         part_file.parent.mkdir(exist_ok=True)
-        tmp = part_file.with_name(f"{part_file.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(part, indent=1) + "\n")
-        os.replace(tmp, part_file)
+        safe_files.replace_text(part_file, json.dumps(part, indent=1) + "\n")
 
 
 def _file_key(f: pathlib.Path) -> dict:
+    """What says a file is unchanged since it was hashed: size and mtime, which ``cp -p`` and
+    ``rsync -t`` restore, and inode and ctime, which no user call can set back."""
     st = f.stat()
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino,
+            "ctime_ns": st.st_ctime_ns}
 
 
 def verify_checksum(root: pathlib.Path, shard: dict, split: str, f: pathlib.Path) -> bool:
     """True when ``f`` holds the bytes tokenize wrote (its recorded ``checksum``); raises
     :class:`ShardChecksumError` when it does not. False when it cannot tell (no checksum recorded,
     or an xxh3 checksum without ``xxhash`` installed). Hashes a file once: a match is cached
-    under ``verified`` in its part file, keyed by (size, mtime, checksum)."""
+    under ``verified`` in its part file, keyed by (size, mtime, inode, ctime, checksum)."""
     want = shard[split].get("checksum")
     if not want:
         return False
@@ -321,7 +321,7 @@ def verify_checksum(root: pathlib.Path, shard: dict, split: str, f: pathlib.Path
 
 def shard_max_id(root: pathlib.Path, shard: dict, split: str, f: pathlib.Path) -> int:
     """The largest id in one shard file: the one tokenize recorded once the file's checksum
-    matches (:func:`verify_checksum`), else computed and cached by (size, mtime)."""
+    matches (:func:`verify_checksum`), else computed and cached by :func:`_file_key`."""
     recorded = shard[split].get("max_id")
     if recorded is not None and verify_checksum(root, shard, split, f):
         return int(recorded)

@@ -13,6 +13,9 @@ inside a document stays plain text. Why it is built the way it is:
   (its counts) last; a rerun skips units whose part file exists and matches, and redoes the rest.
   ``stats.json`` is written only when all units are done, so a killed run is never mistaken for
   a finished one.
+* **Nothing changed before the checks.** The arguments, the inputs' metadata, the tokenizer and
+  the output are checked before anything in ``--output`` changes; an output holding shards of
+  another tokenizer is refused unless ``--overwrite`` (its shards would be replaced).
 * **Bounded memory.** Parquet is read in record batches of ``--batch-rows`` rows; tokens are
   appended to the shard file batch by batch.
 * **Validation split.** A document goes to ``validation/`` when a hash of its text falls below
@@ -42,8 +45,9 @@ import time
 
 import numpy as np
 
-from prefixlm import cli, errors
+from prefixlm import cli, errors, safe_files, schemas
 from prefixlm.data import shards
+from prefixlm.errors import SchemaError, UserError
 
 DEFAULT_VAL_FRACTION = 0.005
 
@@ -182,12 +186,10 @@ def _signature(unit: Unit, settings: Settings) -> dict:
 def _load_done(out: pathlib.Path, unit: Unit, settings: Settings) -> dict | None:
     """The part record of a finished unit, if it was made from the same input and settings."""
     p = _part_path(out, unit)
-    if not p.is_file():
-        return None
     try:
-        part = json.loads(p.read_text())
-    except json.JSONDecodeError:
-        return None
+        part = schemas.read_json(p, schemas.SHARD_RECORD)
+    except (FileNotFoundError, SchemaError):
+        return None  # missing or torn: the unit is done again
     sig = json.loads(json.dumps(_signature(unit, settings)))  # tuples -> lists, as stored
     if part.get("signature") != sig or "corrupt" in part:
         return None  # a unit skipped as corrupt is tried again: the file may have been replaced
@@ -244,7 +246,7 @@ def _skipped_part(unit: Unit, out: pathlib.Path, read_error: Exception) -> dict:
     """The record of a unit skipped with --skip-corrupt: empty shards, the error kept."""
     for s in shards.SPLITS:
         with shards.writing(out / s / f"{unit.name}.bin"):
-            (out / s / f"{unit.name}.bin").write_bytes(b"")
+            shards.open_output(out / s / f"{unit.name}.bin").close()
     return {"name": unit.name, "source": unit.source, "row_groups": list(unit.row_groups),
             "rows": unit.rows, "skipped": 0, "corrupt": str(read_error), **_empty_counts(unit)}
 
@@ -299,14 +301,66 @@ def _work(args):
 
 
 def _prepare_output(out: pathlib.Path) -> None:
-    """Creates the directory layout and removes what a killed run left (temp files, and the
-    stats.json that would say "done")."""
+    """Creates the directory layout and removes what a killed run of tokenize left: its temp
+    files (``<shard>.bin.tmp``, ``<shard>.json.tmp`` in its own folders, nothing else) and the
+    stats.json that would say "done". Called only once every check has passed."""
     with shards.writing(out):
         for d in (*shards.SPLITS, "parts"):
             (out / d).mkdir(parents=True, exist_ok=True)
-        for leftover in out.glob("*/*.tmp"):  # from a killed run; never mistaken for a shard
-            leftover.unlink()
-        (out / shards.STATS).unlink(missing_ok=True)
+        for d, suffix in (*((s, ".bin.tmp") for s in shards.SPLITS), ("parts", ".json.tmp")):
+            for leftover in (out / d).glob(f"*{suffix}"):
+                if safe_files.check_regular(leftover):  # a FIFO or link there is not ours
+                    leftover.unlink()
+        if safe_files.check_regular(out / shards.STATS):
+            (out / shards.STATS).unlink()
+
+
+def made_with(out: pathlib.Path) -> dict[str, str]:
+    """{file: tokenizer hash} of what ``out`` already holds: its stats.json and the part record
+    of every finished unit (a run stopped before stats.json was written leaves those)."""
+    found = {}
+    stats_file = out / shards.STATS
+    if safe_files.check_regular(stats_file, follow_symlinks=True):
+        found[str(stats_file)] = schemas.read_json(stats_file, schemas.STATS).get("tokenizer_hash")
+    parts = sorted((out / "parts").glob("*.json")) if (out / "parts").is_dir() else []
+    for p in parts:
+        try:
+            record = schemas.read_json(p, schemas.SHARD_RECORD)
+        except (FileNotFoundError, SchemaError):
+            continue  # a torn part: its unit is done again, as by any rerun
+        found[str(p)] = record.get("signature", {}).get("tokenizer_hash")
+    return found
+
+
+def check_output(out: pathlib.Path, tok, tokenizer_name: str, overwrite: bool) -> None:
+    """Refuses (one line, nothing changed) an output that is not a directory, or one whose
+    shards were made with another tokenizer unless ``overwrite``: its shards would be replaced
+    by a run that never said so."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output {out} is a file, not a directory; choose another --output")
+    if overwrite:
+        return
+    other = {f: h for f, h in made_with(out).items() if h != tok.vocab_hash}
+    if other:
+        f, h = next(iter(other.items()))
+        raise UserError(
+            f"--output {out} holds shards made with another tokenizer ({f}: tokenizer_hash "
+            f"{h!r}, --tokenizer {tokenizer_name!r} has {tok.vocab_hash!r}); tokenizing would "
+            "replace them. Choose another --output, or pass --overwrite to replace them")
+
+
+def load_tokenizer(name: str):
+    """The tokenizer ``--tokenizer`` names; one line (UserError) when it cannot load."""
+    from prefixlm import tokenizer
+
+    try:
+        return tokenizer.load(name)
+    except Exception as e:  # noqa: BLE001 - tiktoken, HF hub and transformers raise many types
+        text = str(e).strip()
+        first = text.splitlines()[0][:200] if text else type(e).__name__
+        raise UserError(f"--tokenizer {name!r} cannot be loaded ({type(e).__name__}: {first}); "
+                        "give 'llama3', a tiktoken .model file or an HF tokenizer "
+                        "id/directory") from None
 
 
 def _run_units(todo: list[Unit], units: list[Unit], parts: dict, out: pathlib.Path,
@@ -353,17 +407,21 @@ def tokenize(
     batch_rows: int = 1024,
     skip_corrupt: bool = False,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict:
-    """Tokenizes parquet files into ``output``; returns the stats written to stats.json."""
-    from prefixlm import tokenizer
+    """Tokenizes parquet files into ``output``; returns the stats written to stats.json.
 
+    Nothing in ``output`` changes before every check has passed: the arguments, the inputs'
+    metadata, the tokenizer, and that ``output`` holds no shards of another tokenizer (unless
+    ``overwrite``)."""
     check_arguments(workers=workers, val_fraction=val_fraction, shard_rows=shard_rows,
                     batch_rows=batch_rows)
     files = find_inputs(input_glob)
     units, corrupt = plan_units(files, shard_rows, skip_corrupt)  # metadata only: bad inputs
     out = pathlib.Path(output)                                     # fail before any output
+    tok = load_tokenizer(tokenizer_name)
+    check_output(out, tok, tokenizer_name, overwrite)
     _prepare_output(out)
-    tok = tokenizer.load(tokenizer_name)
     settings = Settings(tokenizer_name, tok.vocab_hash, tok.eos_id, float(val_fraction),
                         int(batch_rows), bool(skip_corrupt))
     parts: dict[str, dict] = {}
@@ -418,12 +476,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-rows", type=int, default=1024, help="rows per parquet read batch")
     p.add_argument("--skip-corrupt", action="store_true",
                    help="skip unreadable parquet files (listed in stats.json) instead of stopping")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the shards of an --output made with another tokenizer "
+                   "(refused without it)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     stats = tokenize(args.input, args.output, workers=args.workers,
                      tokenizer_name=args.tokenizer, val_fraction=args.val_fraction,
                      shard_rows=args.shard_rows, batch_rows=args.batch_rows,
-                     skip_corrupt=args.skip_corrupt, progress=not args.quiet)
+                     skip_corrupt=args.skip_corrupt, progress=not args.quiet,
+                     overwrite=args.overwrite)
     print(f"{args.output}: {stats['documents']} documents, {stats['tokens']} tokens "
           f"(train {stats['splits']['train']['tokens']}, validation "
           f"{stats['splits']['validation']['tokens']}), {stats['skipped']} empty rows skipped"
