@@ -77,8 +77,7 @@ ITEMS = ("params", "train", "data")  # what a complete training checkpoint holds
 
 
 class CheckpointError(errors.UserError, RuntimeError):
-    """No intact checkpoint could be restored, or none can be saved where asked: the user's to
-    fix, so every command's error boundary reports it in one line."""
+    """No intact checkpoint to restore, or none can be saved where asked: one line, exit 2."""
 
 
 def _step_dirs(directory: epath.Path) -> list[int]:
