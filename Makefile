@@ -56,10 +56,13 @@ $(AOT_STAMP): requirements-aot.txt | $(STAMP)
 	$(PY) -m pip install -q --no-deps -r requirements-aot.txt
 	touch $(AOT_STAMP)
 
-# CI runs this: the compile tests need the AOT compilers, so test installs them too.
+# CI runs this: the compile tests need the AOT compilers, so test installs them too. Two
+# pytest-xdist workers, one test file each at a time (loadfile keeps a file's module fixtures in
+# one process); PYTEST_WORKERS=0 runs in one process.
+PYTEST_WORKERS ?= 2
 test: setup $(AOT_STAMP)
 	$(PY) -m ruff check prefixlm configs tests bench
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(if $(filter-out 0,$(PYTEST_WORKERS)),-n $(PYTEST_WORKERS) --dist loadfile)
 
 lint: setup
 	$(PY) -m ruff check prefixlm configs tests bench

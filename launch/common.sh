@@ -42,6 +42,10 @@ RUNS_FILE=${PREFIXLM_RUNS_FILE:-$LAUNCH_DIR/runs.txt}
 
 die() { echo "error: $*" >&2; exit 2; }
 
+# `need_value "$1" "${2-}"` in an option loop: FLAG's value is missing or empty -> one line, exit 2
+# (bash's own ${2:?} printed 'line N: 2: ...' and exited 1).
+need_value() { [[ -n ${2-} ]] || die "$1 needs a value (see --help)"; }
+
 # Quote one word for bash only when it needs it, so printed commands stay readable and pasteable.
 # Everything that goes into a generated (remote) script passes through here: single quotes are
 # POSIX, so the word reaches the worker's shell as data whatever it holds ($(...), `...`, ;, ").
@@ -68,24 +72,42 @@ run_cmd() {
 }
 
 # Run names become directory and log file names, locally and inside generated remote scripts:
-# only [A-Za-z0-9._-] (and not . or ..) is accepted, so a name can never be shell syntax or a path.
+# only [A-Za-z0-9._-] (and not . or ..) is accepted, so a name can never be shell syntax or a path,
+# and no leading '-', so it can never be read as an option (a run named -rf reached `ln -sfn`).
 check_run_name() {
   local name=$1 where=$2
   [[ $name =~ ^[A-Za-z0-9._-]+$ && $name != . && $name != .. ]] \
-    || die "$where: run name '$name' may use only letters, digits, '.', '_' and '-'"
+    || die "$where: run name '${name//[^[:print:]]/?}' may use only letters, digits, '.', '_' and '-'"
+  [[ $name != -* ]] || die "$where: run name '$name' starts with '-' and would read as an option; rename it"
+}
+
+# Each run has its own workdir WORKDIR_ROOT/RUN_NAME, so a name listed twice would be two runs in
+# one workdir (the second was skipped as done). WHERE says which list or option made them.
+check_unique_names() {
+  local where=$1 i
+  local -A seen=()
+  for i in "${!RUN_NAMES[@]}"; do
+    [[ -z ${seen[${RUN_NAMES[$i]}]:-} ]] \
+      || die "$where: run name '${RUN_NAMES[$i]}' is given twice (${seen[${RUN_NAMES[$i]}]} and ${RUN_CONFIGS[$i]}); each run needs its own name, its workdir is WORKDIR_ROOT/RUN_NAME"
+    seen[${RUN_NAMES[$i]}]=${RUN_CONFIGS[$i]}
+  done
 }
 
 # RUN_NAMES[i] and RUN_CONFIGS[i] from launch/runs.txt (comments and blank lines skipped).
 # A line '#[BLOCK] RUN_NAME CONFIG' belongs to the optional block BLOCK: it is read only when
 # RUN_BLOCKS (comma-separated block names, or 'all') names it. RUN_ALL_BLOCKS lists the blocks
-# the file has, in order, for --list and for the error on an unknown block.
+# the file has, in order, for --list and for the error on an unknown block. Windows line ends
+# (CRLF) read as plain ones; a name listed twice, in any block, is refused.
 load_runs() {
   RUN_NAMES=()
   RUN_CONFIGS=()
   RUN_ALL_BLOCKS=()
-  local name config extra block want=",${RUN_BLOCKS:-}," list_file=$RUNS_FILE
+  local line name config extra block want=",${RUN_BLOCKS:-}," list_file=$RUNS_FILE
+  local all_names=() all_configs=()
   [[ -f $list_file ]] || die "run list $list_file not found"
-  while read -r name config extra || [[ -n ${name:-} ]]; do
+  while IFS= read -r line || [[ -n $line ]]; do
+    line=${line%$'\r'}
+    read -r name config extra <<< "$line"
     block=""
     if [[ ${name:-} =~ ^#\[([A-Za-z0-9_-]+)\]$ ]]; then
       block=${BASH_REMATCH[1]}
@@ -97,10 +119,16 @@ load_runs() {
     [[ -n ${config:-} && -z ${extra:-} ]] \
       || die "$RUNS_FILE: line for '$name' must be 'RUN_NAME CONFIG' (or '#[BLOCK] RUN_NAME CONFIG')"
     check_run_name "$name" "$RUNS_FILE"
+    all_names+=("$name")
+    all_configs+=("$config")
     if [[ -n $block && $want != *",$block,"* && $want != ",all," ]]; then continue; fi
     RUN_NAMES+=("$name")
     RUN_CONFIGS+=("$config")
   done < "$list_file"
+  local names=("${RUN_NAMES[@]}") configs=("${RUN_CONFIGS[@]}")
+  RUN_NAMES=("${all_names[@]}") RUN_CONFIGS=("${all_configs[@]}")
+  check_unique_names "$RUNS_FILE"
+  RUN_NAMES=("${names[@]}") RUN_CONFIGS=("${configs[@]}")
   local b
   IFS=, read -r -a want <<< "${RUN_BLOCKS:-}"
   for b in "${want[@]}"; do
@@ -137,6 +165,7 @@ expand_seeds() {
   done
   RUN_NAMES=("${names[@]}")
   RUN_CONFIGS=("${configs[@]}")
+  check_unique_names "--seeds $seeds"
 }
 
 # HARDWARE_PRESETS: the public functions of configs/hardware.py (the same list as configs/base.py

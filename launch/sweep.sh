@@ -53,25 +53,25 @@ main() {
     case $1 in
       --dry-run) dry_run=1 ;;
       --no-check) no_check=1 ;;
-      --workdir-root) root=${2:?--workdir-root needs a value}; shift ;;
+      --workdir-root) need_value "$1" "${2-}"; root=$2; shift ;;
       --workdir-root=*) root=${1#*=} ;;
-      --data) data=${2:?--data needs a value}; shift ;;
+      --data) need_value "$1" "${2-}"; data=$2; shift ;;
       --data=*) data=${1#*=} ;;
-      --python) python=${2:?--python needs a value}; shift ;;
+      --python) need_value "$1" "${2-}"; python=$2; shift ;;
       --python=*) python=${1#*=} ;;
-      --launcher) launcher=${2:?--launcher needs a value}; shift ;;
+      --launcher) need_value "$1" "${2-}"; launcher=$2; shift ;;
       --launcher=*) launcher=${1#*=} ;;
-      --only) only=${2:?--only needs a value}; shift ;;
+      --only) need_value "$1" "${2-}"; only=$2; shift ;;
       --only=*) only=${1#*=} ;;
-      --log-dir) log_dir=${2:?--log-dir needs a value}; shift ;;
-      --log-dir=*) log_dir=${1#*=} ;;
-      --seeds) seeds=${2:?--seeds needs a value}; shift ;;
+      --log-dir) need_value "$1" "${2-}"; log_dir=$2; shift ;;
+      --log-dir=*) log_dir=${1#*=}; need_value --log-dir "$log_dir" ;;
+      --seeds) need_value "$1" "${2-}"; seeds=$2; shift ;;
       --seeds=*) seeds=${1#*=} ;;
-      --data-seed) data_seed=${2:?--data-seed needs a value}; shift ;;
+      --data-seed) need_value "$1" "${2-}"; data_seed=$2; shift ;;
       --data-seed=*) data_seed=${1#*=} ;;
       --preset) (($# >= 2)) || die "--preset needs a value, e.g. --preset h100"; preset=$2; shift ;;
       --preset=*) preset=${1#*=} ;;
-      --block) blocks+=",${2:?--block needs a value}"; shift ;;
+      --block) need_value "$1" "${2-}"; blocks+=",$2"; shift ;;
       --block=*) blocks+=",${1#*=}" ;;
       --with-gold) blocks+=",with_gold" ;;
       --list) list=1 ;;
@@ -83,6 +83,8 @@ main() {
     shift
   done
   DRY_RUN=$dry_run
+  # Empty, the workdirs would be /RUN_NAME (and an empty --log-dir a mkdir of '').
+  [[ -n $root ]] || die "--workdir-root is empty; give the parent of the run workdirs (default runs)"
   cd "$REPO_ROOT"
   if [[ -z $python ]]; then
     if [[ -x .venv/bin/python ]]; then python=.venv/bin/python; else python=python3; fi
@@ -135,7 +137,7 @@ main() {
     [[ $dry_run == 1 ]] && continue
     local rc=0 start=$SECONDS
     if [[ -n $log_dir ]]; then
-      ln -sfn "$name.log" "$log_dir/latest.log"
+      ln -sfn -- "$name.log" "$log_dir/latest.log"
       "${TRAIN_ARGV[@]}" >> "$log_dir/$name.log" 2>&1 || rc=$?
     else
       "${TRAIN_ARGV[@]}" || rc=$?

@@ -24,7 +24,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
-from prefixlm import attention, hosts
+from prefixlm import attention, errors, hosts
 from prefixlm import model as model_lib
 from prefixlm import workdir as workdir_lib
 from prefixlm.config import model_config
@@ -76,8 +76,8 @@ def _manager(directory: epath.Path, *, max_to_keep: int | None = None,
 ITEMS = ("params", "train", "data")  # what a complete training checkpoint holds
 
 
-class CheckpointError(RuntimeError):
-    """No intact checkpoint could be restored."""
+class CheckpointError(errors.UserError, RuntimeError):
+    """No intact checkpoint to restore, or none can be saved where asked: one line, exit 2."""
 
 
 def _step_dirs(directory: epath.Path) -> list[int]:

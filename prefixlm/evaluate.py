@@ -19,7 +19,6 @@ forms (flat metrics, per-document rows, bpb, subsets) are ``prefixlm.eval_result
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
@@ -29,6 +28,7 @@ import time
 
 import jax
 
+from prefixlm import cli
 from prefixlm import tasks as tasks_lib
 from prefixlm import workdir as workdir_lib
 from prefixlm.config import ConfigError
@@ -332,22 +332,11 @@ class InLoopEvaluator:
                                       "".join(json.dumps(r) + "\n" for r in rows))
 
 
-
-
-def _positive_int(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n <= 0:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a positive integer (documents per task; leave --limit out for all)")
-    return n
-
-
+@cli.command
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m prefixlm.evaluate",
+    p = cli.ArgumentParser(
+        prog="python -m prefixlm.evaluate", verbose_help="show lm-eval's logging and the "
+        "traceback of an error",
         description=(
             "Evaluate a prefixlm checkpoint with lm-eval through JaxLM (no export needed). Task "
             "names: piqa, winogrande, arc_easy, hellaswag, charbench (lm-eval built-ins / the hub "
@@ -361,13 +350,16 @@ def main(argv=None) -> int:
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
     p.add_argument("--tasks", default=",".join(tasks_lib.STANDARD),
                    help="comma-separated task names (default: %(default)s)")
-    p.add_argument("--limit", type=_positive_int, default=None,
+    p.add_argument("--limit", default=None,
+                   type=cli.int_at_least(1, "documents per task; leave --limit out for all"),
                    help="documents per task, a positive integer (default: all): the same "
                         "label-stratified subset the in-loop evaluation scores")
     p.add_argument("--limits", default=None,
                    help="per-task documents overriding --limit, e.g. piqa=500,charbench=200")
-    p.add_argument("--num_fewshot", type=int, default=5, help="few-shot examples (default 5)")
-    p.add_argument("--batch_size", type=int, default=16, help="rows per compiled call")
+    p.add_argument("--num_fewshot", type=cli.int_at_least(0, "few-shot examples"), default=5,
+                   help="few-shot examples (default 5)")
+    p.add_argument("--batch_size", type=cli.int_at_least(1, "rows per compiled call"),
+                   default=16, help="rows per compiled call")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="activation dtype for evaluation (float32 matches the HF export)")
     p.add_argument("--offline", action="store_true",
@@ -376,16 +368,16 @@ def main(argv=None) -> int:
     p.add_argument("--items", default=None,
                    help="per-document JSONL (task, doc_id, correct, correct_norm, gold_logprob, "
                         "gold_bytes, n_choices)")
-    p.add_argument("--verbose", action="store_true", help="show lm-eval's logging")
     args = p.parse_args(argv)
     try:
         limits = parse_limits(args.limits)
+        tasks_lib.validate(args.tasks)  # before the (slow) restore
     except ValueError as e:
         p.error(str(e))
     lm = JaxLM.from_workdir(args.workdir, step=args.step, batch_size=args.batch_size,
                             dtype=args.dtype)
     run = run_lm_eval(lm, tasks=args.tasks, limit=args.limit, num_fewshot=args.num_fewshot,
-                      offline=True if args.offline else None, verbose=args.verbose,
+                      offline=True if args.offline else None, verbose=cli.verbose(args),
                       limits=limits)
     print(f"step {getattr(lm, 'step', None)} of {args.workdir}: {','.join(run['tasks'])}, "
           f"limit {args.limit}{' ' + args.limits if args.limits else ''}, "

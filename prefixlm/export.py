@@ -28,7 +28,6 @@ One difference remains and is inherent to HF tokenizers: special-token *text* in
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pathlib
@@ -36,7 +35,7 @@ import sys
 
 import numpy as np
 
-from prefixlm import checkpoint
+from prefixlm import checkpoint, cli, errors
 from prefixlm import tokenizer as tok_lib
 
 BOS_EOS = "<|end_of_text|>"
@@ -196,7 +195,7 @@ def export_model(model, model_cfg, output_dir, *, tokenizer: bool = True, meta: 
         raise ValueError(f"model_cfg differs from the model's own config in {diff}")
     specials = {s: 128000 + i for i, s in enumerate(tok_lib.llama3_special_tokens())}
     if model_cfg.vocab_size != 128000 + len(specials):
-        raise ValueError(
+        raise errors.ConfigError(
             f"model vocab_size {model_cfg.vocab_size} is not Llama 3's 128256; the exported "
             "tokenizer would not match the embedding (export supports the llama3 tokenizer only)"
         )
@@ -226,8 +225,9 @@ def export_workdir(workdir, output_dir, step: int | None = None, *, overwrite: b
                         meta={"workdir": str(pathlib.Path(workdir).resolve()), "step": step})
 
 
+@cli.command
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(
+    p = cli.ArgumentParser(
         prog="python -m prefixlm.export",
         description=(
             "Export a prefixlm checkpoint (DIR/checkpoints/<step>/) as a Hugging Face "
@@ -246,12 +246,7 @@ def main(argv=None) -> int:
                    "writes and *.safetensors; refuses a directory without config.json + "
                    "*.safetensors)")
     args = p.parse_args(argv)
-    try:
-        out = export_workdir(args.workdir, args.output, args.step, overwrite=args.overwrite)
-    except (FileExistsError, FileNotFoundError, checkpoint.CheckpointError, ValueError) as e:
-        # ValueError: a corrupt config.json (ConfigError) or a model export cannot take
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    out = export_workdir(args.workdir, args.output, args.step, overwrite=args.overwrite)
     step = json.loads((out / "prefixlm_export.json").read_text()).get("step")
     print(f"exported step {step} of {args.workdir} to {out}")
     return 0

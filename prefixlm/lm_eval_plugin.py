@@ -28,8 +28,8 @@ import sys
 import lm_eval.models  # noqa: F401  lm-eval's own names first: get_model fills an empty registry only
 from lm_eval.api.registry import register_model
 
-from prefixlm.checkpoint import CheckpointError
-from prefixlm.errors import EXIT_USAGE, UserError
+from prefixlm import cli
+from prefixlm.errors import UserError
 from prefixlm.jaxlm import JaxLM
 from prefixlm.tasks import TASKS_DIR
 
@@ -96,17 +96,15 @@ def with_task_path(argv: list[str]) -> list[str]:
     return [*argv, "--include_path", str(TASKS_DIR)]
 
 
+@cli.command
 def main(argv: list[str] | None = None) -> int:
-    """``prefixlm-lm-eval ARGS``: ``lm_eval ARGS`` with ``--model prefixlm`` and our tasks."""
+    """``prefixlm-lm-eval ARGS``: ``lm_eval ARGS`` with ``--model prefixlm`` and our tasks; the
+    run directory's failures (none there, no intact checkpoint) are one line, as export's."""
     from lm_eval.__main__ import cli_evaluate
 
     argv = list(sys.argv[1:] if argv is None else argv)
     sys.argv = ["prefixlm-lm-eval", *with_task_path(argv)]  # lm-eval's CLI parses sys.argv
-    try:
-        cli_evaluate()
-    except (UserError, FileNotFoundError, CheckpointError) as e:  # the run directory's, as export
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+    cli_evaluate()
     return 0
 
 

@@ -36,7 +36,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from prefixlm import errors
+from prefixlm import cli
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "configs/<family>.py[:ARGS], e.g. configs/prefix_norm.py:demo,eps=1.0",
@@ -142,6 +142,9 @@ def _set_xla_flags(config) -> None:
     extra = str(config.get("xla_flags", "") or "").strip()
     if extra:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + extra).strip()
+    from prefixlm import xla_flags
+
+    xla_flags.check()  # an unknown flag: one line, not XLA's fatal abort
 
 
 def _task_names(config) -> list[str]:
@@ -293,24 +296,12 @@ def main(argv) -> int:
     return 0
 
 
-def _user_error_types() -> tuple[type[BaseException], ...]:
-    """Errors that are the user's to fix (config, data, files), reported in one line."""
-    from prefixlm import checkpoint
-
-    return (errors.UserError, FileNotFoundError, checkpoint.CheckpointError)
-
-
 def guarded_main(argv) -> int:
-    """``main`` with the exit-code contract: user errors exit 2 with one line (the traceback
-    only with --verbose); anything else is a crash and keeps Python's traceback and status."""
-    try:
-        return main(argv)
-    except _user_error_types() as e:
-        if _VERBOSE.value:
-            traceback.print_exc()
-        kind = "config error" if type(e).__name__ in ("ConfigError", "DataError") else "error"
-        print(f"{kind}: {e}", file=sys.stderr)
-        return EXIT_USAGE
+    """``main`` inside the commands' one error boundary (``prefixlm.cli.guard``): a failure the
+    user fixes (a ``UserError``, disk full, no permission, a missing path) exits 2 with one line
+    (the traceback too with --verbose); anything else is a crash and keeps Python's traceback and
+    status."""
+    return cli.guard(lambda: main(argv), verbose=_VERBOSE.value)
 
 
 def _config_file_error(argv: list[str], e: BaseException) -> str | None:

@@ -18,7 +18,7 @@ import sys
 
 import numpy as np
 
-from prefixlm import atomic, schemas
+from prefixlm import atomic, cli, errors, schemas
 
 EXAMPLES = (" personality", " strawberry", "ing", " the", " understanding", "2026")
 
@@ -57,8 +57,7 @@ def prefix_count_stats(tok, index) -> dict:
 def prefix_count_table(stats: dict) -> str:
     p = stats["percentiles"]
     lines = [
-        "| quantity | value |",
-        "|---|---|",
+        "| quantity | value |", "|---|---|",
         f"| vocabulary (regular + special) | {stats['regular_tokens']:,} + "
         f"{stats['special_tokens']:,} |",
         f"| tokens with a nonempty P(s) | {stats['with_prefixes']:,} "
@@ -139,7 +138,7 @@ def plot_targets(tok, word: str, path: pathlib.Path, **kwargs) -> None:
 
     ids = tok.encode(word)
     if len(ids) != 1:
-        raise ValueError(f"{word!r} is {len(ids)} tokens {ids}; pick a word that is one token "
+        raise errors.ConfigError(f"{word!r} is {len(ids)} tokens {ids}; pick a word that is one token "
                          "(a leading space often helps: ' personality')")
     support, rows = target_rows(tok, ids[0], **kwargs)
     labels = [_printable(tok.token_bytes[i]) for i in support]
@@ -401,7 +400,7 @@ def metrics_main(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog="python -m prefixlm.plots",
         description="Plots for prefixlm: vocabulary prefix statistics and run metrics.",
     )
@@ -432,6 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@cli.command
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     return args.func(args)

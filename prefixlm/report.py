@@ -31,9 +31,8 @@ import sys
 
 import numpy as np
 
-from prefixlm import atomic, detectable, endpoints, inference, paired, report_plots, study
+from prefixlm import atomic, cli, detectable, endpoints, inference, paired, report_plots, study
 from prefixlm.endpoints import last_logged
-from prefixlm.errors import UserError
 from prefixlm.paired import Interval, Items, Paired
 from prefixlm.study import ReportError, Run
 
@@ -397,8 +396,9 @@ def check_args(resamples: int, seed: int) -> None:
         raise ReportError(f"--seed {seed}: numpy's generator takes a seed >= 0 (default 0)")
 
 
+@cli.command
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog="python -m prefixlm.report", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
@@ -424,23 +424,17 @@ def main(argv=None) -> int:
                         help="arms besides the baseline in the planned study (default 6: the "
                         "seven-run study); the family is arms x primary endpoints")
     args = parser.parse_args(argv)
-    try:
-        if args.plan is not None:
-            print("\n".join(plan(args.run_dirs, args.baseline, args.plan, args.plan_arms,
-                                 args.step, args.primary)))
-            return 0
-        for flag in ("baseline", "output"):
-            if getattr(args, flag) is None:
-                raise ReportError(f"--{flag} is required for a report (or pass --plan)")
-        report = build_report(args.run_dirs, args.baseline, args.output, args.step,
-                              args.resamples, args.seed, args.primary)
-    except UserError as e:  # ReportError, and the readers' SchemaError / UnsafePathError
-        print(f"prefixlm.report: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # a full disk, a read-only OUT: nothing half-written is left behind
-        print(f"prefixlm.report: error: {e.filename or args.output}: {e.strerror or e}; check "
-              "the path, free space or pick another --output", file=sys.stderr)
-        return 2
+    # A ReportError, a full disk or a read-only OUT: one line from the boundary (prefixlm.cli),
+    # and nothing half-written is left behind.
+    if args.plan is not None:
+        print("\n".join(plan(args.run_dirs, args.baseline, args.plan, args.plan_arms,
+                             args.step, args.primary)))
+        return 0
+    for flag in ("baseline", "output"):
+        if getattr(args, flag) is None:
+            raise ReportError(f"--{flag} is required for a report (or pass --plan)")
+    report = build_report(args.run_dirs, args.baseline, args.output, args.step,
+                          args.resamples, args.seed, args.primary)
     print(f"wrote {report}")
     return 0
 

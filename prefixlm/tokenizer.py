@@ -21,6 +21,8 @@ import os
 import pathlib
 from collections.abc import Iterable, Sequence
 
+from prefixlm import errors
+
 # Meta's pre-tokenizer pattern, as in llama_models/llama3/tokenizer.py (tests check it matches).
 LLAMA3_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
@@ -133,7 +135,7 @@ class TiktokenTokenizer(Tokenizer):
         try:
             ranks = load_tiktoken_bpe(str(path))
         except Exception as e:  # noqa: BLE001 - any parse failure means the same thing
-            raise ValueError(f"{path} is not a tiktoken ranks file: {e}") from e
+            raise errors.ConfigError(f"{path} is not a tiktoken ranks file: {e}") from e
         n_base = len(ranks)
         specials = llama3_special_tokens()
         self.name = name
@@ -143,7 +145,7 @@ class TiktokenTokenizer(Tokenizer):
         for b, rank in ranks.items():
             self.token_bytes[rank] = b
         if any(b is None for b in self.token_bytes[:n_base]):
-            raise ValueError(f"{path}: ranks are not contiguous 0..{n_base - 1}")
+            raise errors.ConfigError(f"{path}: ranks are not contiguous 0..{n_base - 1}")
         self.encoding = tiktoken.Encoding(
             name=f"prefixlm-{name}",
             pat_str=LLAMA3_PATTERN,
@@ -207,7 +209,7 @@ class HFTokenizer(Tokenizer):
             try:
                 self.token_bytes.append(bytes(byte_of[c] for c in piece))
             except KeyError as e:
-                raise ValueError(
+                raise errors.ConfigError(
                     f"{name_or_path}: token {i} ({piece!r}) is not a byte-level BPE piece; "
                     "prefix sets need a byte-level tokenizer such as Llama 3's"
                 ) from e

@@ -5,6 +5,7 @@ arguments, or plays one TPU VM worker by running the `--command` script in a tem
 remote scripts themselves (detached start, status, stop, the remote sweep) run for real.
 """
 
+import contextlib
 import os
 import shlex
 import shutil
@@ -341,14 +342,17 @@ def test_simulated_worker_train_status_stop_and_remote_sweep(tmp_path):
     """The remote scripts run for real on one simulated worker (the fake gcloud's home)."""
     bin_dir, home, checkout = _simulated_worker(tmp_path)
     logs = checkout / "out" / "logs"
-    pid = None
+    job_group = None
     try:
         env = _env(bin_dir, FAKE_SLEEP="30")
         out = _run([TPU_VM, "train", "configs/prefix_norm.py:eps=0.1", "--config.train.steps=5"],
                    env).stdout
         assert "started prefix_norm_eps0p1_seed0" in out
         pid = int((logs / "running.pid").read_text())
-        assert _alive(pid) and os.getpgid(pid) == pid  # its own process group, for `stop`
+        # Its own process group, for `stop`; recorded, so the cleanup below kills that group and
+        # never the test's own (under pytest-xdist the worker and its tests share one group).
+        job_group = os.getpgid(pid)
+        assert _alive(pid) and job_group == pid != os.getpgrp()
         assert (logs / "running.job").read_text().strip() == "prefix_norm_eps0p1_seed0"
         second = _run([TPU_VM, "sweep"], env, check=False)
         assert second.returncode != 0 and "still running" in second.stderr
@@ -366,6 +370,8 @@ def test_simulated_worker_train_status_stop_and_remote_sweep(tmp_path):
         env = _env(bin_dir, FAKE_SLEEP="0")
         _run([TPU_VM, "sweep", "--config.train.steps=9"], env)
         pid = int((logs / "running.pid").read_text())
+        with contextlib.suppress(ProcessLookupError):  # the fast fake sweep may be done already
+            job_group = os.getpgid(pid)
         for _ in range(100):
             if not _alive(pid):
                 break
@@ -379,8 +385,8 @@ def test_simulated_worker_train_status_stop_and_remote_sweep(tmp_path):
             (logs / "ce_seed0.log").read_text()
         assert "sweep finished" in _run([TPU_VM, "logs", "sweep"], env).stdout
     finally:
-        if pid is not None and _alive(pid):
-            os.killpg(pid, signal.SIGKILL)
+        if job_group is not None and job_group != os.getpgrp() and _alive(job_group):
+            os.killpg(job_group, signal.SIGKILL)
 
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None and not os.environ.get("CI"),
@@ -733,3 +739,82 @@ def test_make_setup_accel_cuda_adds_jax_cuda12_and_keeps_torch_cpu(tmp_path):
     assert "requirements-cuda.txt" not in cpu and f"touch {venv}/.installed\n" in cpu
     bad = _run(["make", "--no-print-directory", "-n", "setup", "ACCEL=rocm"], env, check=False)
     assert bad.returncode != 0 and "expected cpu or cuda" in bad.stderr
+
+
+# ---- issue 21: runs files and options that cannot work are one line and exit 2 -----------------
+
+def _runs_file(tmp_path, text: str, name="runs.txt") -> Path:
+    path = tmp_path / name
+    path.write_bytes(text.encode())
+    return path
+
+
+def _one_line_exit_2(proc, *needles):
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert all(n in lines[0] for n in needles), (needles, lines[0])
+
+
+def test_a_runs_file_naming_a_run_twice_is_refused(forbidden_gcloud, tmp_path):
+    """Before: `dupA ce` then `dupA prefix_norm` trained the first and skipped the second as
+    done, since both are WORKDIR_ROOT/dupA."""
+    bin_dir, marker = forbidden_gcloud
+    record = tmp_path / "record"
+    python = _fake_python(tmp_path / "python", record)
+    twice = _runs_file(tmp_path, "dupA configs/ce.py\ndupA configs/prefix_norm.py\n")
+    proc = _run([SWEEP, "--python", python, "--workdir-root", tmp_path / "runs"],
+                _env(bin_dir, PREFIXLM_RUNS_FILE=str(twice)), check=False)
+    _one_line_exit_2(proc, "dupA", "twice")
+    assert not record.exists() and not (tmp_path / "runs").exists()
+    # in an optional block too (its workdir is the same), and names that --seeds makes equal
+    in_block = _runs_file(tmp_path, "a configs/ce.py\n#[extra] a configs/ce.py:eps=0.1\n", "b.txt")
+    _one_line_exit_2(_run([SWEEP, "--list"], _env(bin_dir, PREFIXLM_RUNS_FILE=str(in_block)),
+                          check=False), "'a'")
+    seeds = _runs_file(tmp_path, "a_seed0 configs/ce.py\na_seed1 configs/ce.py\n", "s.txt")
+    _one_line_exit_2(_run([SWEEP, "--list", "--seeds", "0"],
+                          _env(bin_dir, PREFIXLM_RUNS_FILE=str(seeds)), check=False), "a_seed0")
+    assert not marker.exists()
+
+
+def test_a_crlf_runs_file_reads_as_the_same_runs(forbidden_gcloud, tmp_path):
+    """Before: the CR stayed on each config (`--config='configs/ce.py\r'`)."""
+    bin_dir, _ = forbidden_gcloud
+    lines = "".join(f"{name} {config}\n" for name, config in RUNS[:3])
+    out = {}
+    for ending in ("\n", "\r\n"):
+        runs = _runs_file(tmp_path, lines.replace("\n", ending), f"runs{len(ending)}.txt")
+        out[ending] = _run([SWEEP, "--dry-run", "--workdir-root", tmp_path / "r"],
+                           _env(bin_dir, PREFIXLM_RUNS_FILE=str(runs))).stdout
+    assert out["\r\n"] == out["\n"] and "\r" not in out["\r\n"]
+    assert len(_train_lines(out["\n"])) == 3
+
+
+def test_a_run_named_like_an_option_is_refused(forbidden_gcloud, tmp_path):
+    """Before: a run named -rf with --log-dir trained, then `ln -sfn -rf.log ...` failed (bash's
+    own error, exit 1) after the run had started."""
+    bin_dir, _ = forbidden_gcloud
+    record = tmp_path / "record"
+    python = _fake_python(tmp_path / "python", record)
+    runs = _runs_file(tmp_path, "-rf configs/ce.py\n")
+    proc = _run([SWEEP, "--python", python, "--workdir-root", tmp_path / "runs", "--log-dir",
+                 tmp_path / "logs"], _env(bin_dir, PREFIXLM_RUNS_FILE=str(runs)), check=False)
+    _one_line_exit_2(proc, "'-rf'", "option")
+    assert not record.exists()
+    _one_line_exit_2(_run([SWEEP, "--dry-run", "--only", "-x"], _env(bin_dir), check=False), "-x")
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--workdir-root="], "--workdir-root is empty"),
+    (["--workdir-root"], "--workdir-root needs a value"),
+    (["--workdir-root", ""], "--workdir-root needs a value"),
+    (["--log-dir="], "--log-dir needs a value"),
+    (["--seeds"], "--seeds needs a value"),
+])
+def test_an_empty_or_missing_option_value_is_refused(forbidden_gcloud, tmp_path, args, needle):
+    """Before: an empty --workdir-root= put the workdirs at /RUN_NAME; a missing value was bash's
+    own `line N: 2: ...` and exit 1."""
+    bin_dir, marker = forbidden_gcloud
+    proc = _run([SWEEP, "--dry-run", "--no-check", *args], _env(bin_dir), check=False)
+    _one_line_exit_2(proc, needle)
+    assert _train_lines(proc.stdout) == [] and not marker.exists()

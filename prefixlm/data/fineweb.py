@@ -38,8 +38,9 @@ import sys
 import time
 import urllib.parse
 
+from prefixlm import cli, errors
 from prefixlm.data import budget
-from prefixlm.data.shards import OutputWriteError, writing
+from prefixlm.data.shards import writing
 
 REPO_ID = "HuggingFaceFW/fineweb-edu"
 FOLDER = "sample/100BT"
@@ -56,11 +57,11 @@ class HubUnreachable(RuntimeError):
     """No network route to the hub (DNS, connect or timeout failure): exit 3."""
 
 
-class InsufficientSpace(OSError):
+class InsufficientSpace(errors.UserError, OSError):
     """The planned download does not fit on the output's filesystem: exit 2."""
 
 
-class DownloadMismatch(RuntimeError):
+class DownloadMismatch(errors.UserError, RuntimeError):
     """A file downloaded twice still differs from the hub's listing: exit 2."""
 
 
@@ -391,8 +392,9 @@ def _write_manifest(out, repo, folder, tokens, margin, chosen, total, revision=N
     return manifest
 
 
+@cli.command
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
+    p = cli.ArgumentParser(
         prog="python -m prefixlm.data.fineweb",
         description=f"Download enough {REPO_ID} {FOLDER} parquet files for a token budget "
         "(files spread across the list, so across crawl dumps), resumably and verified. "
@@ -417,9 +419,8 @@ def main(argv: list[str] | None = None) -> int:
     from huggingface_hub.errors import HfHubHTTPError  # e.g. --revision that does not exist
 
     if not args.tokens > 0 or not args.margin > 0:
-        print(f"error: --tokens and --margin must be > 0, got {args.tokens} and {args.margin}",
-              file=sys.stderr)
-        return 2
+        raise errors.ConfigError(f"--tokens and --margin must be > 0, got {args.tokens} and "
+                                 f"{args.margin}")
     try:
         if args.check:
             return budget.check_download_main(args.output, args.check, args.tokens)
@@ -436,10 +437,8 @@ def main(argv: list[str] | None = None) -> int:
               f"resume, or to use FineWeb-Edu parquet files you already have, pass --input "
               f"'PATH/*.parquet'", file=sys.stderr)
         return 3
-    except (InsufficientSpace, DownloadMismatch, OutputWriteError, FileNotFoundError,
-            FileExistsError, ValueError, HfHubHTTPError) as e:
-        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
-        return 2
+    except (ValueError, HfHubHTTPError) as e:  # a --revision the hub lacks, a foreign file
+        raise errors.UserError(str(e).splitlines()[0]) from e
     print(f"{args.output}: {len(m['files'])} files, {m['token_count']:,} GPT-2 tokens; next: "
           f"python -m prefixlm.data.tokenize --input '{args.output}/{FOLDER}/*.parquet' "
           f"--output DIR, then the same command with --check DIR")

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from prefixlm import cli
 from prefixlm.data import shards
 
 log = logging.getLogger("prefixlm.data")
@@ -278,14 +279,13 @@ def checkpoint_args(iterator, *, restore: bool = False) -> Any:
     return cls(iterator)
 
 
+@cli.command
 def main(argv: list[str] | None = None) -> int:
     """``python -m prefixlm.data.pipeline DIR [--seq-len L]``: prints split sizes and one batch."""
-    import argparse
-
-    p = argparse.ArgumentParser(description=main.__doc__)
+    p = cli.ArgumentParser(prog="python -m prefixlm.data.pipeline", description=main.__doc__)
     p.add_argument("path")
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--seq-len", type=cli.int_at_least(1, "tokens per window"), default=256)
+    p.add_argument("--batch-size", type=cli.int_at_least(1, "windows per batch"), default=2)
     args = p.parse_args(argv)
     stats = shards.read_stats(args.path)
     for split in shards.SPLITS:

@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from prefixlm import safe_files, schemas
+from prefixlm import errors, safe_files, schemas
 from prefixlm.errors import SchemaError
 
 FORMAT = "prefixlm-tokens-v1"
@@ -53,11 +53,11 @@ STATS = "stats.json"
 INT32_LIMIT = 2**31  # ids reach the model as int32: anything at or above this wraps negative
 
 
-class TokenIdError(ValueError):
+class TokenIdError(errors.DataError):
     """A shard holds a token id outside the vocabulary (a ValueError: a data error, exit 2)."""
 
 
-class ShardChecksumError(ValueError):
+class ShardChecksumError(errors.DataError):
     """A shard's bytes differ from what tokenize wrote (a ValueError: a data error, exit 2)."""
 
 
@@ -198,7 +198,7 @@ def read_stats(path: str | os.PathLike) -> dict:
     stats = schemas.read_json(f, schemas.STATS, fix=(
         "re-tokenize into a fresh directory (python -m prefixlm.data.tokenize)"))
     if stats.get("format") != FORMAT:
-        raise ValueError(
+        raise errors.DataError(
             f"{f}: format {stats.get('format')!r}, expected {FORMAT!r}; re-tokenize into a new "
             "directory with this version of prefixlm"
         )
@@ -211,7 +211,7 @@ def check_tokenizer(stats: dict, expected_hash: str | None, path: str | os.PathL
         return
     got = stats.get("tokenizer_hash")
     if got != expected_hash:
-        raise ValueError(
+        raise errors.DataError(
             f"{pathlib.Path(path) / STATS}: tokenizer_hash {got!r} (tokenizer "
             f"{stats.get('tokenizer')!r}) does not match the run's tokenizer hash "
             f"{expected_hash!r}; the shards were made with another vocabulary. Re-tokenize with "
@@ -243,7 +243,7 @@ def split_files(
         f = root / entry["file"]
         size = f.stat().st_size if safe_files.check_regular(f, follow_symlinks=True) else None
         if size != n * DTYPE.itemsize:
-            raise ValueError(
+            raise errors.DataError(
                 f"{f}: expected {n} tokens ({n * DTYPE.itemsize} bytes) as stats.json says, found "
                 f"{'no file' if size is None else f'{size} bytes'}; the directory was modified "
                 "after tokenization. Re-run tokenize into a fresh directory."

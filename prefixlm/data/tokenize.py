@@ -45,14 +45,14 @@ import time
 
 import numpy as np
 
-from prefixlm import safe_files, schemas
+from prefixlm import cli, errors, safe_files, schemas
 from prefixlm.data import shards
 from prefixlm.errors import SchemaError, UserError
 
 DEFAULT_VAL_FRACTION = 0.005
 
 
-class CorruptParquetError(RuntimeError):
+class CorruptParquetError(errors.UserError, RuntimeError):
     """A parquet file that cannot be read (truncated, bad footer, bad page, missing column)."""
 
 
@@ -102,7 +102,7 @@ def plan_units(
     for f in files:
         stem = f.stem
         if stem in stems:
-            raise ValueError(
+            raise errors.ConfigError(
                 f"two inputs share the name {stem!r}: {stems[stem]} and {f}; shard names come from "
                 "file names, so rename one or tokenize them into separate directories"
             )
@@ -140,7 +140,7 @@ def check_text_column(f: pathlib.Path, meta) -> None:
     kind = meta.schema.to_arrow_schema().field("text").type
     if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)
             or getattr(pa.types, "is_string_view", lambda _: False)(kind)):
-        raise ValueError(
+        raise errors.DataError(
             f"{f}: column 'text' has type {kind}, not string; tokenize reads UTF-8 text. Cast "
             "the column to string (decoding its bytes yourself), or remove the file from --input")
 
@@ -445,13 +445,14 @@ def check_arguments(*, workers: int, val_fraction: float, shard_rows: int, batch
     for flag, value in (("--workers", workers), ("--shard-rows", shard_rows),
                         ("--batch-rows", batch_rows)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{flag} must be an integer >= 1, got {value!r}")
+            raise errors.ConfigError(f"{flag} must be an integer >= 1, got {value!r}")
     if not 0 <= val_fraction < 1:
-        raise ValueError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+        raise errors.ConfigError(f"--val-fraction must be in [0, 1), got {val_fraction}")
 
 
+@cli.command
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
+    p = cli.ArgumentParser(
         prog="python -m prefixlm.data.tokenize",
         description="Tokenize parquet documents (the 'text' column) into uint32 token shards "
         "that prefixlm.data.pipeline reads: DIR/train/*.bin, DIR/validation/*.bin, "
@@ -480,15 +481,11 @@ def main(argv: list[str] | None = None) -> int:
                    "(refused without it)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    try:
-        stats = tokenize(args.input, args.output, workers=args.workers,
-                         tokenizer_name=args.tokenizer, val_fraction=args.val_fraction,
-                         shard_rows=args.shard_rows, batch_rows=args.batch_rows,
-                         skip_corrupt=args.skip_corrupt, progress=not args.quiet,
-                         overwrite=args.overwrite)
-    except (CorruptParquetError, UserError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    stats = tokenize(args.input, args.output, workers=args.workers,
+                     tokenizer_name=args.tokenizer, val_fraction=args.val_fraction,
+                     shard_rows=args.shard_rows, batch_rows=args.batch_rows,
+                     skip_corrupt=args.skip_corrupt, progress=not args.quiet,
+                     overwrite=args.overwrite)
     print(f"{args.output}: {stats['documents']} documents, {stats['tokens']} tokens "
           f"(train {stats['splits']['train']['tokens']}, validation "
           f"{stats['splits']['validation']['tokens']}), {stats['skipped']} empty rows skipped"
