@@ -10,7 +10,7 @@ against float64 references written from the definition (test_objectives):
     S_i = |dz_i| + w (Q p_i + q_i + u); the row sum within 1e-6 relative over 128,256 ids;
   * bfloat16: |loss error| <= Q 2^-8 (1 - p_target) + 1e-6 (1 + |loss|), dh within
     2^-8 sum_i S_i |E_i| + 1e-6, dE within 2^-7 sum_n S_n |h_n| + 1e-6, including label
-    smoothing at eps = 1 with equal logits, where p = q off the gold and dz ~ 0.
+    smoothing at eps = 1 with nearly equal logits, where p ~ q off the gold and dz ~ 0.
 """
 
 import jax
@@ -149,8 +149,18 @@ V_REAL = 128_256
 
 def test_float32_row_sum_over_128256_ids_is_float32_rounding():
     """The CPU's row sum (a sequential variadic reduction before: 3.8e-4 relative off for equal
-    terms) within 1e-6 relative of float64; the loss's nll to float32 rounding of its value."""
+    terms, so 3.8e-4 nats in the nll) within 1e-6 relative of float64."""
     rng = np.random.default_rng(13)
+    # End to end: equal logits (h = 0, as at initialisation) and ordinary ones.
+    h = np.concatenate([np.zeros((2, 8)), rng.normal(size=(2, 8))])
+    e = np.asarray(jnp.asarray(rng.normal(size=(V_REAL, 8)), jnp.float32), np.float64)
+    ids = rng.integers(0, V_REAL, size=4)
+    _, out = fused_loss.chunked(4, jnp.asarray(h, jnp.float32), jnp.asarray(e, jnp.float32),
+                                jnp.asarray(ids, jnp.int32), jnp.ones(4),
+                                fused_loss.SparseTarget(jnp.ones(4)))
+    ref_nll = -log_softmax64(h @ e.T)[np.arange(4), ids]
+    err = np.abs(np.asarray(out.nll_N, np.float64) - ref_nll)
+    assert np.all(err <= 1e-6 * (1 + ref_nll)), err
     g = np.stack([np.full(V_REAL, np.exp(-40.0)), np.exp(rng.normal(size=V_REAL) * 2 - 40),
                   np.exp(rng.normal(size=V_REAL) * 0.1)]).astype(np.float32)
     s, top, argmax = fused_loss._sum_max_argmax(jnp.asarray(g))
@@ -158,34 +168,24 @@ def test_float32_row_sum_over_128256_ids_is_float32_rounding():
     assert np.all(np.abs(np.asarray(s, np.float64) / ref - 1) <= 1e-6), np.asarray(s) / ref - 1
     np.testing.assert_array_equal(argmax, g.argmax(-1))
     np.testing.assert_array_equal(top, g.max(-1))
-    # End to end: equal logits (h = 0, as at initialisation) and ordinary ones.
-    h = np.concatenate([np.zeros((2, 8)), rng.normal(size=(2, 8))])
-    e = rng.normal(size=(V_REAL, 8))
-    ids = rng.integers(0, V_REAL, size=4)
-    _, out = fused_loss.chunked(4, jnp.asarray(h, jnp.float32), jnp.asarray(e, jnp.float32),
-                                jnp.asarray(ids, jnp.int32), jnp.ones(4),
-                                fused_loss.SparseTarget(jnp.ones(4)))
-    z = h @ np.asarray(jnp.asarray(e, jnp.float32), np.float64).T
-    ref_nll = -log_softmax64(z)[np.arange(4), ids]
-    assert np.all(np.abs(np.asarray(out.nll_N, np.float64) - ref_nll) <= 1e-6 * (1 + ref_nll))
 
 
-def test_bf16_label_smoothing_at_eps_one_with_equal_logits(tiny_token_bytes):
-    """p = q off the gold: dz there is ~0 while G carries bfloat16 rounding of p. The old bound,
-    2^-7 |dz| |E|, was exceeded 35x here; the docstring's bound counts the softmax part."""
+def test_bf16_label_smoothing_at_eps_one_with_nearly_equal_logits(tiny_token_bytes):
+    """p ~ q off the gold: dz there is ~0 while G carries bfloat16 rounding of p. The old
+    statement, 2^-7 |dz| |E|, is exceeded here (2.6x); the docstring's bound counts the softmax
+    part."""
     obj = objectives.build("label_smoothing", tiny_token_bytes, eps=1.0)
     rng = np.random.default_rng(14)
     n, d, V = 6, 16, len(tiny_token_bytes)
-    h = np.zeros((n, d))  # equal logits
-    e = rng.normal(size=(V, d))
+    hj = jnp.asarray(rng.normal(size=(n, d)) * 0.003, jnp.bfloat16)  # logits within ~0.01
+    ej = jnp.asarray(rng.normal(size=(V, d)), jnp.float32)
+    h, e64 = np.asarray(hj, np.float64), np.asarray(ej.astype(jnp.bfloat16), np.float64)
     ids = rng.integers(0, V, size=n)
     w = np.ones(n)
-    hj, ej = jnp.asarray(h, jnp.bfloat16), jnp.asarray(e, jnp.float32)
-    e64 = np.asarray(ej.astype(jnp.bfloat16), np.float64)
     q, dq = reference_q("label_smoothing", tiny_token_bytes, ids, 1.0)
     ref_loss, _, ref_dh, ref_de, _ = reference_loss_and_grads(q, dq, h, e64, w)
     ((_, out), (dh, de, _, _)) = run_chunked(obj, hj, ej, ids, jnp.ones(n), 1.0)
-    p = np.full((n, V), 1.0 / V)
+    p = np.exp(log_softmax64(h @ e64.T))
     loss_bound, dh_bound, de_bound = bounds(obj, ids, q, p, w, h, e64, ref_loss, "bfloat16")
     assert np.all(np.abs(np.asarray(out.loss_N, np.float64) - ref_loss) <= loss_bound)
     err = np.abs(np.asarray(dh, np.float64) - ref_dh)
