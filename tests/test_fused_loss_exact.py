@@ -168,6 +168,9 @@ def test_float32_row_sum_over_128256_ids_is_float32_rounding():
     assert np.all(np.abs(np.asarray(s, np.float64) / ref - 1) <= 1e-6), np.asarray(s) / ref - 1
     np.testing.assert_array_equal(argmax, g.argmax(-1))
     np.testing.assert_array_equal(top, g.max(-1))
+    # A row's sum does not depend on the rows reduced with it (the validation's val/nll is
+    # bit-identical across batch sizes and grad_accum).
+    assert fused_loss._sum_max_argmax(jnp.asarray(g[1:2]))[0][0] == s[1]
 
 
 def test_bf16_label_smoothing_at_eps_one_with_nearly_equal_logits(tiny_token_bytes):
