@@ -22,10 +22,14 @@ recomputed, and [N, V] logits never exist at once. Per chunk:
      accelerators), shift = z_y + SHIFT riding in the matmul as an extra column; the gold's G
      is e^-SHIFT, so every G that matters is a normal number (a logit more than SHIFT + 47
      below the gold's weighs < e^-47 of the gold's term and may underflow) and none overflows
-     (the exponent is clipped at CLIP; exact while no logit is more than SHIFT + CLIP = 104
-     above the gold's, i.e. for token losses below ~104 nats);
-  3. one pass over G: s = sum_i G_i and argmax_i G_i together; the gold's and the sparse ids'
-     terms of s are replaced by their exact values, so lse = shift + log s;
+     (the exponent is clipped at CLIP);
+  3. one pass over G: s = sum_i G_i, max_i G_i and argmax_i G_i together. A row whose max
+     reached e^(CLIP - 1) (a logit 103+ nats above the gold's) may have been clipped: such rows
+     are recomputed with their own largest logit as the shift (``_refit_clipped_rows``: float32
+     logits of a window of REFIT_ROWS rows, G = exp(z - max) written over their rows), so the
+     loss is exact at any logit gap; a chunk without such a row runs that loop zero times.
+     The gold's and the sparse ids' terms of s are then replaced by their exact values, so
+     lse = shift + log s;
   4. dz = (w Q / s)(G - (s / Q) q): the sparse entries of G are overwritten in place with
      exact values (each rounded once, as softmax - q was), the uniform part is a rank-one term
      applied after the matmuls; then dh = dz E and dE += dz^T h read that one buffer.
@@ -33,13 +37,29 @@ recomputed, and [N, V] logits never exist at once. Per chunk:
 HBM traffic per chunk is therefore one write and three reads of a bfloat16 [chunk, V] buffer
 (plus E twice and the float32 dE carry), not the float32 logits, softmax and gradient of a
 textbook implementation (bench/loss_hlo.py measures both from the compiled H100 HLO).
-Precision: with float32 hidden states (CPU, tests) G is float32 and the results agree with a
-float64 reference to float32 rounding. With bfloat16 hidden states, as the old path did, the
-logits are exact float32 dot products of the bfloat16 inputs; G's entries carry bfloat16
-rounding (relative 2^-9) for the non-target ids only, so the loss's relative error is at most
-~2^-9 of the probability mass off the target's ids, and dz's entries are rounded to bfloat16
-once (as before). The target's weights are differentiable too (dloss/dq_i = lse - z_i, known in
-the forward pass), so an eps that scales them, even a traced one, gets its exact gradient.
+
+Precision, against float64 on the same inputs, at any logit gap (each bound is a test in
+tests/test_fused_loss_exact.py; bench/loss.py --precision prints the errors). With S_i =
+|dz_i| + w (Q p_i + q_i + u), p the softmax and u the uniform weight (0 but for label
+smoothing), so that dz's rounding is counted relative to the softmax part and the target part,
+not their difference:
+  * float32 hidden states (CPU, tests): the row sum within 1e-6 relative over 128,256 ids
+    (a pairwise sum on the CPU, ``_sum_max_argmax``); loss and nll within 1e-6 (1 + |value|)
+    nats; each element of dh within 2^-16 sum_i S_i |E_i| + 2e-6 and of dE within
+    2^-16 sum_n S_n |h_n| + 2e-6 (G's exponent carries float32 rounding of values up to
+    SHIFT = 40 nats); the argmax exact.
+  * bfloat16 hidden states: the logits are exact float32 dot products of the bfloat16 inputs;
+    G's entries carry bfloat16 rounding (relative 2^-9) for the ids off the target only (the
+    gold and prefix ids are exact), so |loss error| <= Q 2^-8 (1 - p_target) + 1e-6 (1 +
+    |loss|), with p_target the probability on those ids; each element of dh within
+    2^-8 sum_i S_i |E_i| + 1e-6 and of dE within 2^-7 sum_n S_n |h_n| + 1e-6. Where p ~ q
+    (label smoothing at eps = 1 with nearly equal logits) dz is ~0 but its error is that of
+    G, 2^-9 p: the uniform part is subtracted after the matmul, as a textbook bfloat16 path
+    subtracts q from a rounded softmax (an earlier statement here, 2^-7 |dz| |E|, fails there:
+    2.6x in the test, 35x in issue 20's measurement). The argmax is G's, exact unless another
+    logit is within G's rounding of the top one.
+The target's weights are differentiable too (dloss/dq_i = lse - z_i, known in the forward
+pass), so an eps that scales them, even a traced one, gets its exact gradient.
 """
 
 from __future__ import annotations
@@ -53,6 +73,7 @@ import numpy as np
 
 SHIFT = 40.0  # G = exp(z - z_gold - SHIFT): the gold's G, e^-40, is normal in bf16 and f32
 CLIP = 64.0  # G's exponent is clipped here: V e^CLIP < float32 max, so the row sum is finite
+REFIT_ROWS = 32  # rows per block of the recompute of rows that reached the clip
 
 
 class SparseTarget(NamedTuple):
@@ -144,18 +165,85 @@ def _exact_logits(h_cxD, e_aug_VxA, ids_cxK):
     return jnp.einsum("cd,ckd->ck", h_cxD, rows_cxKxD, preferred_element_type=jnp.float32)
 
 
-def _sum_and_argmax(g_cxV):
-    """(sum_i G_i in float32, argmax_i G_i) in one pass over G (a variadic reduction)."""
+def _sum_max_argmax(g_cxV):
+    """(sum_i G_i, max_i G_i, argmax_i G_i), the sums in float32.
+
+    On accelerators one variadic reduction (XLA's GPU backend reduces a row in a tree: one
+    kernel that reads G once). XLA's CPU backend runs a variadic reduction sequentially, which
+    left the sum 3.8e-4 relative off over 128,256 equal terms; there the sum is pairwise
+    (neighbours added level by level, G padded with zeros to a power of two: ~17 float32
+    roundings deep over 128,256 ids, the same tree for every row) beside a (max, argmax)
+    reduction. Chosen when the program is lowered for its platform
+    (``lax.platform_dependent``), so the GPU and TPU programs are unchanged."""
     g32_cxV = g_cxV.astype(jnp.float32)
     iota_cxV = jax.lax.broadcasted_iota(jnp.int32, g_cxV.shape, 1)
+    top = (jnp.float32(-jnp.inf), jnp.int32(np.iinfo(np.int32).max))
 
-    def combine(a, b):
-        take_b = (b[1] > a[1]) | ((b[1] == a[1]) & (b[2] < a[2]))  # first index on ties
-        return a[0] + b[0], jnp.where(take_b, b[1], a[1]), jnp.where(take_b, b[2], a[2])
+    def max_argmax(a, b):
+        take_b = (b[0] > a[0]) | ((b[0] == a[0]) & (b[1] < a[1]))  # first index on ties
+        return jnp.where(take_b, b[0], a[0]), jnp.where(take_b, b[1], a[1])
 
-    init = (jnp.float32(0), jnp.float32(-jnp.inf), jnp.int32(np.iinfo(np.int32).max))
-    s_c, _, argmax_c = jax.lax.reduce((g32_cxV, g32_cxV, iota_cxV), init, combine, (1,))
-    return s_c, argmax_c
+    def one_pass(g32_cxV, iota_cxV):
+        def combine(a, b):
+            return a[0] + b[0], *max_argmax(a[1:], b[1:])
+
+        return jax.lax.reduce((g32_cxV, g32_cxV, iota_cxV), (jnp.float32(0), *top), combine,
+                              (1,))
+
+    def pairwise(g32_cxV, iota_cxV):
+        max_c, argmax_c = jax.lax.reduce((g32_cxV, iota_cxV), top, max_argmax, (1,))
+        v = g32_cxV.shape[1]
+        width = 1 << max(v - 1, 1).bit_length()  # the next power of two
+        x_cxW = jnp.pad(g32_cxV, ((0, 0), (0, width - v)))
+        while x_cxW.shape[1] > 1:  # each level adds neighbours: the same tree for every row
+            x_cxW = x_cxW[:, 0::2] + x_cxW[:, 1::2]
+        return x_cxW[:, 0], max_c, argmax_c
+
+    return jax.lax.platform_dependent(g32_cxV, iota_cxV, cpu=pairwise, default=one_pass)
+
+
+def _exp_pass(h_cxD, e_aug_VxA, shift_c):
+    """G = exp(min(z - shift, CLIP)) in h's dtype, with its row sums, maxima and argmaxes.
+
+    The shift rides in the matmul as an extra column (h | -shift) . (E | 1), so exp and the
+    cast stay in the matmul's epilogue (XLA does not fuse a per-row operand there); ``shift_c``
+    must be exact in h's dtype."""
+    y_cxV = jnp.dot(_augment(h_cxD, -shift_c), e_aug_VxA.T, preferred_element_type=jnp.float32)
+    g_cxV = jnp.exp(jnp.minimum(y_cxV, CLIP)).astype(h_cxD.dtype)
+    return (g_cxV, *_sum_max_argmax(g_cxV))
+
+
+def _refit_clipped_rows(h_cxD, e_aug_VxA, g_cxV, shift_c, s_c, max_c, argmax_c):
+    """Rows whose largest G reached e^(CLIP - 1) (a logit at least SHIFT + CLIP - 1 = 103 nats
+    above the gold's: G may be clipped) are recomputed with their own largest logit as the
+    shift: a window of REFIT_ROWS rows from the first such row, float32 logits, their max,
+    G = exp(z - max) written over the window's rows of G, until none is left (at most
+    chunk / REFIT_ROWS windows). Exact at any gap (a row in the window that had not clipped is
+    recomputed exactly too); a loop of zero trips when no row clipped, so the usual chunk pays
+    one predicate on the maxima it already had."""
+    c = h_cxD.shape[0]
+    R = min(REFIT_ROWS, c)
+    todo_c = max_c >= np.float32(np.exp(CLIP - 1))
+
+    def refit(carry):
+        g_cxV, shift_c, s_c, argmax_c, todo_c = carry
+        first = jnp.minimum(jnp.argmax(todo_c), c - R)
+        rows = lambda a: jax.lax.dynamic_slice_in_dim(a, first, R)  # noqa: E731
+        shift_R = rows(shift_c)
+        y_RxV = jnp.dot(_augment(rows(h_cxD), -shift_R), e_aug_VxA.T,
+                        preferred_element_type=jnp.float32)  # z - old shift
+        # The new shift, old + max, rounded like the first (exact in h's dtype); the largest
+        # G is then ~1, and every G that matters is a normal number.
+        new_R = (shift_R + jnp.max(y_RxV, axis=1)).astype(h_cxD.dtype).astype(jnp.float32)
+        g_RxV = jnp.exp(jnp.minimum(y_RxV - (new_R - shift_R)[:, None], CLIP)).astype(g_cxV.dtype)
+        s_R, _, argmax_R = _sum_max_argmax(g_RxV)
+        put = lambda a, v: jax.lax.dynamic_update_slice_in_dim(a, v, first, 0)  # noqa: E731
+        return (put(g_cxV, g_RxV), put(shift_c, new_R), put(s_c, s_R), put(argmax_c, argmax_R),
+                put(todo_c, jnp.zeros(R, bool)))
+
+    carry = jax.lax.while_loop(lambda carry: jnp.any(carry[-1]), refit,
+                               (g_cxV, shift_c, s_c, argmax_c, todo_c))
+    return carry[:4]
 
 
 class _Chunk(NamedTuple):
@@ -177,12 +265,10 @@ def _forward_chunk(h_cxD, e_aug_VxA, esum_D, ids_c, t: SparseTarget) -> _Chunk:
     z_gold_c = _exact_logits(h_cxD, e_aug_VxA, ids_c[:, None])[:, 0]
     z_sparse_cxK = None if t.ids_NxK is None else _exact_logits(h_cxD, e_aug_VxA, t.ids_NxK)
     row_sum_c = None if t.uniform is None else h_cxD.astype(jnp.float32) @ esum_D
-    # The shift rides in the matmul as an extra column (h | -shift) . (E | 1), so exp and the
-    # cast stay in the matmul's epilogue (XLA does not fuse a per-row operand there).
     shift_c = (z_gold_c + SHIFT).astype(h_cxD.dtype).astype(jnp.float32)
-    y_cxV = jnp.dot(_augment(h_cxD, -shift_c), e_aug_VxA.T, preferred_element_type=jnp.float32)
-    g_cxV = jnp.exp(jnp.minimum(y_cxV, CLIP)).astype(h_cxD.dtype)
-    s_c, argmax_c = _sum_and_argmax(g_cxV)
+    g_cxV, s_c, max_c, argmax_c = _exp_pass(h_cxD, e_aug_VxA, shift_c)
+    g_cxV, shift_c, s_c, argmax_c = _refit_clipped_rows(h_cxD, e_aug_VxA, g_cxV, shift_c, s_c,
+                                                        max_c, argmax_c)
     # Exact terms replace G's rounded ones in the sum: the gold's and the prefixes' (the mass
     # the target sits on); the other ids keep G's rounding (bfloat16: relative 2^-9 each).
     g_gold_c = jnp.exp(jnp.minimum(z_gold_c - shift_c, CLIP))

@@ -100,7 +100,9 @@ class TrainLog(LoopHook):
 
     A line holds the metrics of its own step (not an average since the last line), so a run
     resumed from any checkpoint writes exactly the lines an uninterrupted run would. Throughput
-    is the mean over the steps since the previous line.
+    is the mean over the steps since the previous line. ``eps`` is the eps its ``loss`` used:
+    the update from step s - 1 to s ran at ``eps_at(s - 1)``; the validation at step s logs its
+    own as ``val/eps``.
     """
 
     KEYS = ("loss", "nll", "accuracy", "grad_norm", "lr", "eps")

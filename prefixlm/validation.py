@@ -16,7 +16,9 @@ returns per-window sums and the host adds the N windows' sums once, in window or
 So the mean is over exactly N x L tokens and the batch size does not enter it.
 
 ``val/loss`` is the objective at the step's scheduled eps (``obj.eps_at(step, train.steps)``),
-so with an eps schedule it tracks the loss being trained; ``val/nll`` is eps-free.
+so with an eps schedule it tracks the loss being trained; ``val/nll`` is eps-free. That eps is
+logged beside it as ``val/eps``: the row's ``eps`` is the training step's, the eps of the update
+that led to step s (``eps_at(s - 1)``), which its ``loss`` used, one step behind.
 """
 
 from __future__ import annotations
@@ -115,7 +117,7 @@ class Validation:
         per_window_Nx3 = np.concatenate([np.asarray(s, np.float64)[:k]
                                          for s, k in jax.device_get(sums)])
         loss, nll, acc = per_window_Nx3.sum(axis=0) / (n * (width - 1))
-        return {"val/loss": loss, "val/nll": nll, "val/accuracy": acc}
+        return {"val/loss": loss, "val/nll": nll, "val/accuracy": acc, "val/eps": float(eps)}
 
 
 def validation_hook(trainer) -> Hook | None:

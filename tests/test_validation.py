@@ -52,12 +52,15 @@ def test_windows_are_the_splits_first_tokens_and_the_mean_is_exact(token_dir):
     want = _reference(trainer, params, windows, eps=0.1)
     for key, w in zip(("val/loss", "val/nll", "val/accuracy"), want, strict=True):
         np.testing.assert_allclose(got[key], w, rtol=2e-6, err_msg=key)
-    # Another batch size (2, as with grad_accum=2) scores the same windows: the NLL and the
-    # accuracy to the bit here, the objective to float32 rounding of its per-token terms.
+    # Another batch size (2, as with grad_accum=2) scores the same windows: the accuracy to the
+    # bit, the NLL and the objective to float32 rounding of their per-token terms (XLA's CPU
+    # code for another batch shape may round a token's hidden state or logit differently in the
+    # last bit: the objective differed at 4 of 480 tokens before issue 20, the NLL at 1 after).
     halves = validation.Validation(trainer, windows)
     halves.batch_size = 2
     other = halves(params, 0, False)
-    assert other["val/nll"] == got["val/nll"] and other["val/accuracy"] == got["val/accuracy"]
+    assert other["val/accuracy"] == got["val/accuracy"]
+    assert other["val/nll"] == pytest.approx(got["val/nll"], rel=1e-7)
     assert other["val/loss"] == pytest.approx(got["val/loss"], rel=1e-7)
 
 
@@ -92,7 +95,7 @@ def test_runs_with_other_data_seeds_and_grad_accum_log_the_same_step_0_val_nll(t
                         checkpoint__every=0, **kw)
         run(c, tmp_path / name)
         rows[name] = {r["step"]: r for r in read_metrics(tmp_path / name)}
-    assert rows["a"][0]["val/nll"] == rows["b"][0]["val/nll"]
+    assert rows["a"][0]["val/nll"] == pytest.approx(rows["b"][0]["val/nll"], rel=1e-7)
     assert rows["a"][0]["val/loss"] == pytest.approx(rows["b"][0]["val/loss"], rel=1e-7)
     assert rows["a"][1]["loss"] != rows["b"][1]["loss"]  # they did train on other batches
     assert jax.device_count() == 1
