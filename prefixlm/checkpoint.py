@@ -153,11 +153,12 @@ class Checkpointer:
     """
 
     def __init__(self, workdir: str | os.PathLike, *, max_to_keep: int, async_save: bool = True,
-                 identity: dict | None = None, allow_changes=()):
+                 identity: dict | None = None, allow_changes=(), data_path: str | None = None):
         self.directory = _checkpoints_dir(workdir)
         self.manager = _manager(self.directory, max_to_keep=max_to_keep, async_save=async_save)
         self.expected_identity = identity  # what an unverified step's identity must match
         self.allow_changes = set(allow_changes)
+        self.data_path = data_path  # today's real data.path, for identities older than it
         self._mine: set[int] = set()  # steps this process saved whose manifest is not written
         self._failed = False
 
@@ -268,9 +269,8 @@ class Checkpointer:
             return f"no manifest and its identity does not restore ({_first_line(e)})"
         if saved is None or self.expected_identity is None:
             return None
-        differ = sorted(k for k in set(saved) | set(self.expected_identity)
-                        if saved.get(k) != self.expected_identity.get(k)
-                        and k not in self.allow_changes)
+        changes = workdir_lib.identity_diff(saved, self.expected_identity, self.data_path)
+        differ = sorted(k for k in changes if k not in self.allow_changes)
         return f"no manifest and its identity differs ({', '.join(differ)})" if differ else None
 
     def _try_restore(self, step: int, abstract_state: dict, data_iterator):

@@ -68,8 +68,9 @@ _ALLOW_CPU = flags.DEFINE_boolean(
 _ALLOW_CHANGES = flags.DEFINE_list(
     "allow_changes", [], "identity fields that may differ from the saved run on resume, e.g. "
     "train.steps,optim.lr (recorded in WORKDIR/changes.jsonl). Any identity field can, except "
-    "those that define the run: seed, data_seed, objective.*, model.*, data.path and "
-    "data.worker_count never change (use a new --workdir)")
+    "those that define the run: seed, data_seed, objective.*, model.*, the data (its content, "
+    "data.fingerprint: the same shards under another path resume) and data.worker_count never "
+    "change (use a new --workdir)")
 _RESTART = flags.DEFINE_boolean(
     "restart", False, "start this workdir again at step 0: the old record (metrics.jsonl, "
     "eval/, checkpoints, checkpoints_bad, config.json, ...) moves into "
@@ -117,6 +118,10 @@ def init_distributed() -> None:
         if any(v is None for v in explicit):
             raise app.UsageError("--coordinator_address, --num_processes and --process_id go "
                                  "together; give all three (or none on a TPU VM)")
+        if not (_NPROC.value >= 1 and 0 <= _PID.value < _NPROC.value):
+            raise errors.ConfigError(
+                f"--process_id={_PID.value} with --num_processes={_NPROC.value}: the ids are 0 "
+                f"to {max(_NPROC.value - 1, 0)}, one per process; give each process its own")
         if _NPROC.value > 1 and not os.environ.get("JAX_CPU_COLLECTIVES_IMPLEMENTATION"):
             # Cross-process collectives of the CPU backend (processes without accelerators, and
             # tests); it must be chosen before initialize creates the backend. Accelerator
@@ -236,6 +241,10 @@ def main(argv) -> int:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if _WORKDIR.value is None and not _DRY_RUN.value:
         raise app.UsageError("--workdir is required (the run directory)")
+    if _WORKDIR.value is not None:
+        from prefixlm import workdir as workdir_lib
+
+        workdir_lib.run_path(_WORKDIR.value)  # an empty or malformed path: one line, now
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
     _set_xla_flags(_loaded_config())
     init_distributed()

@@ -57,7 +57,7 @@ def train_and_evaluate(config, workdir, *, tokenizer=None, hooks: Sequence[Hook]
     record aside first (see prefixlm.preflight). One run per workdir: the lock is held
     throughout (prefixlm.lock).
     """
-    config = config_lib.resolve(config)
+    config = workdir_lib.pin_data(config_lib.resolve(config))
     workdir = workdir_lib.run_path(workdir)
     with preflight.claimed(workdir, config, restart=restart) as config:
         return _run(config, workdir, tokenizer, hooks, allow_changes, step_hook)
@@ -76,7 +76,8 @@ def _run(config, workdir, tokenizer, hooks, allow_changes, step_hook) -> dict:
         ckpt = ckpt_lib.Checkpointer(workdir, max_to_keep=config.checkpoint.max_to_keep,
                                      async_save=config.checkpoint.async_save,
                                      identity=workdir_lib.identity(config),
-                                     allow_changes=allow_changes)
+                                     allow_changes=allow_changes,
+                                     data_path=config.data.path)
         try:
             val = validation.validation_hook(trainer)  # reads its windows before any write
             run = _resume(config, workdir, trainer, it, ckpt, allow_changes)
