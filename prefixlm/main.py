@@ -127,6 +127,10 @@ def init_distributed() -> None:
             # tests); it must be chosen before initialize creates the backend. Accelerator
             # backends ignore it. An explicit JAX_CPU_COLLECTIVES_IMPLEMENTATION (mpi) wins.
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        if _NPROC.value > 1:  # a duplicate id must stop before it reaches the coordinator
+            from prefixlm import hosts
+
+            hosts.claim_process_id(_COORD.value, _PID.value)
         jax.distributed.initialize(coordinator_address=_COORD.value,
                                    num_processes=_NPROC.value, process_id=_PID.value)
     elif _DIST.value == "on":
@@ -269,14 +273,7 @@ def main(argv) -> int:
         return plan.dry_run(_CONFIG.value, num_devices=_PLAN_DEVICES.value,
                             device_kind=_PLAN_DEVICE.value,
                             compile=_DRY_RUN.value == "compile")
-    config = config_lib.resolve(_CONFIG.value)
-    if (jax.default_backend() == "cpu" and config.get("preset") not in CPU_PRESETS
-            and not _ALLOW_CPU.value):
-        raise config_lib.ConfigError(
-            f"{config.name} is a study-scale config but JAX sees only the CPU backend (no GPU "
-            f"or TPU found); install the accelerator build with {GPU_HINT}, use a demo/tiny "
-            "preset, or pass --allow_cpu to train on the CPU anyway")
-    validate_tasks(config)
+    config = _agreed_config()
     n = model_lib.count_params(config_lib.model_config(config))
     say(f"{config.name}: {n:,} parameters ({n / 1e6:.1f}M), {config.train.steps} steps x "
         f"{config.train.batch_tokens:,} tokens -> {_WORKDIR.value}"
@@ -300,6 +297,52 @@ def main(argv) -> int:
             f"saved); exit {EXIT_PREEMPTED}, run the same command again to resume")
         return EXIT_PREEMPTED
     return 0
+
+
+def _checked_config():
+    """The resolved config with its data pinned (workdir.pin_data), checked as far as it can be
+    without the workdir: the backend, the eval tasks, the memory plan."""
+    import jax
+
+    from prefixlm import config as config_lib
+    from prefixlm import train
+    from prefixlm import workdir as workdir_lib
+
+    config = workdir_lib.pin_data(config_lib.resolve(_loaded_config()))
+    if (jax.default_backend() == "cpu" and config.get("preset") not in CPU_PRESETS
+            and not _ALLOW_CPU.value):
+        raise config_lib.ConfigError(
+            f"{config.name} is a study-scale config but JAX sees only the CPU backend (no GPU "
+            f"or TPU found); install the accelerator build with {GPU_HINT}, use a demo/tiny "
+            "preset, or pass --allow_cpu to train on the CPU anyway")
+    validate_tasks(config)
+    train.check_fits(config)
+    return config
+
+
+def _agreed_config():
+    """``_checked_config``, agreed by every process before any other collective: a process
+    with another config, other data or other flags, or one that failed its checks, stops all
+    of them in one line (hosts.agree) instead of training a diverging replica or leaving the
+    others waiting in a collective."""
+    from prefixlm import hosts
+
+    config, error = None, None
+    try:
+        config = _checked_config()
+    except Exception as e:  # noqa: BLE001 - raised by hosts.agree on this process
+        error = e
+    settings = {}
+    if config is not None:
+        settings = config.to_dict()
+        # where the data is may differ between hosts; what it is (data.fingerprint) may not
+        settings["data"] = {k: v for k, v in settings["data"].items()
+                            if k not in ("path", "val_path")}
+        settings["flags"] = {"workdir_is_remote": "://" in str(_WORKDIR.value),
+                             "restart": _RESTART.value,
+                             "allow_changes": sorted(_ALLOW_CHANGES.value)}
+    hosts.agree("the run's config", settings, error)
+    return config
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:

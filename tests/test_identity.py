@@ -146,8 +146,8 @@ def test_restart_is_all_or_nothing_across_a_kill(data, tmp_path, monkeypatch):
     real, moved = os.replace, []
 
     def dies_after_one_move(src, dst):
-        if os.path.basename(os.path.dirname(os.fspath(dst))).startswith(preflight.RESTARTED) \
-                and not os.fspath(dst).endswith(preflight.JOURNAL):
+        if os.path.dirname(os.fspath(src)) == os.fspath(tmp_path) and \
+                os.path.basename(os.path.dirname(os.fspath(dst))).startswith("restarted-"):
             if moved:
                 raise Killed
             moved.append(src)
