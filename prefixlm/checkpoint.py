@@ -206,13 +206,24 @@ class Checkpointer:
 
     def restore(self, step: int, abstract_state: dict, data_iterator) -> dict:
         """Restores into ``abstract_state``'s shapes/shardings; sets the iterator's state."""
+        self.restore_data(step, data_iterator)
+        return self.restore_arrays(step, abstract_state)
+
+    def restore_data(self, step: int, data_iterator) -> None:
+        """Sets the iterator's state from this process's own file of ``step`` (grain keeps one
+        per process). A local read, no collective: it goes first, so a file that fails on one
+        process fails before any process enters orbax's collective restore of the arrays."""
         import grain.checkpoint
 
+        grain.checkpoint.CheckpointHandler().restore(self.directory / str(step) / "data",
+                                                     item=data_iterator)
+
+    def restore_arrays(self, step: int, abstract_state: dict) -> dict:
+        """The state's arrays of ``step`` (a collective restore on every process)."""
         abstract_train = {k: v for k, v in abstract_state.items() if k != "params"}
         out = self.manager.restore(step, args=ocp.args.Composite(
             params=ocp.args.StandardRestore(abstract_state["params"]),
             train=ocp.args.StandardRestore(abstract_train),
-            data=grain.checkpoint.CheckpointRestore(data_iterator),
         ))
         return {"params": out["params"], **out["train"]}
 
@@ -286,11 +297,18 @@ class Checkpointer:
         on one process only (its own data file corrupt) fails on all of them alike, and no
         process goes on to a collective (the finite check, the identity restore) that another
         skipped."""
-        why = None
+        state, why = None, None
         try:
-            state = self.restore(step, abstract_state, data_iterator)
-        except Exception as e:  # noqa: BLE001 - identity matched, so this is the step's fault
-            state, why = None, f"does not restore ({type(e).__name__}: {_first_line(e)})"
+            self.restore_data(step, data_iterator)
+        except Exception as e:  # noqa: BLE001 - the step's fault (its identity matched)
+            why = f"its data-iterator state does not restore ({type(e).__name__}: " \
+                  f"{_first_line(e)})"
+        if (why := _agreed_fault(why)) is not None:
+            return None, why
+        try:
+            state = self.restore_arrays(step, abstract_state)
+        except Exception as e:  # noqa: BLE001 - the step's fault (its identity matched)
+            why = f"does not restore ({type(e).__name__}: {_first_line(e)})"
         if (why := _agreed_fault(why)) is not None:
             return None, why
         if not params_finite(state["params"]):  # a global reduction: one answer everywhere
