@@ -20,8 +20,8 @@ import jax
 from prefixlm import checkpoint as ckpt_lib
 from prefixlm import config as config_lib
 from prefixlm import hooks as hooks_lib
+from prefixlm import hosts, preflight, sinks, validation
 from prefixlm import model as model_lib
-from prefixlm import preflight, sinks, validation
 from prefixlm import workdir as workdir_lib
 from prefixlm.data import budget
 from prefixlm.errors import DataError
@@ -87,8 +87,13 @@ def _run(config, workdir, tokenizer, hooks, allow_changes, step_hook) -> dict:
              "attention %s", config.name, f"{model_lib.count_params(trainer.mcfg):,}",
              config.train.steps, config.train.batch_size, config.data.seq_len,
              jax.device_count(), dict(trainer.mesh.shape), trainer.kernels["used"])
-    it = _open_data(config, trainer)
-    val = validation.validation_hook(trainer)  # reads its windows before any write
+    error = it = val = None
+    try:  # each process reads its own copy of the data: a fault may be on one host only
+        it = _open_data(config, trainer)
+        val = validation.validation_hook(trainer)  # reads its windows before any write
+    except Exception as e:  # noqa: BLE001 - raised by hosts.agree, on every process alike
+        error = e
+    hosts.agree("the data", {}, error)  # none goes on to a collective another skipped
 
     with hooks_lib.SigtermFlag() as sigterm:
         ckpt = ckpt_lib.Checkpointer(workdir, max_to_keep=config.checkpoint.max_to_keep,

@@ -22,9 +22,10 @@ from prefixlm.data import shards
 from prefixlm.errors import ConfigError, DataError
 
 
-def token_dir_with_checksums(root, seed=0):
-    """A token directory as tokenize writes one today: every shard's content checksum recorded."""
-    root = write_token_dir(root, tiny_tokenizer().vocab_hash, seed=seed)
+def token_dir_with_checksums(root, seed=0, vocab_hash=None, **kw):
+    """A token directory as tokenize writes one today: every shard's content checksum (and
+    largest id) recorded."""
+    root = write_token_dir(root, vocab_hash or tiny_tokenizer().vocab_hash, seed=seed, **kw)
     stats = json.loads((root / shards.STATS).read_text())
     for shard in stats["shards"]:
         for split in shards.SPLITS:

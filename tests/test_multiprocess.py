@@ -347,6 +347,37 @@ def _duplicate_is_refused(cmd, job):
     assert all(p.poll() is None for p in job)  # the job did not notice
 
 
+def test_data_that_fails_on_one_host_only_stops_every_process(setup, tmp_path):
+    """Process 1 reads its own copy of the data (the same stats.json, so the same fingerprint)
+    with a shard edited after tokenization: its checksum check fails there only. Both stop in
+    one line within 60 s, nothing written (without the agreement, process 0 went on into the
+    collective restore and waited for a process that had exited)."""
+    import shutil
+
+    from test_identity import token_dir_with_checksums
+
+    from prefixlm import tokenizer as tokenizer_lib
+
+    model, vocab, _ = setup
+    good = token_dir_with_checksums(tmp_path / "good", vocab_hash=tokenizer_lib.load(
+        str(model)).vocab_hash, n_train=4000, n_val=600, n_ids=vocab)
+    bad = shutil.copytree(good, tmp_path / "bad")
+    shard = bad / "train" / "00000.bin"
+    raw = bytearray(shard.read_bytes())
+    raw[8] ^= 1
+    shard.write_bytes(bytes(raw))
+    cmds = commands(setup, tmp_path / "w", 2, f"--config.data.path={good}")
+    cmds[1].append(f"--config.data.path={bad}")
+    results, seconds = _timed(cmds)
+    assert seconds < AGREE_S, seconds
+    for i, (rc, _, stderr) in enumerate(results):
+        assert rc == 2 and "Traceback" not in stderr, stderr[-3000:]
+        line = _last_line(stderr)
+        assert "content checksum" in line and str(shard) in line, (i, stderr[-2000:])
+    assert "process 1 of 2 stopped before training" in _last_line(results[0][2])
+    assert not (tmp_path / "w").exists()
+
+
 def test_a_process_id_out_of_range_is_one_line(setup, tmp_path):
     (cmd,) = commands(setup, tmp_path / "w", 1)
     results, seconds = _timed([cmd + ["--num_processes=2", "--process_id=5",
