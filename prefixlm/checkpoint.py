@@ -180,11 +180,12 @@ class Checkpointer:
     """
 
     def __init__(self, workdir: str | os.PathLike, *, max_to_keep: int, async_save: bool = True,
-                 identity: dict | None = None, allow_changes=()):
+                 identity: dict | None = None, allow_changes=(), data_path: str | None = None):
         self.directory = _checkpoints_dir(workdir)
         self.manager = _manager(self.directory, max_to_keep=max_to_keep, async_save=async_save)
         self.expected_identity = identity  # what an unverified step's identity must match
         self.allow_changes = set(allow_changes)
+        self.data_path = data_path  # today's real data.path, for identities older than it
         self._mine: set[int] = set()  # steps this process saved whose manifest is not written
         self._failed = False
 
@@ -248,13 +249,24 @@ class Checkpointer:
 
     def restore(self, step: int, abstract_state: dict, data_iterator) -> dict:
         """Restores into ``abstract_state``'s shapes/shardings; sets the iterator's state."""
+        self.restore_data(step, data_iterator)
+        return self.restore_arrays(step, abstract_state)
+
+    def restore_data(self, step: int, data_iterator) -> None:
+        """Sets the iterator's state from this process's own file of ``step`` (grain keeps one
+        per process). A local read, no collective: it goes first, so a file that fails on one
+        process fails before any process enters orbax's collective restore of the arrays."""
         import grain.checkpoint
 
+        grain.checkpoint.CheckpointHandler().restore(self.directory / str(step) / "data",
+                                                     item=data_iterator)
+
+    def restore_arrays(self, step: int, abstract_state: dict) -> dict:
+        """The state's arrays of ``step`` (a collective restore on every process)."""
         abstract_train = {k: v for k, v in abstract_state.items() if k != "params"}
         out = self.manager.restore(step, args=ocp.args.Composite(
             params=ocp.args.StandardRestore(abstract_state["params"]),
             train=ocp.args.StandardRestore(abstract_train),
-            data=grain.checkpoint.CheckpointRestore(data_iterator),
         ))
         return {"params": out["params"], **out["train"]}
 
@@ -267,8 +279,9 @@ class Checkpointer:
         return dict(out["identity"])
 
     def _judge(self) -> tuple[int, list]:
-        """Process 0 picks the newest step whose files are whole: (step or -1, [(bad, why)])."""
-        chosen, faults = -1, []
+        """Process 0 picks the newest step whose files are whole: (step or -1, [(bad, why)]).
+        A storage error is raised on every process (the others would wait for process 0)."""
+        chosen, faults, error = -1, [], None
         if jax.process_index() == 0:
             for s in reversed(_step_dirs(self.directory)):
                 step_dir = self.directory / str(s)
@@ -276,12 +289,16 @@ class Checkpointer:
                     why = (None if is_complete(step_dir)
                            else "incomplete: no orbax metadata or items") or verify(step_dir)
                 except (OSError, ValueError, KeyError, AttributeError, TypeError) as e:
-                    raise CheckpointError(f"cannot check checkpoint {step_dir} ({e}); fix the "
-                                          "storage, or move the step aside, and resume") from e
+                    error = CheckpointError(f"cannot check checkpoint {step_dir} ({e}); fix the "
+                                            "storage, or move the step aside, and resume")
+                    break
                 if why is None:
                     chosen = s
                     break
                 faults.append((s, why))
+        if _agreed_fault(str(error) if error else None) is not None:
+            raise error or CheckpointError(f"process 0 cannot check the checkpoints in "
+                                           f"{self.directory} (see its log)")
         return int(hosts.from_process_0(chosen)), faults
 
     def _set_aside(self, faults: list) -> None:
@@ -311,22 +328,37 @@ class Checkpointer:
             return f"no manifest and its identity does not restore ({_first_line(e)})"
         if saved is None or self.expected_identity is None:
             return None
-        differ = sorted(k for k in set(saved) | set(self.expected_identity)
-                        if saved.get(k) != self.expected_identity.get(k)
-                        and k not in self.allow_changes)
+        changes = workdir_lib.identity_diff(saved, self.expected_identity, self.data_path)
+        differ = sorted(k for k in changes if k not in self.allow_changes)
         return f"no manifest and its identity differs ({', '.join(differ)})" if differ else None
 
     def _try_restore(self, step: int, abstract_state: dict, data_iterator):
-        """(state, None) when ``step`` restores and passes its checks, else (None, why)."""
+        """(state, None) when ``step`` restores and passes its checks, else (None, why).
+
+        Every process takes the same path through the same collectives whatever fails where:
+        each fallible stage ends in an agreement (``hosts.any_process``), so a step that fails
+        on one process only (its own data file corrupt) fails on all of them alike, and no
+        process goes on to a collective (the finite check, the identity restore) that another
+        skipped."""
+        state, why = None, None
         try:
-            state = self.restore(step, abstract_state, data_iterator)
-        except Exception as e:  # noqa: BLE001 - identity matched, so this is the step's fault
-            return None, f"does not restore ({type(e).__name__}: {_first_line(e)})"
-        if not params_finite(state["params"]):
+            self.restore_data(step, data_iterator)
+        except Exception as e:  # noqa: BLE001 - the step's fault (its identity matched)
+            why = f"its data-iterator state does not restore ({type(e).__name__}: " \
+                  f"{_first_line(e)})"
+        if (why := _agreed_fault(why)) is not None:
+            return None, why
+        try:
+            state = self.restore_arrays(step, abstract_state)
+        except Exception as e:  # noqa: BLE001 - the step's fault (its identity matched)
+            why = f"does not restore ({type(e).__name__}: {_first_line(e)})"
+        if (why := _agreed_fault(why)) is not None:
+            return None, why
+        if not params_finite(state["params"]):  # a global reduction: one answer everywhere
             return None, "non-finite parameters"
-        if not (self.directory / str(step) / MANIFEST).exists():
-            why = self._unverified_fault(step)
-            if why:
+        verified = bool(hosts.from_process_0((self.directory / str(step) / MANIFEST).exists()))
+        if not verified:
+            if (why := _agreed_fault(self._unverified_fault(step))) is not None:
                 return None, why
             log.warning("checkpoint %s has no manifest (the run that saved it stopped first); "
                         "restored, checked (finite parameters, identity) and adopted",
@@ -340,7 +372,7 @@ class Checkpointer:
         fails on any process is moved aside on all and the previous one is tried, so all
         resume from the same step.
         """
-        if not _step_dirs(self.directory):
+        if not bool(hosts.from_process_0(bool(_step_dirs(self.directory)))):
             return None
         faults: list = []
         while True:
@@ -355,9 +387,9 @@ class Checkpointer:
                     "rerun with --restart to move the old record aside and start again")
             self._check_process_count(chosen)
             state, why = self._try_restore(chosen, abstract_state, data_iterator)
-            if not hosts.any_process(why is not None):
+            if why is None:  # an answer every process shares (_agreed_fault)
                 return chosen, state
-            bad = [(chosen, why or "failed to restore on another process")]
+            bad = [(chosen, why)]
             self._set_aside(bad)
             faults += bad
 
@@ -379,6 +411,17 @@ class Checkpointer:
         self.wait()
         self._finish_manifests()
         self.manager.close()
+
+
+def _agreed_fault(why: str | None) -> str | None:
+    """One answer on every process: None when no process found a fault, else the first one
+    found (naming its process), so all of them take the same path afterwards."""
+    if jax.process_count() == 1:
+        return why
+    for i, text in enumerate(hosts.gather_text(why or "")):
+        if text:
+            return text if i == 0 else f"on process {i}: {text}"
+    return None
 
 
 def params_finite(params) -> bool:

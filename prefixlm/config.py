@@ -114,16 +114,23 @@ class Range:
 
     def message(self, field: str, value) -> str:
         what = "an integer" if self.kind is int else "a finite number"
+        lo, hi = self._shown(self.lo), self._shown(self.hi)
         if self.lo is not None and self.hi is not None:
             what = "an integer" if self.kind is int else ""
-            bounds = (f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}"
+            bounds = (f"in {'(' if self.lo_open else '['}{lo}, {hi}"
                       f"{')' if self.hi_open else ']'}")
         elif self.lo is not None:
-            bounds = f"{'>' if self.lo_open else '>='} {self.lo:g}"
+            bounds = f"{'>' if self.lo_open else '>='} {lo}"
         else:
-            bounds = f"{'<' if self.hi_open else '<='} {self.hi:g}"
+            bounds = f"{'<' if self.hi_open else '<='} {hi}"
         text = f"{field}={value!r} must be {what} {bounds}".replace("  ", " ")
         return text + (f" ({self.note})" if self.note else "")
+
+    def _shown(self, bound) -> str:
+        """An integer bound in full (4294967295, not 4.29497e+09); others as %g."""
+        if bound is None:
+            return ""
+        return str(int(bound)) if self.kind is int else f"{bound:g}"
 
     def ok(self, value) -> bool:
         if value is None:
@@ -140,8 +147,9 @@ class Range:
 # steps, divisibility by devices) are checked in resolve; model shapes also by ModelConfig,
 # objective.eps / temperature / eps_decay_fraction by the objective registry.
 RANGES = {
-    "seed": Range(int, 0, note="init seed"),
-    "data_seed": Range(int, -1, note="-1 for the same as seed"),
+    # grain's shuffle takes a seed below 2**32, and data_seed defaults to seed
+    "seed": Range(int, 0, 2**32 - 1, note="init seed; also the data order's unless data_seed"),
+    "data_seed": Range(int, -1, 2**32 - 1, note="-1 for the same as seed"),
     "log_every": Range(int, 1),
     "peak_flops": Range(float, 0, note="0 = look up"),
     "grad_accum": Range(int, 1),

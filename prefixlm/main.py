@@ -36,7 +36,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from prefixlm import cli
+from prefixlm import cli, errors
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "configs/<family>.py[:ARGS], e.g. configs/prefix_norm.py:demo,eps=1.0",
@@ -68,8 +68,9 @@ _ALLOW_CPU = flags.DEFINE_boolean(
 _ALLOW_CHANGES = flags.DEFINE_list(
     "allow_changes", [], "identity fields that may differ from the saved run on resume, e.g. "
     "train.steps,optim.lr (recorded in WORKDIR/changes.jsonl). Any identity field can, except "
-    "those that define the run: seed, data_seed, objective.*, model.*, data.path and "
-    "data.worker_count never change (use a new --workdir)")
+    "those that define the run: seed, data_seed, objective.*, model.*, the data (its content, "
+    "data.fingerprint: the same shards under another path resume) and data.worker_count never "
+    "change (use a new --workdir)")
 _RESTART = flags.DEFINE_boolean(
     "restart", False, "start this workdir again at step 0: the old record (metrics.jsonl, "
     "eval/, checkpoints, checkpoints_bad, config.json, ...) moves into "
@@ -117,11 +118,19 @@ def init_distributed() -> None:
         if any(v is None for v in explicit):
             raise app.UsageError("--coordinator_address, --num_processes and --process_id go "
                                  "together; give all three (or none on a TPU VM)")
+        if not (_NPROC.value >= 1 and 0 <= _PID.value < _NPROC.value):
+            raise errors.ConfigError(
+                f"--process_id={_PID.value} with --num_processes={_NPROC.value}: the ids are 0 "
+                f"to {max(_NPROC.value - 1, 0)}, one per process; give each process its own")
         if _NPROC.value > 1 and not os.environ.get("JAX_CPU_COLLECTIVES_IMPLEMENTATION"):
             # Cross-process collectives of the CPU backend (processes without accelerators, and
             # tests); it must be chosen before initialize creates the backend. Accelerator
             # backends ignore it. An explicit JAX_CPU_COLLECTIVES_IMPLEMENTATION (mpi) wins.
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        if _NPROC.value > 1:  # a duplicate id must stop before it reaches the coordinator
+            from prefixlm import hosts
+
+            hosts.claim_process_id(_COORD.value, _PID.value)
         jax.distributed.initialize(coordinator_address=_COORD.value,
                                    num_processes=_NPROC.value, process_id=_PID.value)
     elif _DIST.value == "on":
@@ -239,6 +248,10 @@ def main(argv) -> int:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if _WORKDIR.value is None and not _DRY_RUN.value:
         raise app.UsageError("--workdir is required (the run directory)")
+    if _WORKDIR.value is not None:
+        from prefixlm import workdir as workdir_lib
+
+        workdir_lib.run_path(_WORKDIR.value)  # an empty or malformed path: one line, now
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
     _set_xla_flags(_loaded_config())
     init_distributed()
@@ -263,14 +276,7 @@ def main(argv) -> int:
         return plan.dry_run(_CONFIG.value, num_devices=_PLAN_DEVICES.value,
                             device_kind=_PLAN_DEVICE.value,
                             compile=_DRY_RUN.value == "compile")
-    config = config_lib.resolve(_CONFIG.value)
-    if (jax.default_backend() == "cpu" and config.get("preset") not in CPU_PRESETS
-            and not _ALLOW_CPU.value):
-        raise config_lib.ConfigError(
-            f"{config.name} is a study-scale config but JAX sees only the CPU backend (no GPU "
-            f"or TPU found); install the accelerator build with {GPU_HINT}, use a demo/tiny "
-            "preset, or pass --allow_cpu to train on the CPU anyway")
-    validate_tasks(config)
+    config = _agreed_config()
     n = model_lib.count_params(config_lib.model_config(config))
     say(f"{config.name}: {n:,} parameters ({n / 1e6:.1f}M), {config.train.steps} steps x "
         f"{config.train.batch_tokens:,} tokens -> {_WORKDIR.value}"
@@ -294,6 +300,52 @@ def main(argv) -> int:
             f"saved); exit {EXIT_PREEMPTED}, run the same command again to resume")
         return EXIT_PREEMPTED
     return 0
+
+
+def _checked_config():
+    """The resolved config with its data pinned (workdir.pin_data), checked as far as it can be
+    without the workdir: the backend, the eval tasks, the memory plan."""
+    import jax
+
+    from prefixlm import config as config_lib
+    from prefixlm import train
+    from prefixlm import workdir as workdir_lib
+
+    config = workdir_lib.pin_data(config_lib.resolve(_loaded_config()))
+    if (jax.default_backend() == "cpu" and config.get("preset") not in CPU_PRESETS
+            and not _ALLOW_CPU.value):
+        raise config_lib.ConfigError(
+            f"{config.name} is a study-scale config but JAX sees only the CPU backend (no GPU "
+            f"or TPU found); install the accelerator build with {GPU_HINT}, use a demo/tiny "
+            "preset, or pass --allow_cpu to train on the CPU anyway")
+    validate_tasks(config)
+    train.check_fits(config)
+    return config
+
+
+def _agreed_config():
+    """``_checked_config``, agreed by every process before any other collective: a process
+    with another config, other data or other flags, or one that failed its checks, stops all
+    of them in one line (hosts.agree) instead of training a diverging replica or leaving the
+    others waiting in a collective."""
+    from prefixlm import hosts
+
+    config, error = None, None
+    try:
+        config = _checked_config()
+    except Exception as e:  # noqa: BLE001 - raised by hosts.agree on this process
+        error = e
+    settings = {}
+    if config is not None:
+        settings = config.to_dict()
+        # where the data is may differ between hosts; what it is (data.fingerprint) may not
+        settings["data"] = {k: v for k, v in settings["data"].items()
+                            if k not in ("path", "val_path")}
+        settings["flags"] = {"workdir_is_remote": "://" in str(_WORKDIR.value),
+                             "restart": _RESTART.value,
+                             "allow_changes": sorted(_ALLOW_CHANGES.value)}
+    hosts.agree("the run's config", settings, error)
+    return config
 
 
 def guarded_main(argv) -> int:

@@ -8,7 +8,8 @@
    belongs, a regular file where a file belongs: never a symlink or a FIFO, see
    prefixlm.safe_files) and config.json parses;
 2. ``--restart``: the old record (metrics, evaluations, checkpoints, bad checkpoints, config)
-   moves into ``WORKDIR/restarted-<time>/``; nothing is deleted;
+   moves into ``WORKDIR/restarted-<time>/``; nothing is deleted, and a restart that a kill cut
+   short is finished by the next start (before step 1), so it is all or nothing;
 3. history is evidence: metrics.jsonl with rows past step 0 but no checkpoint to resume from
    is refused (a silent restart would truncate the record), unless ``--restart``;
 4. ``checkpoints/`` is writable (a save failing inside orbax must not be the first sign);
@@ -19,6 +20,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import time
@@ -81,30 +83,76 @@ def check_history(workdir) -> None:
             "record. Rerun with --restart to move the old record aside and start at step 0")
 
 
+JOURNAL = ".restart-moving.json"  # in a restarted-* folder while its move is under way
+
+
 def move_aside(workdir) -> str | None:
     """Moves everything of the previous run into WORKDIR/restarted-<time>/ (nothing deleted);
-    the folder's path, or None when there was nothing to move."""
+    the folder's path, or None when there was nothing to move.
+
+    All or nothing across a kill: the names to move are written to the folder's journal
+    (JOURNAL) before the first one moves, and any start that finds a journal finishes that move
+    (``finish_interrupted_restart``) before it looks at the workdir, so a restart cut short never
+    leaves half the old record beside the new run."""
     root = workdir_lib.run_path(workdir)
     if not root.is_dir():
         return None
-    names = [p.name for p in root.iterdir()
-             if p.name not in (lock.LOCK, lock.LEASE) and not p.name.startswith(RESTARTED)]
+    names = sorted(p.name for p in root.iterdir()
+                   if p.name not in (lock.LOCK, lock.LEASE) and not p.name.startswith(RESTARTED))
     if not names:
         return None
-    target = root / (RESTARTED + time.strftime("%Y%m%d-%H%M%S"))
+    stamp = RESTARTED + time.strftime("%Y%m%d-%H%M%S")
+    target, n = root / stamp, 1
+    while target.exists():  # a restart within the same second, or a folder of that name
+        target, n = root / f"{stamp}-{n}", n + 1
     target.mkdir()
-    for name in names:
-        if workdir_lib.is_remote(root):
-            _copy_tree(root / name, target / name)
-            if (root / name).is_dir():
-                (root / name).rmtree()
-            else:
-                (root / name).unlink()
-        else:
-            os.replace(root / name, target / name)
-    log.warning("--restart: moved the previous record of %s (%s) to %s", root,
-                ", ".join(sorted(names)), target)
+    workdir_lib.write_text_atomic(target / JOURNAL, json.dumps({"names": names}) + "\n")
+    _move_names(root, target, names)
     return os.fspath(target)
+
+
+def _move_names(root, target, names) -> None:
+    """Moves each of ``names`` still in ``root`` into ``target``, then drops the journal."""
+    for name in names:
+        src = root / name
+        if not (src.exists() or os.path.islink(os.fspath(src))):
+            continue  # moved before a kill
+        if workdir_lib.is_remote(root):
+            _copy_tree(src, target / name)
+            if src.is_dir():
+                src.rmtree()
+            else:
+                src.unlink()
+        else:
+            os.replace(src, target / name)
+    (target / JOURNAL).unlink()
+    log.warning("--restart: moved the previous record of %s (%s) to %s", root,
+                ", ".join(names), target)
+
+
+def finish_interrupted_restart(workdir) -> None:
+    """Completes a ``--restart`` that a kill cut short (its folder still holds the journal)."""
+    root = workdir_lib.run_path(workdir)
+    if not root.is_dir():
+        return
+    for folder in sorted(p for p in root.iterdir() if p.name.startswith(RESTARTED)):
+        journal = folder / JOURNAL
+        if not journal.exists():
+            continue
+        try:
+            names = json.loads(journal.read_text())["names"]
+            if not (isinstance(names, list) and all(isinstance(n, str) and "/" not in n
+                                                    and n not in ("", ".", "..")
+                                                    for n in names)):
+                raise ValueError("names is not a list of file names")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ConfigError(
+                f"{journal}: a --restart was cut short and its journal cannot be read ({e}); "
+                f"move the rest of the old record into {folder} by hand and delete the "
+                "journal") from None
+        log.warning("finishing a --restart that was cut short: moving the rest of the old "
+                    "record into %s", folder)
+        _move_names(root, folder, names)
 
 
 def _copy_tree(src, dst) -> None:
@@ -138,6 +186,7 @@ def drop_failing_sinks(workdir, config):
 
 def _check(workdir, config, restart: bool):
     """Steps 1-5 of the module docstring, on process 0 (it owns the files)."""
+    finish_interrupted_restart(workdir)
     check_layout(workdir)
     if restart:
         move_aside(workdir)
@@ -154,7 +203,7 @@ def claimed(workdir, config, *, restart: bool = False):
         if jax.process_index() == 0:
             try:
                 config = _check(workdir, config, restart)
-            except (ConfigError, checkpoint.CheckpointError) as e:
+            except Exception as e:  # noqa: BLE001 - raised below on every process alike
                 error = e
         if bool(hosts.from_process_0(error is not None)):
             raise error or ConfigError(f"{workdir}: process 0 refused the workdir (see its log)")

@@ -20,8 +20,8 @@ import jax
 from prefixlm import checkpoint as ckpt_lib
 from prefixlm import config as config_lib
 from prefixlm import hooks as hooks_lib
+from prefixlm import hosts, preflight, sinks, validation
 from prefixlm import model as model_lib
-from prefixlm import preflight, sinks, validation
 from prefixlm import workdir as workdir_lib
 from prefixlm.data import budget
 from prefixlm.errors import DataError
@@ -57,10 +57,27 @@ def train_and_evaluate(config, workdir, *, tokenizer=None, hooks: Sequence[Hook]
     record aside first (see prefixlm.preflight). One run per workdir: the lock is held
     throughout (prefixlm.lock).
     """
-    config = config_lib.resolve(config)
+    config = workdir_lib.pin_data(config_lib.resolve(config))
     workdir = workdir_lib.run_path(workdir)
+    check_fits(config)
     with preflight.claimed(workdir, config, restart=restart) as config:
         return _run(config, workdir, tokenizer, hooks, allow_changes, step_hook)
+
+
+def check_fits(config) -> None:
+    """Refuses a config whose memory plan (the one ``--dry_run`` prints) cannot fit this host's
+    devices, before anything is written: otherwise it dies of OOM with a config.json that then
+    refuses the corrected command as another run."""
+    from prefixlm import plan as plan_lib
+
+    kind = jax.devices()[0].device_kind
+    memory = plan_lib.device_memory(kind)
+    if kind.lower() == "cpu" and plan_lib.host_memory_bytes():  # CPU devices share the RAM
+        memory = plan_lib.host_memory_bytes() // jax.local_device_count()
+    plan = plan_lib.make_plan(config, num_devices=jax.device_count(),
+                              device_memory_bytes=memory, device_kind=kind)
+    if not plan.fits:
+        raise config_lib.ConfigError(plan_lib.fix_line(plan) + " (--dry_run prints the plan)")
 
 
 def _run(config, workdir, tokenizer, hooks, allow_changes, step_hook) -> dict:
@@ -70,15 +87,21 @@ def _run(config, workdir, tokenizer, hooks, allow_changes, step_hook) -> dict:
              "attention %s", config.name, f"{model_lib.count_params(trainer.mcfg):,}",
              config.train.steps, config.train.batch_size, config.data.seq_len,
              jax.device_count(), dict(trainer.mesh.shape), trainer.kernels["used"])
-    it = _open_data(config, trainer)
+    error = it = val = None
+    try:  # each process reads its own copy of the data: a fault may be on one host only
+        it = _open_data(config, trainer)
+        val = validation.validation_hook(trainer)  # reads its windows before any write
+    except Exception as e:  # noqa: BLE001 - raised by hosts.agree, on every process alike
+        error = e
+    hosts.agree("the data", {}, error)  # none goes on to a collective another skipped
 
     with hooks_lib.SigtermFlag() as sigterm:
         ckpt = ckpt_lib.Checkpointer(workdir, max_to_keep=config.checkpoint.max_to_keep,
                                      async_save=config.checkpoint.async_save,
                                      identity=workdir_lib.identity(config),
-                                     allow_changes=allow_changes)
+                                     allow_changes=allow_changes,
+                                     data_path=config.data.path)
         try:
-            val = validation.validation_hook(trainer)  # reads its windows before any write
             run = _resume(config, workdir, trainer, it, ckpt, allow_changes)
             run.evaluations = ([val] if val is not None else []) + list(hooks)
             return run_loop(run, _loop_hooks(config, workdir, run, sigterm, step_hook))
@@ -111,12 +134,31 @@ def _resume(config, workdir, trainer: Trainer, it, ckpt, allow_changes) -> Run:
         workdir_lib.save_config(workdir, config, changes, start)
         workdir_lib.write_text_atomic(workdir / "kernels.json",
                                       json.dumps(trainer.kernels, indent=2) + "\n")
-    writer = sinks.MetricsWriter(workdir, start, is_main, config.get("log"),
-                                 json.loads(config.to_json_best_effort()), config.name)
+    carried = _logged_row(workdir, start) if is_main and start > 0 else None
+    # The restored step's row is written again, once, at the start of this launch, with the
+    # evaluations it may still lack (a SIGTERM at an evaluation step saves and logs the step
+    # but skips its evaluations): one row per step, never a second row for the same step.
+    writer = sinks.MetricsWriter(workdir, start - 1 if carried else start, is_main,
+                                 config.get("log"), json.loads(config.to_json_best_effort()),
+                                 config.name)
     if start >= config.train.steps:
         log.info("%s is already trained to step %d (train.steps=%d)", workdir, start,
                  config.train.steps)
-    return Run(trainer, state, it, start, config.train.steps, writer, ckpt)
+    run = Run(trainer, state, it, start, config.train.steps, writer, ckpt)
+    if carried:
+        writer.jsonl.rows.append(carried)  # what the evaluations see as logged at this step
+        run.row = {k: v for k, v in carried.items() if k != "step"}
+    return run
+
+
+def _logged_row(workdir, step: int) -> dict | None:
+    """The last row metrics.jsonl holds for ``step`` when it is the last step it holds."""
+    path = workdir / "metrics.jsonl"
+    if not path.exists():
+        return None
+    rows = [r for r in workdir_lib.read_rows(path) if isinstance(r.get("step"), int)
+            and r["step"] <= step]
+    return rows[-1] if rows and rows[-1]["step"] == step else None
 
 
 def _loop_hooks(config, workdir, run: Run, sigterm, step_hook) -> list[LoopHook]:

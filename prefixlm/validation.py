@@ -33,6 +33,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from prefixlm.data import pipeline, shards
+from prefixlm.errors import DataError
 from prefixlm.loop import Hook
 from prefixlm.step import BATCH_AXES
 
@@ -41,7 +42,8 @@ log = logging.getLogger("prefixlm.validation")
 
 def read_windows(config, vocab_hash: str | None) -> np.ndarray | None:
     """int32 [N, L + 1]: the fixed validation windows (see the module doc), or None with a
-    warning when the run has no validation data."""
+    warning when data.path has no validation split. A ``data.val_path`` that cannot be read is
+    a DataError: the run would otherwise go without validation after one warning."""
     d = config.data
     path, seq_len = d.val_path or d.path, int(d.seq_len)
     want = int(config.eval.val_tokens) // seq_len
@@ -51,6 +53,11 @@ def read_windows(config, vocab_hash: str | None) -> np.ndarray | None:
         files = shards.split_files(path, "validation", stats, vocab_size=config.model.vocab_size)
         source = pipeline.TokenWindows(files, seq_len)
     except (ValueError, FileNotFoundError, KeyError) as err:
+        if d.val_path:  # asked for by name: a typo must not silently cost the run validation
+            raise DataError(
+                f"data.val_path={d.val_path!r}: {err}; fix the path, set data.val_path='' to "
+                "validate on data.path's validation split, or eval.val_tokens=0 to turn "
+                "validation off") from None
         log.warning("no validation data (%s); skipping validation loss", err)
         return None
     n = min(want, len(source))

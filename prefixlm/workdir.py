@@ -6,8 +6,10 @@ renames) and local disks (atomic rename) are handled in one place.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import re
 import time
 
 import ml_collections
@@ -26,8 +28,22 @@ def run_path(workdir) -> epath.Path:
     checkpoints through orbax) goes through this path layer, so ``--workdir=gs://bucket/run``
     works like a local directory. (``pathlib`` cannot: it folds ``gs://`` into ``gs:/``.)
     """
-    path = epath.Path(workdir)
-    return path if is_remote(path) else path.absolute()
+    text = os.fspath(workdir)
+    if not text.strip():
+        raise ConfigError("--workdir is empty; name the run directory (a local path or "
+                          "gs://bucket/dir), it is never the current directory by default")
+    if not is_remote(text):
+        return epath.Path(text).absolute()
+    scheme = text.split("://", 1)[0]
+    try:
+        if not re.fullmatch(r"[a-z][a-z0-9+.-]*", scheme):
+            raise KeyError(scheme)
+        return epath.Path(text)
+    except KeyError:
+        raise ConfigError(
+            f"{text!r}: '://' makes a path object storage, and {scheme + '://'!r} is not a "
+            "storage scheme this install knows (gs:// needs gcsfs); a local path cannot contain "
+            "'://': rename it") from None
 
 
 def write_text_atomic(path: epath.Path, text: str) -> None:
@@ -40,10 +56,11 @@ def write_text_atomic(path: epath.Path, text: str) -> None:
 # between a run and its resume. Everything else is the run's identity. (grad_accum and the mesh
 # change the order of float sums, so a resume under new ones is exact to rounding, not bits.
 # data.worker_count is identity: grain's saved iterator state has another layout per count.)
+# data.path is where the data is, not what it is: data.fingerprint (``pin_data``) is identity.
 NOT_IDENTITY = ("name", "preset", "log_every", "progress", "peak_flops", "grad_accum",
                 "xla_flags", "model.attention", "model.attention_fallback", "model.remat",
                 "model.remat_policy",
-                "objective.chunk_size", "data.prefetch_threads",
+                "objective.chunk_size", "data.prefetch_threads", "data.path",
                 "eval.", "checkpoint.", "mesh.", "log.", "profile.")
 
 
@@ -52,7 +69,8 @@ NOT_IDENTITY = ("name", "preset", "log_every", "progress", "peak_flops", "grad_a
 # training done under other values. data.worker_count is here too: grain's saved iterator state
 # has another layout per worker count, so no checkpoint would restore. Every other identity
 # field (train.*, optim.*, data.seq_len, ...) may change when named in --allow_changes.
-IMMUTABLE = ("seed", "data_seed", "objective.", "model.", "data.path", "data.worker_count")
+IMMUTABLE = ("seed", "data_seed", "objective.", "model.", "data.fingerprint",
+             "data.worker_count")
 
 
 def is_immutable(field: str) -> bool:
@@ -78,6 +96,77 @@ def identity(config) -> dict:
             if not any(k == f or (f.endswith(".") and k.startswith(f)) for f in NOT_IDENTITY)}
 
 
+def data_fingerprint(path) -> str | None:
+    """What the token directory ``path`` holds, independent of where it is: a digest of its
+    stats.json's tokenizer hash, dtype and every shard's token counts and content checksums
+    (which the pipeline verifies against the files before training on them). None when there is
+    no readable stats.json (the data check that follows names the problem). Shards tokenized
+    before checksums were recorded are told apart by their token counts only."""
+    import hashlib
+
+    from prefixlm.data import shards
+
+    try:
+        stats = shards.read_stats(path)
+        record = {"tokenizer_hash": stats.get("tokenizer_hash"), "dtype": stats.get("dtype"),
+                  "shards": [{split: {k: shard[split].get(k) for k in ("tokens", "checksum")}
+                              for split in shards.SPLITS if isinstance(shard.get(split), dict)}
+                             for shard in stats["shards"]]}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    text = json.dumps(record, sort_keys=True)
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def pin_data(config) -> ml_collections.ConfigDict:
+    """The resolved config with its data pinned: ``data.path`` and ``data.val_path`` as real
+    paths (a relative path means one directory whatever the current directory of a resume) and
+    ``data.fingerprint``, the content's identity (``data_fingerprint``). So the same data under
+    another path resumes, and other data under the same path is another run."""
+    c = ml_collections.ConfigDict(config.to_dict())
+    c.data.path = os.path.realpath(os.path.expanduser(str(c.data.path)))
+    if c.data.get("val_path"):
+        c.data.val_path = os.path.realpath(os.path.expanduser(str(c.data.val_path)))
+    c.data.fingerprint = data_fingerprint(c.data.path)
+    return c
+
+
+@functools.cache
+def _defaults() -> dict:
+    """Today's default of every identity field (configs/base.py), for records that predate a
+    field; {} where the configs package is not importable."""
+    try:
+        from configs import base
+    except ImportError:
+        return {}
+    return identity(base.get_config())
+
+
+def in_todays_terms(saved: dict, new: dict, data_path: str | None = None) -> dict:
+    """A saved identity as today's code would record that run: a field added since it was
+    written, whose value now is the field's default, takes that value (the run was trained
+    under it before it could be named); a ``data.path`` from before data fingerprints stands for
+    the data now at that path when it is the same directory (``data_path``: today's real path)."""
+    out = dict(saved)
+    defaults = _defaults()
+    for k, v in new.items():
+        if k not in out and k in defaults and defaults[k] == v:
+            out[k] = v
+    legacy_path = out.pop("data.path", None)
+    if "data.fingerprint" not in out and "data.fingerprint" in new and legacy_path is not None:
+        same = data_path is not None and os.path.realpath(str(legacy_path)) == data_path
+        out["data.fingerprint"] = (new["data.fingerprint"] if same
+                                   else f"the data at {legacy_path}")
+    return out
+
+
+def identity_diff(saved: dict, new: dict, data_path: str | None = None) -> dict:
+    """{field: [saved value, new value]} for every identity field that differs."""
+    saved = in_todays_terms(saved, new, data_path)
+    return {k: [saved.get(k), new.get(k)] for k in sorted(set(saved) | set(new))
+            if saved.get(k) != new.get(k)}
+
+
 def saved_identity(workdir) -> dict | None:
     """The identity recorded in ``config.json`` (None for a fresh directory)."""
     path = run_path(workdir) / "config.json"
@@ -95,9 +184,7 @@ def read_config_json(path) -> dict:
 
 def identity_changes(saved: dict, config) -> dict:
     """{field: [saved value, new value]} for every identity field that differs."""
-    new = identity(config)
-    return {k: [saved.get(k), new.get(k)] for k in sorted(set(saved) | set(new))
-            if saved.get(k) != new.get(k)}
+    return identity_diff(saved, identity(config), config.data.get("path"))
 
 
 def check_identity(workdir, saved: dict | None, config, allow_changes=()) -> dict:
@@ -113,9 +200,12 @@ def check_identity(workdir, saved: dict | None, config, allow_changes=()) -> dic
     fixed = {k: v for k, v in changes.items() if is_immutable(k)}
     if fixed:
         shown = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in fixed.items())
+        data = (" (data.fingerprint is the content of data.path: its shards and tokenizer; "
+                "the same shards under another path resume)" if "data.fingerprint" in fixed
+                else "")
         raise ConfigError(
-            f"{workdir} holds another run ({shown}); seed, data_seed, objective.*, model.*, "
-            "data.path and data.worker_count define a run and cannot change, even with "
+            f"{workdir} holds another run ({shown}){data}; seed, data_seed, objective.*, "
+            "model.*, the data and data.worker_count define a run and cannot change, even with "
             "--allow_changes: use a new --workdir")
     refused = {k: v for k, v in changes.items() if k not in set(allow_changes)}
     if refused:

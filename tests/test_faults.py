@@ -299,14 +299,14 @@ def test_a_checkpoint_that_fails_to_restore_falls_back(token_dir, tmp_path, monk
     """Its identity matches the run (checked before), so a step that does not restore is the
     step's fault: it is moved aside, named, and the previous one is used (issue 17)."""
     run(_short(token_dir), tmp_path)
-    original = ckpt_lib.Checkpointer.restore
+    original = ckpt_lib.Checkpointer.restore_arrays
 
-    def broken(self, step, abstract_state, data_iterator):
+    def broken(self, step, abstract_state):
         if step == 4:
             raise KeyError("exhausted")
-        return original(self, step, abstract_state, data_iterator)
+        return original(self, step, abstract_state)
 
-    monkeypatch.setattr(ckpt_lib.Checkpointer, "restore", broken)
+    monkeypatch.setattr(ckpt_lib.Checkpointer, "restore_arrays", broken)
     run(_short(token_dir, train__steps=4), tmp_path)
     assert (tmp_path / "checkpoints_bad" / "4").is_dir()
     assert _steps(tmp_path) == [2, 4]  # step 4 trained again from step 2

@@ -131,11 +131,23 @@ def _compare(a_rows, b_rows, rtol):
                 np.testing.assert_allclose(b[k], a[k], rtol=rtol, err_msg=f"step {a['step']} {k}")
 
 
-def test_two_processes_train_like_one_and_resume(setup, tmp_path):
-    one, two = tmp_path / "one", tmp_path / "two"
+@pytest.fixture(scope="module")
+def trained_pair(setup, tmp_path_factory):
+    """(1-process run, 2-process run, the 2 processes' results): the same 8 steps, trained
+    once for the tests below (each works on a copy)."""
+    root = tmp_path_factory.mktemp("pair")
+    one, two = root / "one", root / "two"
     # The reference and the 2-process run side by side: together they use the 2 cores better.
     ref, *results = run_all(commands(setup, one, 1) + commands(setup, two, 2))
     _ok([ref, *results])
+    return one, two, results
+
+
+def test_two_processes_train_like_one_and_resume(setup, trained_pair, tmp_path):
+    import shutil
+
+    one, two, results = trained_pair
+    two = shutil.copytree(two, tmp_path / "two")
 
     rows = metrics(two)
     # written once, by process 0 only; step 0 holds the validation of the initial model
@@ -159,8 +171,6 @@ def test_two_processes_train_like_one_and_resume(setup, tmp_path):
 
     # Lose the last checkpoint: both processes resume from step 4 and log steps 5-8 again,
     # identically (same programs, same data position).
-    import shutil
-
     shutil.rmtree(two / "checkpoints" / "8")
     results = run_all(commands(setup, two, 2))
     _ok(results)
@@ -202,7 +212,11 @@ def test_sigterm_saves_a_checkpoint_and_exits_143(setup, tmp_path):
 def test_sigterm_to_one_of_two_processes_stops_both_at_an_agreed_step(setup, tmp_path):
     """Slurm may signal one task first: the processes agree every
     checkpoint.preemption_check_every steps (not every step), save that step collectively and
-    both exit 143."""
+    both exit 143.
+
+    Issue 21, on the same running job (one job start for both cases): a second --process_id=1
+    started beside it stops in one line within 60 s, before it reaches the coordinator (on
+    main it aborted both processes of the job and hung itself), and the job goes on."""
     workdir = tmp_path / "run"
     cmds = commands(setup, workdir, 2, "--config.train.steps=100000", "--config.data.allow_repeat=True",
                     "--config.checkpoint.every=0", "--config.eval.every=0",
@@ -216,6 +230,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_an_agreed_step(setup, tmp
             assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
             assert time.monotonic() < deadline, "no metrics within the timeout"
             time.sleep(0.2)
+        _duplicate_is_refused(cmds[1], procs)
         procs[1].send_signal(signal.SIGTERM)
         outs = [p.communicate(timeout=TIMEOUT) for p in procs]
     finally:
@@ -264,3 +279,110 @@ def test_remote_workdir_files_go_through_the_path_layer(tmp_path, monkeypatch):
     workdir_lib.save_config(tmp_path, c)
     assert workdir_lib.load_config(tmp_path).name == c.name
     assert not list(tmp_path.glob("*.tmp"))
+
+
+# ---- issue 21: processes that agree ----------------------------------------------------------
+AGREE_S = 60  # each refusal below ends on every process within this (start-up included)
+
+
+def _timed(cmds, timeout=TIMEOUT):
+    t0 = time.monotonic()
+    results = run_all(cmds)
+    return results, time.monotonic() - t0
+
+
+def _last_line(stderr: str) -> str:
+    return stderr.strip().splitlines()[-1] if stderr.strip() else ""
+
+
+def test_a_step_that_fails_to_restore_on_one_process_is_moved_aside_on_all(
+        setup, trained_pair, tmp_path):
+    """Step 8 without its manifest and with process 1's data-iterator file corrupt: only
+    process 1 fails to restore it. Both move it aside, resume from step 4 together and log
+    steps 5-8 bit for bit as the first run did (on main: a gloo "collective mismatch" abort
+    after ~100 s, on every relaunch)."""
+    import shutil
+
+    _, two, _ = trained_pair
+    work = shutil.copytree(two, tmp_path / "two")
+    (work / "checkpoints" / "8" / ckpt_lib.MANIFEST).unlink()
+    (work / "checkpoints" / "8" / "data" / "process_1-of-2.json").write_text("{corrupt")
+    results = run_all(commands(setup, work, 2))
+    _ok(results)
+    err0 = results[0][2]
+    assert "at step 4" in err0 and "on process 1" in err0, err0[-3000:]
+    assert (work / "checkpoints_bad" / "8").is_dir()
+    assert ckpt_lib.all_steps(work) == [4, 8]
+    shown = ("step", *COMPARED, "val/loss", "val/nll")
+    assert [{k: r[k] for k in shown if k in r} for r in metrics(work)] == \
+        [{k: r[k] for k in shown if k in r} for r in metrics(two)]
+
+
+def test_processes_that_disagree_on_the_config_refuse_together(setup, tmp_path):
+    """Process 1 with another optim.lr trained a diverging replica on main (both exit 0);
+    another train.steps left both hanging at the end. Both differences are named, by both
+    processes, and nothing is written, so the corrected relaunch is a fresh run (equal to one
+    process: test_two_processes_train_like_one_and_resume)."""
+    cmds = commands(setup, tmp_path / "w", 2)
+    cmds[1] += ["--config.optim.lr=0.002", "--config.train.steps=9"]
+    results, seconds = _timed(cmds)
+    assert seconds < AGREE_S, seconds
+    for rc, _, stderr in results:
+        assert rc == 2, stderr[-3000:]
+        assert "Traceback" not in stderr
+        line = _last_line(stderr)
+        assert "disagree on the run's config (optim.lr: 0.01 on process 0, 0.002 on process " \
+               "1; train.steps: 8 on process 0, 9 on process 1)" in line, stderr[-2000:]
+    assert not (tmp_path / "w").exists()  # refused before anything was written
+
+
+def _duplicate_is_refused(cmd, job):
+    """``cmd`` (a copy of one process of the running ``job``) is refused in one line within
+    AGREE_S, and the job's processes are still running."""
+    results, seconds = _timed([cmd])
+    rc, _, stderr = results[0]
+    assert rc == 2 and seconds < AGREE_S, (rc, seconds, stderr[-3000:])
+    assert "--process_id=1" in _last_line(stderr) and "already running" in stderr
+    assert "Traceback" not in stderr
+    assert all(p.poll() is None for p in job)  # the job did not notice
+
+
+def test_data_that_fails_on_one_host_only_stops_every_process(setup, tmp_path):
+    """Process 1 reads its own copy of the data (the same stats.json, so the same fingerprint)
+    with a shard edited after tokenization: its checksum check fails there only. Both stop in
+    one line within 60 s, nothing written (without the agreement, process 0 went on into the
+    collective restore and waited for a process that had exited)."""
+    import shutil
+
+    from test_identity import token_dir_with_checksums
+
+    from prefixlm import tokenizer as tokenizer_lib
+
+    model, vocab, _ = setup
+    good = token_dir_with_checksums(tmp_path / "good", vocab_hash=tokenizer_lib.load(
+        str(model)).vocab_hash, n_train=4000, n_val=600, n_ids=vocab)
+    bad = shutil.copytree(good, tmp_path / "bad")
+    shard = bad / "train" / "00000.bin"
+    raw = bytearray(shard.read_bytes())
+    raw[8] ^= 1
+    shard.write_bytes(bytes(raw))
+    cmds = commands(setup, tmp_path / "w", 2, f"--config.data.path={good}")
+    cmds[1].append(f"--config.data.path={bad}")
+    results, seconds = _timed(cmds)
+    assert seconds < AGREE_S, seconds
+    for i, (rc, _, stderr) in enumerate(results):
+        assert rc == 2 and "Traceback" not in stderr, stderr[-3000:]
+        line = _last_line(stderr)
+        assert "content checksum" in line and str(shard) in line, (i, stderr[-2000:])
+    assert "process 1 of 2 stopped before training" in _last_line(results[0][2])
+    assert not (tmp_path / "w").exists()
+
+
+def test_a_process_id_out_of_range_is_one_line(setup, tmp_path):
+    (cmd,) = commands(setup, tmp_path / "w", 1)
+    results, seconds = _timed([cmd + ["--num_processes=2", "--process_id=5",
+                                      f"--coordinator_address=127.0.0.1:{_free_port()}"]])
+    rc, _, stderr = results[0]
+    assert rc == 2 and "Traceback" not in stderr, stderr[-3000:]
+    assert "--process_id=5 with --num_processes=2" in _last_line(stderr)
+    assert not (tmp_path / "w").exists()

@@ -362,13 +362,13 @@ def test_history_without_checkpoints_is_refused_unless_restart(token_dir, tmp_pa
 @pytest.mark.parametrize("field, kw", [
     ("seed", dict(seed=1)), ("data_seed", dict(data_seed=3)),
     ("objective.eps", dict(objective__eps=0.2)), ("model.d_ff", dict(model__d_ff=96)),
-    ("data.path", "other_path"),
+    ("data.fingerprint", "other_data"),
 ])
 def test_fields_that_define_the_run_cannot_change_even_when_allowed(token_dir, tmp_path, field,
                                                                     kw):
     run(_short(token_dir), tmp_path)
-    if kw == "other_path":
-        other = write_token_dir(tmp_path / "copy", tiny_tokenizer().vocab_hash)
+    if kw == "other_data":  # other shards (the same ones elsewhere resume: test_identity.py)
+        other = write_token_dir(tmp_path / "other", tiny_tokenizer().vocab_hash, n_train=9000)
         kw = dict(data__path=str(other))
     with pytest.raises(config_lib.ConfigError, match=f"{field}: .* cannot change"):
         run(_short(token_dir, **kw), tmp_path, allow_changes=[field])
