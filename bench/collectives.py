@@ -30,7 +30,7 @@ from jax.experimental import topologies  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from prefixlm import config as config_lib  # noqa: E402
-from prefixlm import hlo_collectives  # noqa: E402
+from prefixlm import hlo_collectives, validation  # noqa: E402
 from prefixlm import step as step_lib  # noqa: E402
 from prefixlm import tokenizer as tokenizer_lib  # noqa: E402
 
@@ -82,7 +82,8 @@ def compiled_step(config, devices, tokenizer, *, which: str = "train"):
     """The compiled train (or eval) step of ``config`` for ``devices``."""
     resolved = config_lib.resolve(config, num_devices=len(devices), process_count=1)
     trainer = step_lib.Trainer.create(resolved, tokenizer, devices=devices)
-    lowered = trainer.lower_train_step() if which == "train" else trainer.lower_eval_step()
+    lowered = (trainer.lower_train_step() if which == "train"
+               else validation.lower_window_sums(trainer))
     return lowered.compile()
 
 

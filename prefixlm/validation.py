@@ -86,6 +86,24 @@ def window_sums(params, batch, tables, obj, spec, eps):
                          )(hidden_BxTxD, model.unembedding(), batch["targets"], tables, eps)
 
 
+def lower_window_sums(trainer):
+    """``window_sums`` lowered on abstract inputs as ``Validation`` calls it (one batch of the
+    training microbatch, parameters in the trainer's layout), for ``--dry_run=aot``."""
+    batch, tables = trainer.abstract_inputs(trainer.eval_batch_size)
+    eps = jax.ShapeDtypeStruct((), jnp.float32)  # obj.eps_at(step, steps): a float32 scalar
+    return window_sums.lower(trainer.abstract_state["params"], batch, tables, trainer.obj,
+                             trainer.spec, eps)
+
+
+def calls_per_evaluation(config) -> int:
+    """``window_sums`` calls of one validation at ``eval.val_tokens`` (the split assumed large
+    enough: a smaller one gives fewer windows, with a warning): the windows in batches of the
+    training microbatch."""
+    windows = int(config.eval.val_tokens) // int(config.data.seq_len)
+    micro = int(config.train.batch_size) // int(config.grad_accum)
+    return -(-windows // micro) if config.eval.every else 0
+
+
 class Validation:
     """``fn(params, step, final)`` of the validation hook: mean objective, NLL and accuracy
     over the fixed windows."""

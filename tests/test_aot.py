@@ -218,3 +218,83 @@ def test_short_error_keeps_one_line_and_knows_the_causes():
     assert "\n" not in line and line.startswith("NotImplementedError: Mosaic")
     assert "shard_map" in aot.known_cause(str(e))
     assert len(line) <= 220
+
+
+# ---- the programs --dry_run=aot compiles are the ones the run executes ---------------------------
+class _Recorder:
+    """Stands in for a module-level jitted function: records the StableHLO of each call's
+    lowering (by the shapes of its array arguments), then runs the function."""
+
+    def __init__(self, fn, texts: dict, program: str):
+        self.fn, self.texts, self.program = fn, texts, program
+
+    def __call__(self, *args):
+        shapes = tuple(np.shape(x) for x in jax.tree.leaves(args[2:]))
+        self.texts.setdefault((self.program, shapes), self.fn.lower(*args).as_text())
+        return self.fn(*args)
+
+    def lower(self, *args):
+        return self.fn.lower(*args)
+
+
+def _scoring_hook(config):
+    """An evaluation hook that scores as the in-loop evaluator does (JaxLM over the host model,
+    eval.batch_size rows): one batch at the largest buckets (every position scored, K_MAX
+    targets; row-sliced by the small MAX_LOGITS), one short batch (one call of the head)."""
+    from prefixlm import jaxlm
+    from prefixlm.loop import Hook
+
+    def score(model, step, final):
+        lm = jaxlm.JaxLM(model, types.SimpleNamespace(eos_id=0),
+                         batch_size=int(config.eval.batch_size), encode_cache={})
+        lm.score_tokens([([1] * 5, [2] * 20), ([3] * 10, [4]), ([3] * 10, [5])])
+        lm.score_tokens([([6] * 3, [7])])
+        return {}
+
+    return Hook("score", score, every=0, at_start=True)
+
+
+def test_dry_run_aot_lowers_exactly_the_programs_the_run_executes(tmp_path, monkeypatch):
+    """A tiny run on the CPU records the StableHLO of every jitted call it makes (train step,
+    validation windows, JaxLM's body and head at each shape); --dry_run=aot's lowering of the
+    same programs on the same (CPU) devices must be the same text."""
+    from test_train import run, tiny_config, tiny_tokenizer, write_token_dir
+
+    from prefixlm import jaxlm, step, validation
+
+    tok = tiny_tokenizer()
+    config = tiny_config(write_token_dir(tmp_path / "tokens", tok.vocab_hash),
+                         train__steps=1, eval__every=1)
+    monkeypatch.setattr(jaxlm, "MAX_LOGITS", 4 * 32 * tok.vocab_size)  # 4-row head slices
+    texts: dict = {}
+    for module, name, program in ((step, "train_step_jit", "train"),
+                                  (validation, "window_sums", "eval"),
+                                  (jaxlm, "_hidden", "hidden"), (jaxlm, "_score_hidden", "score")):
+        monkeypatch.setattr(module, name, _Recorder(getattr(module, name), texts, program))
+    run(config, tmp_path / "run", hooks=[_scoring_hook(config)])
+    monkeypatch.undo()
+    monkeypatch.setattr(jaxlm, "MAX_LOGITS", 4 * 32 * tok.vocab_size)
+
+    resolved = config_lib.resolve(config, num_devices=1, process_count=1)
+    target = aot.Target("cpu", "cpu", tuple(jax.devices()))
+    trainer = aot.build(resolved, target, tok)
+    ran = {program: text for (program, _), text in texts.items()
+           if program in ("train", "eval")}
+    assert set(ran) == {"train", "eval"}
+    assert aot.LOWER["train"](trainer).as_text() == ran["train"]
+    assert aot.LOWER["eval"](trainer).as_text() == ran["eval"]
+    lm = aot.scoring_lm(trainer)
+    largest = lm.largest_calls()
+    assert largest == {"hidden": (16, 32), "score": (4, 32, 32, jaxlm.K_MAX)}
+    scored = {}
+    for (program, shapes), text in texts.items():
+        if program in ("hidden", "score"):
+            h, _, targets = shapes if program == "score" else (shapes[0], None, None)
+            shape = h if program == "hidden" else (*h[:2], *targets[1:])
+            scored[(program, shape)] = text
+    assert set(scored) == {("hidden", (16, 32)), ("score", (4, 32, 32, jaxlm.K_MAX)),
+                           ("score", (16, 32, 4, 1))}
+    for (program, shape), text in scored.items():
+        assert aot.lower_scoring(lm, program, shape, "cpu").as_text() == text, (program, shape)
+    for program, name in (("hidden", "score_body"), ("score", "score_head")):
+        assert aot.LOWER[name](trainer).as_text() == scored[(program, largest[program])]
