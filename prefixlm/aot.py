@@ -33,6 +33,8 @@ import importlib.resources
 import os
 import re
 
+import jax
+
 from prefixlm import attention, jaxlm, validation
 from prefixlm import config as config_lib
 from prefixlm import model as model_lib
@@ -69,6 +71,17 @@ KNOWN_CAUSES = (
      "cuDNN fused attention takes bfloat16/float16 inputs of supported shapes; a "
      "float32 program (JaxLM scores in float32) needs model.attention=blockwise or xla"),
 )
+
+
+def use_cpu_host() -> None:
+    """Makes this CPU the only backend JAX starts, before it starts any, unless
+    ``JAX_PLATFORMS`` names them. Left to itself JAX starts every installed plugin: without a
+    TPU libtpu fails its start-up, without a driver the CUDA plugin does, and a plugin that
+    failed to start gives no compile-only devices ("topology not implemented for cuda"). An AOT
+    compile needs only the CPU as host; the targets' compilers load apart from the backends."""
+    if not os.environ.get("JAX_PLATFORMS"):
+        os.environ["JAX_PLATFORMS"] = "cpu"  # for subprocesses, and a jax imported later
+        jax.config.update("jax_platforms", "cpu")
 
 
 @dataclasses.dataclass(frozen=True)

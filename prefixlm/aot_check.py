@@ -64,7 +64,7 @@ def _programs(run, out) -> dict[str, aot.Compiled]:
         status = ("ok" if not result.error else "FAILS") + f" in {seconds:.0f} s"
         detail = evidence if not result.error else result.error + (
             f"\n    cause: {result.cause}" if result.cause else "")
-        print(f"  {program:<6} {status}: {detail}", file=out)
+        print(f"  {program:<10} {status}: {detail}", file=out)
         results[program] = result
     return results
 

@@ -238,6 +238,10 @@ def main(argv) -> int:
         raise app.UsageError("--workdir is required (the run directory)")
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
     _set_xla_flags(_loaded_config())
+    if _DRY_RUN.value == "aot":  # before any backend starts: the compilers need only the CPU
+        from prefixlm import aot
+
+        aot.use_cpu_host()
     init_distributed()
     import jax
 

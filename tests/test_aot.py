@@ -8,6 +8,10 @@ only where those cannot be imported.
 
 import importlib.util
 import json
+import os
+import pathlib
+import subprocess
+import sys
 import types
 
 import jax
@@ -298,3 +302,19 @@ def test_dry_run_aot_lowers_exactly_the_programs_the_run_executes(tmp_path, monk
         assert aot.lower_scoring(lm, program, shape, "cpu").as_text() == text, (program, shape)
     for program, name in (("hidden", "score_body"), ("score", "score_head")):
         assert aot.LOWER[name](trainer).as_text() == scored[(program, largest[program])]
+
+
+@needs_cuda
+def test_readme_command_compiles_for_h100_with_jax_platforms_unset(tmp_path):
+    """The README's --dry_run=aot command as a user runs it, JAX_PLATFORMS not set: JAX must not
+    start libtpu or the CUDA plugin as backends (both fail on a CPU machine, and then no
+    compile-only GPU exists). A tiny bfloat16 config, so cuDNN attention compiles."""
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    r = subprocess.run([sys.executable, "-m", "prefixlm.main",
+                        "--config=configs/ce.py:tiny", "--config.model.dtype=bfloat16",
+                        "--dry_run=aot", "--plan_device=h100", "--plan_devices=1",
+                        f"--aot_dir={tmp_path}"], cwd=pathlib.Path(__file__).parents[1],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    record = json.loads((tmp_path / "plan.json").read_text())
+    assert all(record["programs"][p]["ok"] for p in aot.PROGRAMS), record["programs"]
