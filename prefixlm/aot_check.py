@@ -17,7 +17,7 @@ import os
 import sys
 import time
 
-from prefixlm import aot, hlo_collectives, roofline
+from prefixlm import aot, eval_cost, hlo_collectives, roofline
 from prefixlm import config as config_lib
 from prefixlm import model as model_lib
 from prefixlm import plan as plan_lib
@@ -88,6 +88,29 @@ def _roofline(train: aot.Compiled, run, target: aot.Target, n: int) -> dict:
     return {"estimate": roofline.estimate(train.hlo(), device=target.name, model_flops=flops,
                                           vocab=run.mcfg.vocab_size,
                                           d_model=run.mcfg.d_model)}
+
+
+def _evaluation(run, target: aot.Target, results, extra: dict, out) -> None:
+    """What evaluation costs beside training (``prefixlm.eval_cost``), printed, and written
+    into plan.json's ``roofline`` object as ``eval_fraction`` (with its detail, ``eval``)."""
+    roof = extra.get("roofline") or {}
+    extra["roofline"] = roof
+    step_seconds = roof.get("step_seconds")
+    failed = [p for p in ("eval", "score_body", "score_head") if results[p].error]
+    why = ("no roofline of the train step for this target" if not step_seconds else
+           f"{', '.join(failed)} did not compile" if failed else "")
+    if not why:
+        try:
+            cost = eval_cost.estimate(run, target, results["eval"].hlo(), step_seconds)
+        except Exception as e:  # noqa: BLE001 - the compile check stands without it
+            why = aot.short_error(e)
+    if why:
+        print(f"  evaluation: not costed ({why})", file=out)
+        roof["eval_fraction"] = None
+        return
+    print(eval_cost.format_cost(cost), file=out)
+    roof["eval_fraction"] = cost.fraction
+    roof["eval"] = eval_cost.as_record(cost)
 
 
 def _fixes_at_compiled_scale(resolved, plan: plan_lib.Plan, peak: int) -> tuple[str, ...]:
@@ -190,6 +213,8 @@ def dry_run(config, *, device: str | None, num_devices: int | None = None,
                                  "mfu_bound": roof.mfu_bound,
                                  "loss_seconds": roof.loss_seconds,
                                  "loss_hbm_bytes": roof.loss_bytes}
+    if train.ok:
+        _evaluation(run, target, results, extra, out)
     code, line = _verdict(resolved, results, stats, plan)
     if aot_dir:
         preset = preset_of(resolved, target.name)

@@ -6,6 +6,7 @@ compilers (requirements-aot.txt; ``make test`` installs them) and skip, naming t
 only where those cannot be imported.
 """
 
+import collections
 import importlib.util
 import json
 import os
@@ -183,6 +184,11 @@ def test_dry_run_aot_writes_plan_json_and_exits_0_when_it_fits(tmp_path, tiny_to
     assert all(record["programs"][p]["ok"] for p in aot.PROGRAMS), record["programs"]
     assert "HloModule" in (tmp_path / "train_step.hlo.txt").read_text()
     assert "roofline" in text and "MFU bound" in text
+    # No tasks in the tiny preset: evaluation is the validation windows, at steps 0 and 20.
+    assert "eval_fraction" in text
+    cost = record["roofline"]["eval"]
+    assert cost["evaluations"] == [1, 1] and record["roofline"]["eval_fraction"] > 0
+    assert [p["program"] for p in cost["programs"]] == ["validation"]
 
 
 @pytest.mark.slow
@@ -318,3 +324,37 @@ def test_readme_command_compiles_for_h100_with_jax_platforms_unset(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     record = json.loads((tmp_path / "plan.json").read_text())
     assert all(record["programs"][p]["ok"] for p in aot.PROGRAMS), record["programs"]
+
+
+def test_call_counts_are_the_calls_score_tokens_makes(monkeypatch):
+    """What evaluation costs is counted without the model (``JaxLM.call_counts``): it must be
+    exactly the jitted calls, by program and shape, that scoring the same requests makes: long
+    and short inputs, shared inputs (K_MAX targets), a continuation longer than the model
+    (scored in pieces), and head calls in row slices."""
+    from flax import nnx
+
+    from prefixlm import jaxlm
+
+    cfg = model_lib.ModelConfig(vocab_size=34, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1,
+                                d_ff=32, max_seq_len=32, dtype="float32")
+    lm = jaxlm.JaxLM(model_lib.Llama(cfg, rngs=nnx.Rngs(0)), types.SimpleNamespace(eos_id=0),
+                     batch_size=4)
+    monkeypatch.setattr(jaxlm, "MAX_LOGITS", 3 * 32 * 34)  # full-length heads: 3-row slices
+    rng = np.random.RandomState(0)
+    pairs = [(list(rng.randint(1, 30, n)), list(rng.randint(1, 30, c)))
+             for n, c in ((3, 1), (20, 2), (10, 20), (5, 40), (5, 3), (2, 9))]
+    pairs += [(pairs[0][0], [7]), (pairs[1][0], [8])]  # shared inputs
+    made = collections.Counter()
+    for name, program in (("_hidden", "hidden"), ("_score_hidden", "score")):
+        fn = getattr(jaxlm, name)
+
+        def spy(graphdef, state, *arrays, fn=fn, program=program):
+            shape = (arrays[0].shape if program == "hidden"
+                     else (*arrays[0].shape[:2], *arrays[2].shape[1:]))
+            made[(program, *shape)] += 1
+            return fn(graphdef, state, *arrays)
+        monkeypatch.setattr(jaxlm, name, spy)
+    lm.score_tokens(pairs)
+    assert lm.call_counts(pairs) == made
+    assert {k[0] for k in made} == {"hidden", "score"} and max(made.values()) > 1
+    assert any(k[0] == "score" and k[1] < 4 for k in made)  # row slices were taken
