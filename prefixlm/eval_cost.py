@@ -197,8 +197,9 @@ def estimate(trainer, target: aot.Target, eval_hlo: str, step_seconds: float) ->
                     step_seconds * int(config.train.steps))
 
 
-def format_cost(cost: EvalCost) -> str:
-    """The cost as ``--dry_run=aot`` prints it."""
+def format_cost(cost: EvalCost, top: int = 10) -> str:
+    """The cost as ``--dry_run=aot`` prints it: the totals and the ``top`` costliest programs
+    (per program and shape: calls per evaluation on the subsets, at the end, time per call)."""
     subset, final = cost.evaluations
     lines = [
         f"  evaluation (roofline of the compiled evaluation programs, not run): "
@@ -209,9 +210,12 @@ def format_cost(cost: EvalCost) -> str:
         f"({cost.documents[1]:,} documents): {cost.seconds(True):.2f} s",
         f"    {'program':<11}{'shape':<22}{'calls':>7}{'final':>7}{'ms/call':>10}",
     ]
-    for p in sorted(cost.programs, key=lambda p: -p.seconds * (p.calls_subset + p.calls_full)):
+    ranked = sorted(cost.programs, key=lambda p: -p.seconds * (p.calls_subset + p.calls_full))
+    for p in ranked[:top]:
         lines.append(f"    {p.program:<11}{'x'.join(map(str, p.shape)):<22}{p.calls_subset:>7}"
                      f"{p.calls_full:>7}{p.seconds * 1e3:>10.2f}")
+    if len(ranked) > top:
+        lines.append(f"    ... {len(ranked) - top} more (plan.json: roofline.eval.programs)")
     return "\n".join(lines)
 
 

@@ -241,6 +241,7 @@ class _Recorder:
     def __call__(self, *args):
         shapes = tuple(np.shape(x) for x in jax.tree.leaves(args[2:]))
         self.texts.setdefault((self.program, shapes), self.fn.lower(*args).as_text())
+        self.texts.setdefault("calls", collections.Counter())[self.program] += 1
         return self.fn(*args)
 
     def lower(self, *args):
@@ -288,6 +289,9 @@ def test_dry_run_aot_lowers_exactly_the_programs_the_run_executes(tmp_path, monk
     resolved = config_lib.resolve(config, num_devices=1, process_count=1)
     target = aot.Target("cpu", "cpu", tuple(jax.devices()))
     trainer = aot.build(resolved, target, tok)
+    calls = texts.pop("calls")
+    # Validation at steps 0 and 1; eval_cost charges each its calls_per_evaluation.
+    assert calls["eval"] == 2 * validation.calls_per_evaluation(resolved) == 16
     ran = {program: text for (program, _), text in texts.items()
            if program in ("train", "eval")}
     assert set(ran) == {"train", "eval"}
