@@ -2,11 +2,13 @@
 
 ``python -m prefixlm.main --config=... --dry_run=aot --plan_device=h100 --plan_devices=8
 [--aot_dir=DIR]`` resolves the config for the target, prints ``prefixlm.plan``'s estimate,
-compiles the train, eval and score programs for the target on this CPU (``prefixlm.aot``) and
-prints each one's outcome, the train step's memory analysis beside the estimate, the collectives
-per step and, on GPU targets, the roofline (``prefixlm.roofline``). Exit 0 when the train step
-compiles and its peak fits what the target may allocate; 2 (first line: why, and the fix) when
-it does not fit, or any program does not compile. ``--aot_dir`` keeps the evidence:
+compiles the programs a run executes for the target on this CPU (``prefixlm.aot``: the train
+step, validation's window program, JaxLM's body and head at their largest buckets) and prints
+each one's outcome, the train step's memory analysis beside the estimate, the collectives per
+step, the train step's roofline (``prefixlm.roofline``) and what evaluation costs beside
+training (``prefixlm.eval_cost``: ``eval_fraction``). Exit 0 when the train step compiles and
+its peak fits what the target may allocate; 2 (first line: why, and the fix) when it does not
+fit, or any program does not compile. ``--aot_dir`` keeps the evidence:
 ``DIR/train_step.hlo.txt`` and ``DIR/plan.json``.
 """
 
