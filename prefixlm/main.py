@@ -52,8 +52,9 @@ _DRY_RUN = flags.DEFINE_string(
     "dry_run", "", "print the memory plan and exit without training: --dry_run (or =plan) "
     "estimates per-device bytes (0 fits, 2 does not, naming the fix); --dry_run=compile also "
     "compiles the step and prints XLA's memory analysis (run it on the target device); "
-    "--dry_run=aot compiles the train, eval and score programs for --plan_device (tpu_v4, "
-    "tpu_v5e, tpu_v5p, tpu_v6e, h100, a100) x --plan_devices on this CPU, without the device "
+    "--dry_run=aot compiles the programs a run executes (train step, validation, JaxLM's "
+    "scoring) for --plan_device (tpu_v4, tpu_v5e, tpu_v5p, tpu_v6e, h100, a100) x "
+    "--plan_devices on this CPU, without the device, and what evaluation costs beside training "
     "(make setup ACCEL=aot)")
 _AOT_DIR = flags.DEFINE_string(
     "aot_dir", None, "with --dry_run=aot: write DIR/train_step.hlo.txt and DIR/plan.json")
