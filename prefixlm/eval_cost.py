@@ -41,10 +41,9 @@ SCORING = ("hidden", "score")  # JaxLM's programs, as named by ``jaxlm.program_c
 
 def evaluation_steps(total: int, every: int) -> tuple[int, int]:
     """(evaluations on the subsets, evaluations at the end) of a run of ``total`` steps: at
-    step 0, every ``every`` steps and at the last step (``loop.Hook.due``); 0 disables."""
-    if not every:
-        return 0, 0
-    due = {0, total} | set(range(every, total, every))
+    step 0, every ``every`` steps and at the last step (``loop.Hook.due``; with ``every`` 0 the
+    tasks still run at step 0 and the end, and validation is off)."""
+    due = {0, total} | (set(range(every, total, every)) if every else set())
     return len(due) - 1, 1
 
 

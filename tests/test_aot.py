@@ -362,3 +362,15 @@ def test_call_counts_are_the_calls_score_tokens_makes(monkeypatch):
     assert lm.call_counts(pairs) == made
     assert {k[0] for k in made} == {"hidden", "score"} and max(made.values()) > 1
     assert any(k[0] == "score" and k[1] < 4 for k in made)  # row slices were taken
+
+
+def test_evaluations_in_a_run_follow_the_hooks_schedule():
+    """eval_cost counts what loop.Hook.due runs: step 0, every eval.every, the last step."""
+    from prefixlm import eval_cost
+    from prefixlm.loop import Hook
+
+    for total, every in ((3814, 1000), (20, 100), (3000, 1000), (50, 0)):
+        hook = Hook("eval", None, every=every, at_start=True)
+        due = [s for s in range(total + 1) if hook.due(s, total)]
+        assert eval_cost.evaluation_steps(total, every) == (len(due) - 1, 1), (total, every)
+    assert eval_cost.evaluation_steps(3814, 1000) == (4, 1)
