@@ -1,4 +1,4 @@
-"""The real steps compiled for an accelerator you do not have (``--dry_run=aot``).
+"""The programs a run executes, compiled for an accelerator you do not have (``--dry_run=aot``).
 
 MaxText's ``train_compile.py`` way: ``jax.experimental.topologies`` gives compile-only devices of
 a named target (a TPU slice through libtpu, NVIDIA GPUs through the CUDA plugin and a
@@ -7,35 +7,40 @@ programs of a run are lowered with abstract inputs (``jax.eval_shape`` state,
 ``ShapeDtypeStruct`` batch and tables, each with its NamedSharding) and compiled by the target's
 own compiler on this CPU (``step.Trainer.create(devices=...)``: the attention kernel is
 resolved for the target's platform, and the start-up kernel check, which needs a real device,
-is skipped). Nothing is allocated and nothing runs. Three programs are compiled:
+is skipped). Nothing is allocated and nothing runs. The programs are the very functions the run
+calls, lowered with the arguments it passes (``tests/test_aot.py`` compares their StableHLO
+with the run's own lowering):
 
-  train      ``step.train_step_jit``, the program every training step runs;
-  eval       ``step.eval_jit``, the validation loss of one microbatch-sized batch;
-  score      JaxLM's scoring forward (body, then log-probabilities at scored positions) in
-             JaxLM's float32, on one device of the target, as the in-loop evaluation runs it.
+  train       ``step.train_step_jit``, every training step;
+  eval        ``validation.window_sums``, one batch of the validation windows, as
+              ``validation.Validation`` calls it (eps an input);
+  score_body  JaxLM's ``_hidden`` (the model over a padded batch) at its largest bucket:
+              ``eval.batch_size`` rows of the model's full length;
+  score_head  JaxLM's ``_score_hidden`` (log-probabilities at scored positions) at its
+              largest: every position scored, ``K_MAX`` targets, in ``MAX_LOGITS`` row slices.
 
-The compiler's ``memory_analysis()`` gives per-device bytes; they are printed beside
-``prefixlm.plan``'s estimate. The default backend stays the CPU (``JAX_PLATFORMS=cpu`` works).
+JaxLM's two run as the in-loop evaluator runs them: float32 activations (a cuDNN run scores with
+XLA's attention, ``model.scoring_config``), the state on one device of the target with no mesh
+(``jaxlm.on_one_device``). ``prefixlm.eval_cost`` compiles them at every bucket one evaluation
+calls. The compiler's ``memory_analysis()`` gives per-device bytes; they are printed beside
+``prefixlm.plan``'s estimate.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import importlib.resources
 import os
 import re
 
 import jax
-import jax.numpy as jnp
-from flax import nnx
 
+from prefixlm import attention, hardware, jaxlm, validation
 from prefixlm import config as config_lib
-from prefixlm import hardware
 from prefixlm import model as model_lib
 from prefixlm import step as step_lib
 
-PROGRAMS = ("train", "eval", "score")
+PROGRAMS = ("train", "eval", "score_body", "score_head")
 # Known compiler messages -> their cause in this codebase and the fix.
 KNOWN_CAUSES = (
     ("Mosaic kernels cannot be automatically partitioned",
@@ -48,6 +53,17 @@ KNOWN_CAUSES = (
      "cuDNN fused attention takes bfloat16/float16 inputs of supported shapes; a "
      "float32 program (JaxLM scores in float32) needs model.attention=blockwise or xla"),
 )
+
+
+def use_cpu_host() -> None:
+    """Makes this CPU the only backend JAX starts, before it starts any, unless
+    ``JAX_PLATFORMS`` names them. Left to itself JAX starts every installed plugin: without a
+    TPU libtpu fails its start-up, without a driver the CUDA plugin does, and a plugin that
+    failed to start gives no compile-only devices ("topology not implemented for cuda"). An AOT
+    compile needs only the CPU as host; the targets' compilers load apart from the backends."""
+    if not os.environ.get("JAX_PLATFORMS"):
+        os.environ["JAX_PLATFORMS"] = "cpu"  # for subprocesses, and a jax imported later
+        jax.config.update("jax_platforms", "cpu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,48 +137,46 @@ def lower_train(trainer: step_lib.Trainer):
 
 
 def lower_eval(trainer: step_lib.Trainer):
-    return trainer.lower_eval_step()
+    return validation.lower_window_sums(trainer)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def score_forward(graphdef, params, tokens_BxL, positions_BxC, targets_BxC):
-    """JaxLM's scoring path in one program: the body, then log-probabilities of the targets at
-    the scored positions (JaxLM jits the two halves apart; the work is the same)."""
-    model = nnx.merge(graphdef, params)
-    h_BxLxD = model(tokens_BxL)
-    h_BxCxD = jnp.take_along_axis(h_BxLxD, positions_BxC[..., None], axis=1)
-    logp_BxCxV = jax.nn.log_softmax(model.project(h_BxCxD), axis=-1)
-    return jnp.take_along_axis(logp_BxCxV, targets_BxC[..., None], axis=-1)[..., 0]
+def scoring_lm(trainer: step_lib.Trainer) -> jaxlm.JaxLM:
+    """JaxLM as the in-loop evaluator builds it (``hooks.host_model``, then
+    ``evaluate.InLoopEvaluator``: ``eval.batch_size`` rows, float32), over the trainer's
+    abstract parameters: its state lands on one device of the target (``on_one_device``)."""
+    model = trainer.model(trainer.abstract_state["params"])
+    return jaxlm.JaxLM(model, trainer.tokenizer,
+                       batch_size=int(trainer.config.eval.get("batch_size", 16)))
 
 
-SCORED_POSITIONS = 16  # JaxLM's middle continuation bucket
+def lower_scoring(lm: jaxlm.JaxLM, program: str, shape: tuple[int, ...], platform: str):
+    """JaxLM's ``program`` ("hidden" or "score") at ``shape``, traced for ``platform`` (a
+    kernel that picks its code by platform, splash, sees the target's with no mesh)."""
+    token = attention.UNMESHED_PLATFORM.set(platform)
+    try:
+        return lm.lower(program, shape)
+    finally:
+        attention.UNMESHED_PLATFORM.reset(token)
 
 
-def lower_score(trainer: step_lib.Trainer):
-    """JaxLM as the in-loop evaluator runs it: float32 activations, eval.batch_size rows of the
-    full sequence length, on one device with no mesh (``jaxlm.on_one_device``)."""
-    mcfg = model_lib.scoring_config(trainer.mcfg, "float32")
-    # One device of the target, as a 1-device mesh in context: a kernel that reads its platform
-    # from the mesh (splash's interpret mode) then sees the target's, where on the real device
-    # it would see the default backend; the program is the one-device program either way.
-    mesh = jax.make_mesh((1,), ("one",), devices=[trainer.mesh.devices.flat[0]])
-    one = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one),
-                          trainer.abstract_state["params"])
-    rows, length = int(trainer.config.eval.get("batch_size", 16)), int(trainer.config.data.seq_len)
-    tokens = jax.ShapeDtypeStruct((rows, length), jnp.int32, sharding=one)
-    scored = jax.ShapeDtypeStruct((rows, min(SCORED_POSITIONS, length)), jnp.int32, sharding=one)
-    with jax.set_mesh(mesh):
-        return score_forward.lower(step_lib.graphdef_of(mcfg), params, tokens, scored, scored)
+def _lower_largest(program: str):
+    def lower(trainer: step_lib.Trainer):
+        lm = scoring_lm(trainer)
+        platform = trainer.mesh.devices.flat[0].platform
+        return lower_scoring(lm, program, lm.largest_calls()[program], platform)
+    return lower
 
 
-LOWER = {"train": lower_train, "eval": lower_eval, "score": lower_score}
+LOWER = {"train": lower_train, "eval": lower_eval, "score_body": _lower_largest("hidden"),
+         "score_head": _lower_largest("score")}
 
 
 def program_attention(mcfg, program: str) -> str:
-    """The attention kernel ``program`` runs: the run's, except JaxLM's float32 scoring of a
-    cuDNN run, which uses XLA's (``model.scoring_config``)."""
-    if program == "score":
+    """The attention kernel ``program`` runs: the run's, except in JaxLM's float32 scoring of a
+    cuDNN run, which uses XLA's (``model.scoring_config``); the head runs none."""
+    if program == "score_head":
+        return ""
+    if program == "score_body":
         return model_lib.scoring_config(mcfg, "float32").attention
     return mcfg.attention
 

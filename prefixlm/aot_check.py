@@ -2,13 +2,15 @@
 
 ``python -m prefixlm.main --config=... --dry_run=aot --plan_device=h100 --plan_devices=8
 [--aot_dir=DIR]`` resolves the config for the target, prints ``prefixlm.plan``'s estimate,
-compiles the train, eval and score programs for the target on this CPU (``prefixlm.aot``) and
-prints each one's outcome, the train step's memory analysis beside the estimate, the collectives
-per step and, on every target, the train step's roofline (``prefixlm.roofline``: step time and
-MFU bounds, the loss's and attention's shares, the ten costliest kernels, XLA's own
-cost_analysis() beside it where the compiler answers). Exit 0 when the train step
-compiles and its peak fits what the target may allocate; 2 (first line: why, and the fix) when
-it does not fit, or any program does not compile. ``--aot_dir`` keeps the evidence:
+compiles the programs a run executes for the target on this CPU (``prefixlm.aot``: the train
+step, validation's window program, JaxLM's body and head at their largest buckets) and prints
+each one's outcome, the train step's memory analysis beside the estimate, the collectives per
+step, the train step's roofline on every target (``prefixlm.roofline``: step time and MFU
+bounds, the loss's and attention's shares, the ten costliest kernels, XLA's own cost_analysis()
+beside it where the compiler answers) and what evaluation costs beside training
+(``prefixlm.eval_cost``: ``eval_fraction``). Exit 0 when the train step compiles and its peak
+fits what the target may allocate; 2 (first line: why, and the fix) when it does not fit, or any
+program does not compile. ``--aot_dir`` keeps the evidence:
 ``DIR/train_step.hlo.txt`` and ``DIR/plan.json``.
 """
 
@@ -19,7 +21,7 @@ import os
 import sys
 import time
 
-from prefixlm import aot, hlo_collectives, roofline
+from prefixlm import aot, eval_cost, hlo_collectives, roofline
 from prefixlm import config as config_lib
 from prefixlm import model as model_lib
 from prefixlm import plan as plan_lib
@@ -66,7 +68,7 @@ def _programs(run, out) -> dict[str, aot.Compiled]:
         status = ("ok" if not result.error else "FAILS") + f" in {seconds:.0f} s"
         detail = evidence if not result.error else result.error + (
             f"\n    cause: {result.cause}" if result.cause else "")
-        print(f"  {program:<6} {status}: {detail}", file=out)
+        print(f"  {program:<10} {status}: {detail}", file=out)
         results[program] = result
     return results
 
@@ -91,6 +93,29 @@ def _roofline(train: aot.Compiled, run, target: aot.Target, n: int) -> dict:
                                           vocab=run.mcfg.vocab_size, d_model=run.mcfg.d_model,
                                           seq_len=int(run.config.data.seq_len)),
             "xla_cost": roofline.xla_cost(train.executable)}
+
+
+def _evaluation(run, target: aot.Target, results, extra: dict, out) -> None:
+    """What evaluation costs beside training (``prefixlm.eval_cost``), printed, and written
+    into plan.json's ``roofline`` object as ``eval_fraction`` (with its detail, ``eval``)."""
+    roof = extra.get("roofline") or {}
+    extra["roofline"] = roof
+    step_seconds = roof.get("step_seconds")
+    failed = [p for p in ("eval", "score_body", "score_head") if results[p].error]
+    why = ("no roofline of the train step for this target" if not step_seconds else
+           f"{', '.join(failed)} did not compile" if failed else "")
+    if not why:
+        try:
+            cost = eval_cost.estimate(run, target, results["eval"].hlo(), step_seconds)
+        except Exception as e:  # noqa: BLE001 - the compile check stands without it
+            why = aot.short_error(e)
+    if why:
+        print(f"  evaluation: not costed ({why})", file=out)
+        roof["eval_fraction"] = None
+        return
+    print(eval_cost.format_cost(cost), file=out)
+    roof["eval_fraction"] = cost.fraction
+    roof["eval"] = eval_cost.as_record(cost)
 
 
 def _fixes_at_compiled_scale(resolved, plan: plan_lib.Plan, peak: int) -> tuple[str, ...]:
@@ -188,10 +213,10 @@ def dry_run(config, *, device: str | None, num_devices: int | None = None,
         roof = _roofline(train, run, target, n)
         print(roofline.format_estimate(roof["estimate"], target.name,
                                        _loss_chunks(resolved, n), roof["xla_cost"]), file=out)
-        # eval_fraction: evaluation time over training time for the whole run, from the
-        # evaluation programs' rooflines (None until they are costed here).
+        # eval_fraction is filled by _evaluation below, from the evaluation programs' rooflines
         extra["roofline"] = roofline.as_record(roof["estimate"], eval_fraction=None,
                                                xla_cost=roof["xla_cost"])
+        _evaluation(run, target, results, extra, out)
     code, line = _verdict(resolved, results, stats, plan)
     if aot_dir:
         preset = preset_of(resolved, target.name)

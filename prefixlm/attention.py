@@ -41,6 +41,7 @@ at start-up (``step.choose_attention``): a rejected kernel stops the run unless
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import math
 
@@ -257,17 +258,26 @@ def _splash_kernel(n_heads: int, T: int, block: int, interpret: bool):
                                       interpret=interpret)
 
 
+# The platform a call traced with no mesh runs on when it is not this process's default backend:
+# set by ``prefixlm.aot`` while it lowers JaxLM's one-device programs for a target.
+UNMESHED_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "unmeshed_platform", default=None)
+
+
 def _mesh_and_platform():
     """The mesh the caller traces under (possibly empty) and the platform its code will run on.
 
     The platform decides Pallas interpret mode. It is the target's, read from the mesh's
     devices, not ``jax.default_backend()``: an AOT compile for TPU from a CPU host traces with
     a CPU default backend but must emit the Mosaic kernel. With no mesh (one device: the
-    start-up check, JaxLM) the default backend is where the call runs.
+    start-up check, JaxLM) the default backend is where the call runs, unless an AOT compile
+    names its target (``UNMESHED_PLATFORM``): a mesh would change the program.
     """
     mesh = jax.sharding.get_abstract_mesh()
     device = None if mesh.empty else mesh.abstract_device
-    return mesh, (device.platform if device is not None else jax.default_backend())
+    if device is not None:
+        return mesh, device.platform
+    return mesh, UNMESHED_PLATFORM.get() or jax.default_backend()
 
 
 def splash_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, *, block_size: int = DEFAULT_BLOCK_SIZE):

@@ -84,12 +84,18 @@ def on_one_device(state):
     Scoring runs on one device, with no mesh: host inputs of any batch size, and an attention
     kernel that is not partitioned (a Mosaic kernel such as splash cannot be: with parameters
     spread over a mesh, every jitted call here would otherwise be compiled for the whole mesh).
+    An abstract state (``ShapeDtypeStruct`` leaves on a target's compile-only devices, for
+    ``--dry_run=aot``) is placed the same way, on the lowest-numbered of its own devices (a real
+    run's ``jax.local_devices()[0]``), so it lowers to the program a real run compiles.
     """
-    devices = {d for x in jax.tree.leaves(state) if isinstance(x, jax.Array)
-               for d in x.sharding.device_set}
+    devices = {d for x in jax.tree.leaves(state) if isinstance(x, jax.Array | jax.ShapeDtypeStruct)
+               and getattr(x, "sharding", None) is not None for d in x.sharding.device_set}
     if len(devices) <= 1:
         return state
-    return jax.device_put(state, jax.local_devices()[0])
+    if all(isinstance(x, jax.Array) for x in jax.tree.leaves(state)):
+        return jax.device_put(state, jax.local_devices()[0])
+    one = jax.sharding.SingleDeviceSharding(min(devices, key=lambda d: d.id))
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), state)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -115,12 +121,18 @@ def _score_hidden(graphdef, state, h_BxLxD, positions_BxC, targets_BxCxK):
     return lp_BxCxK, greedy_BxCxK
 
 
+def head_rows(rows: int, scored: int, vocab_size: int) -> int:
+    """Rows per call of the scoring head: all ``rows``, or as many as keep its [rows, C, V]
+    logits within ``MAX_LOGITS``."""
+    return max(1, min(rows, MAX_LOGITS // (scored * vocab_size)))
+
+
 def _score(graphdef, state, tokens_BxL, positions_BxC, targets_BxCxK, vocab_size: int):
     """The body once for the batch, then the scoring head in row slices of at most
     ``MAX_LOGITS`` logits (slices of one fixed size, so it compiles once per shape)."""
     h_BxLxD = _hidden(graphdef, state, tokens_BxL)
     B, C = positions_BxC.shape
-    rows = max(1, min(B, MAX_LOGITS // (C * vocab_size)))
+    rows = head_rows(B, C, vocab_size)
     if rows == B:
         return _score_hidden(graphdef, state, h_BxLxD, positions_BxC, targets_BxCxK)
     lps, greedys = [], []
@@ -131,6 +143,14 @@ def _score(graphdef, state, tokens_BxL, positions_BxC, targets_BxCxK, vocab_size
         lps.append(np.asarray(lp)[:B - start])
         greedys.append(np.asarray(greedy)[:B - start])
     return np.concatenate(lps)[:B], np.concatenate(greedys)[:B]
+
+
+def program_calls(shape: tuple[int, int, int, int], vocab_size: int) -> dict:
+    """The jitted calls one scoring batch of shape (B, L, C, K) makes (what ``_score`` runs):
+    ``{("hidden", B, L): 1, ("score", rows, L, C, K): calls}``."""
+    B, L, C, K = shape
+    rows = head_rows(B, C, vocab_size)
+    return {("hidden", B, L): 1, ("score", rows, L, C, K): -(-B // rows)}
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -238,16 +258,8 @@ class JaxLM(TemplateLM):
         continuation longer than ``max_length`` is scored in pieces of at most ``max_length``
         tokens, each after the tokens before it (cut from the left); the pieces' log-probs add.
         """
-        max_len = self.max_length
-        pieces = []  # (request, context ids, continuation ids), continuations <= max_len tokens
-        for i, (ctx, cont) in enumerate(pairs):
-            if not ctx or not cont:
-                raise ValueError(f"request {i}: empty context or continuation ({len(ctx)}, "
-                                 f"{len(cont)} tokens); lm-eval supplies prefix_token_id")
-            for s in range(0, len(cont), max_len):
-                before = ctx + cont[:s] if s else ctx
-                pieces.append((i, before[-(max_len + 1):], cont[s:s + max_len]))
-        if len(pieces) > len(pairs):
+        pieces = self._pieces(pairs)
+        if pieces is not None:
             totals = [0.0] * len(pairs)
             greedy_all = [True] * len(pairs)
             for (i, _, _), (lp, greedy) in zip(
@@ -256,22 +268,7 @@ class JaxLM(TemplateLM):
                 greedy_all[i] = greedy_all[i] and greedy
             return list(zip(totals, greedy_all, strict=True))
         out: list[tuple[float, bool] | None] = [None] * len(pairs)
-        groups: dict[tuple[int, ...], list[tuple[int, int, list[int]]]] = {}
-        for i, (ctx, cont) in enumerate(pairs):
-            whole = (ctx + cont)[-(max_len + 1):]
-            groups.setdefault(tuple(whole[:-1]), []).append((i, len(cont), whole[-len(cont):]))
-        rows = []  # (input, members) with at most K_MAX members each
-        for inp, members in groups.items():
-            for k in range(0, len(members), K_MAX):
-                rows.append((inp, members[k:k + K_MAX]))
-        # Longest first (like HFLM), so each batch pads to a length its rows nearly fill.
-        rows.sort(key=lambda r: -len(r[0]))
-        B = self._batch_size
-        for start in range(0, len(rows), B):
-            batch = rows[start:start + B]
-            L = _bucket(max(len(inp) for inp, _ in batch), self.max_length)
-            C = _cont_bucket(max(n for _, ms in batch for _, n, _ in ms), L)
-            K = 1 if all(len(ms) == 1 for _, ms in batch) else K_MAX
+        for batch, (B, L, C, K) in self._batches(pairs):
             tokens = np.full((B, L), self.tok.eos_id, np.int32)
             positions = np.zeros((B, C), np.int32)
             targets = np.zeros((B, C, K), np.int32)
@@ -295,6 +292,78 @@ class JaxLM(TemplateLM):
                     v = valid[b, :, k]
                     out[i] = (float(lp[b, v, k].sum()), bool(greedy[b, v, k].all()))
         return out  # type: ignore[return-value]
+
+    def _pieces(self, pairs) -> list[tuple[int, list[int], list[int]]] | None:
+        """(request, context ids, continuation ids) with continuations of at most
+        ``max_length`` tokens, when some request's is longer; else None."""
+        max_len = self.max_length
+        pieces = []
+        for i, (ctx, cont) in enumerate(pairs):
+            if not ctx or not cont:
+                raise ValueError(f"request {i}: empty context or continuation ({len(ctx)}, "
+                                 f"{len(cont)} tokens); lm-eval supplies prefix_token_id")
+            for s in range(0, len(cont), max_len):
+                before = ctx + cont[:s] if s else ctx
+                pieces.append((i, before[-(max_len + 1):], cont[s:s + max_len]))
+        return pieces if len(pieces) > len(pairs) else None
+
+    def _batches(self, pairs):
+        """The batches ``score_tokens`` runs, with their padded shapes: (rows, (B, L, C, K)),
+        rows being (model input, members (request, continuation length, targets))."""
+        max_len = self.max_length
+        groups: dict[tuple[int, ...], list[tuple[int, int, list[int]]]] = {}
+        for i, (ctx, cont) in enumerate(pairs):
+            whole = (ctx + cont)[-(max_len + 1):]
+            groups.setdefault(tuple(whole[:-1]), []).append((i, len(cont), whole[-len(cont):]))
+        rows = []  # (input, members) with at most K_MAX members each
+        for inp, members in groups.items():
+            for k in range(0, len(members), K_MAX):
+                rows.append((inp, members[k:k + K_MAX]))
+        # Longest first (like HFLM), so each batch pads to a length its rows nearly fill.
+        rows.sort(key=lambda r: -len(r[0]))
+        B = self._batch_size
+        for start in range(0, len(rows), B):
+            batch = rows[start:start + B]
+            L = _bucket(max(len(inp) for inp, _ in batch), self.max_length)
+            C = _cont_bucket(max(n for _, ms in batch for _, n, _ in ms), L)
+            K = 1 if all(len(ms) == 1 for _, ms in batch) else K_MAX
+            yield batch, (B, L, C, K)
+
+    def call_counts(self, pairs) -> collections.Counter:
+        """The jitted calls ``score_tokens(pairs)`` makes, by program and shape
+        (``program_calls``), computed without the model: what one evaluation costs."""
+        pieces = self._pieces(pairs)
+        if pieces is not None:
+            return self.call_counts([(c, t) for _, c, t in pieces])
+        counts: collections.Counter = collections.Counter()
+        for _, shape in self._batches(pairs):
+            counts.update(program_calls(shape, self.model.cfg.vocab_size))
+        return counts
+
+    # ---- the programs, for an AOT compile (``prefixlm.aot``) --------------------------------
+    def largest_calls(self) -> dict[str, tuple[int, ...]]:
+        """The largest shape of each jitted program ``score_tokens`` may call: the body at the
+        batch size and ``max_length``; the head at ``max_length`` with every position scored
+        (a continuation longer than the largest bucket) and ``K_MAX`` targets, in the row
+        slices that keep its logits within ``MAX_LOGITS``."""
+        B, L = self._batch_size, self.max_length
+        return {"hidden": (B, L), "score": (head_rows(B, L, self.model.cfg.vocab_size), L, L,
+                                             K_MAX)}
+
+    def lower(self, program: str, shape: tuple[int, ...]):
+        """``program`` ("hidden": ``_hidden``, "score": ``_score_hidden``, as named by
+        ``program_calls``) lowered at ``shape`` on abstract inputs passed as ``score_tokens``
+        passes them: this model's state as placed (``on_one_device``), host (numpy) tokens,
+        positions and targets, and the body's output for hidden states."""
+        ids = functools.partial(jax.ShapeDtypeStruct, dtype=jnp.int32)
+        if program == "hidden":
+            return _hidden.lower(self.graphdef, self.state, ids(shape))
+        rows, L, C, K = shape
+        h = jax.eval_shape(functools.partial(_hidden, self.graphdef), self.state, ids((rows, L)))
+        placed = jax.tree.leaves(self.state)[0].sharding
+        h_BxLxD = jax.ShapeDtypeStruct(h.shape, h.dtype, sharding=placed)
+        return _score_hidden.lower(self.graphdef, self.state, h_BxLxD, ids((rows, C)),
+                                   ids((rows, C, K)))
 
     def encode_request(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         """(context ids, continuation ids) exactly as ``TemplateLM.loglikelihood`` splits them."""

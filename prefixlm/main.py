@@ -52,8 +52,9 @@ _DRY_RUN = flags.DEFINE_string(
     "dry_run", "", "print the memory plan and exit without training: --dry_run (or =plan) "
     "estimates per-device bytes (0 fits, 2 does not, naming the fix); --dry_run=compile also "
     "compiles the step and prints XLA's memory analysis (run it on the target device); "
-    "--dry_run=aot compiles the train, eval and score programs for --plan_device (tpu_v4, "
-    "tpu_v5e, tpu_v5p, tpu_v6e, h100, a100) x --plan_devices on this CPU, without the device "
+    "--dry_run=aot compiles the programs a run executes (train step, validation, JaxLM's "
+    "scoring) for --plan_device (tpu_v4, tpu_v5e, tpu_v5p, tpu_v6e, h100, a100) x "
+    "--plan_devices on this CPU, without the device, and what evaluation costs beside training "
     "(make setup ACCEL=aot)")
 _AOT_DIR = flags.DEFINE_string(
     "aot_dir", None, "with --dry_run=aot: write DIR/train_step.hlo.txt and DIR/plan.json")
@@ -254,6 +255,10 @@ def main(argv) -> int:
         workdir_lib.run_path(_WORKDIR.value)  # an empty or malformed path: one line, now
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
     _set_xla_flags(_loaded_config())
+    if _DRY_RUN.value == "aot":  # before any backend starts: the compilers need only the CPU
+        from prefixlm import aot
+
+        aot.use_cpu_host()
     init_distributed()
     import jax
 

@@ -1,4 +1,4 @@
-"""Mesh and layouts, optimizer, state, the sharded loss, the jitted train/eval steps, the Trainer.
+"""Mesh and layouts, optimizer, state, the sharded loss, the jitted train step, the Trainer.
 
 One ``jax.jit`` step over a ``Mesh(("data", "fsdp"))``:
   * the batch is split over both axes; parameters and optimizer state are replicated, or with
@@ -226,17 +226,6 @@ def train_step(state, batch, tables, obj: objectives.Objective, spec: StepSpec, 
     return new_state, metrics
 
 
-def eval_sums(params, batch, tables, obj, spec: StepSpec, eps=None):
-    """[objective, nll, accuracy] means of one batch, forward only, per device as in training
-    (the same attention kernel on the same mesh). ``eps``: the objective's own when None."""
-
-    def local(params, batch, tables, eps):
-        loss, sums = _local_loss_and_sums(params, batch, tables, obj, spec, eps)
-        return jax.lax.psum(jnp.concatenate([loss[None], sums]), BATCH_AXES)
-
-    return _per_device(local, spec, params, batch, tables, obj.eps if eps is None else eps)
-
-
 # Module-level jits with hashable static arguments: runs with equal configs in one process
 # (tests, sweeps, resume) reuse one executable. Output layouts are pinned with ``constrain``.
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
@@ -250,7 +239,6 @@ def train_step_jit(state, batch, tables, obj, spec, tx, schedule):
     return constrain(new_state, spec.mesh), metrics
 
 
-eval_jit = jax.jit(eval_sums, static_argnums=(3, 4))
 _all_finite_jit = jax.jit(
     lambda tree: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)])))
 
@@ -361,12 +349,6 @@ class Trainer:
         return train_step_jit.lower(self.abstract_state, batch, tables, self.obj, self.spec,
                                     self.tx, self.schedule)
 
-    def lower_eval_step(self):
-        """The validation step (``eval_fn``) lowered on abstract inputs, like the train step."""
-        batch, tables = self.abstract_inputs(self.eval_batch_size)
-        return eval_jit.lower(self.abstract_state["params"], batch, tables, self.obj,
-                              self._eval_spec)
-
     def init_fn(self):
         """A freshly initialised, sharded state."""
         return init_jit(self.mcfg, self.tx, self.config.seed, self.mesh)
@@ -376,16 +358,9 @@ class Trainer:
         return train_step_jit(state, batch, self.tables, self.obj, self.spec, self.tx,
                                self.schedule)
 
-    def eval_fn(self, params, batch):
-        return eval_jit(params, batch, self.tables, self.obj, self._eval_spec)
-
-    @property
-    def _eval_spec(self) -> StepSpec:
-        return dataclasses.replace(
-            self.spec, tokens_per_step=self.eval_batch_size * self.config.data.seq_len)
-
     @property
     def eval_batch_size(self) -> int:
+        """Rows of a validation batch (``prefixlm.validation``): the training microbatch."""
         return self.config.train.batch_size // self.config.grad_accum
 
     @functools.cached_property

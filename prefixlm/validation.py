@@ -77,22 +77,42 @@ def read_windows(config, vocab_hash: str | None) -> np.ndarray | None:
 def window_sums(params, batch, tables, obj, spec, eps):
     """float32 [B, 3], replicated: per window, the sums over its targets of the objective at
     ``eps``, the gold-token NLL and the correct argmaxes. Same model and chunked loss as the
-    train step, forward only, each device on its own windows (shard_map, as the step's loss)."""
-    model = nnx.merge(spec.graphdef, params)
-    hidden_BxTxD = model(batch["inputs"])
+    train step, forward only, each device on its own windows inside one shard_map, as in the
+    step: a Mosaic attention kernel (splash) cannot be partitioned by XLA, so the model must run
+    per device too (outside the shard_map, a multi-chip TPU would refuse to compile it)."""
 
-    def local(h_BxTxD, e_VxD, ids_BxT, t, eps):
+    def local(params, inputs_BxT, ids_BxT, t, eps):
+        model = nnx.merge(spec.graphdef, params)
+        h_BxTxD = model(inputs_BxT)
         b, T = ids_BxT.shape
-        _, out = obj.chunked_loss(h_BxTxD.reshape(b * T, -1), e_VxD, ids_BxT.reshape(b * T), t,
-                                  chunk_size=spec.chunk_size, eps=eps)
+        _, out = obj.chunked_loss(h_BxTxD.reshape(b * T, -1), model.unembedding(),
+                                  ids_BxT.reshape(b * T), t, chunk_size=spec.chunk_size, eps=eps)
         per_token = jnp.stack([out.loss_N, out.nll_N, out.correct_N], axis=-1)
         return jax.lax.all_gather(per_token.reshape(b, T, 3).sum(axis=1), BATCH_AXES,
                                   tiled=True)
 
     return jax.shard_map(local, mesh=spec.mesh,
-                         in_specs=(P(BATCH_AXES), P(), P(BATCH_AXES), P(), P()),
+                         in_specs=(P(), P(BATCH_AXES), P(BATCH_AXES), P(), P()),
                          out_specs=P(), check_vma=False,
-                         )(hidden_BxTxD, model.unembedding(), batch["targets"], tables, eps)
+                         )(params, batch["inputs"], batch["targets"], tables, eps)
+
+
+def lower_window_sums(trainer):
+    """``window_sums`` lowered on abstract inputs as ``Validation`` calls it (one batch of the
+    training microbatch, parameters in the trainer's layout), for ``--dry_run=aot``."""
+    batch, tables = trainer.abstract_inputs(trainer.eval_batch_size)
+    eps = jax.ShapeDtypeStruct((), jnp.float32)  # obj.eps_at(step, steps): a float32 scalar
+    return window_sums.lower(trainer.abstract_state["params"], batch, tables, trainer.obj,
+                             trainer.spec, eps)
+
+
+def calls_per_evaluation(config) -> int:
+    """``window_sums`` calls of one validation at ``eval.val_tokens`` (the split assumed large
+    enough: a smaller one gives fewer windows, with a warning): the windows in batches of the
+    training microbatch."""
+    windows = int(config.eval.val_tokens) // int(config.data.seq_len)
+    micro = int(config.train.batch_size) // int(config.grad_accum)
+    return -(-windows // micro) if config.eval.every else 0
 
 
 class Validation:

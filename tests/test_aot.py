@@ -6,8 +6,13 @@ compilers (requirements-aot.txt; ``make test`` installs them) and skip, naming t
 only where those cannot be imported.
 """
 
+import collections
 import importlib.util
 import json
+import os
+import pathlib
+import subprocess
+import sys
 import types
 
 import jax
@@ -184,6 +189,11 @@ def test_dry_run_aot_writes_plan_json_and_exits_0_when_it_fits(tmp_path, tiny_to
     roof = record["roofline"]
     assert roof["step_seconds"] > 0 and 0 < roof["mfu_bound"] <= 1
     assert 0 <= roof["loss_fraction"] <= 1 and "eval_fraction" in roof and roof["kernels"]
+    # No tasks in the tiny preset: evaluation is the validation windows, at steps 0 and 20.
+    assert "eval_fraction" in text
+    cost = record["roofline"]["eval"]
+    assert cost["evaluations"] == [1, 1] and record["roofline"]["eval_fraction"] > 0
+    assert [p["program"] for p in cost["programs"]] == ["validation"]
 
 
 @pytest.mark.slow
@@ -223,3 +233,149 @@ def test_short_error_keeps_one_line_and_knows_the_causes():
     assert "\n" not in line and line.startswith("NotImplementedError: Mosaic")
     assert "shard_map" in aot.known_cause(str(e))
     assert len(line) <= 220
+
+
+# ---- the programs --dry_run=aot compiles are the ones the run executes ---------------------------
+class _Recorder:
+    """Stands in for a module-level jitted function: records the StableHLO of each call's
+    lowering (by the shapes of its array arguments), then runs the function."""
+
+    def __init__(self, fn, texts: dict, program: str):
+        self.fn, self.texts, self.program = fn, texts, program
+
+    def __call__(self, *args):
+        shapes = tuple(np.shape(x) for x in jax.tree.leaves(args[2:]))
+        self.texts.setdefault((self.program, shapes), self.fn.lower(*args).as_text())
+        self.texts.setdefault("calls", collections.Counter())[self.program] += 1
+        return self.fn(*args)
+
+    def lower(self, *args):
+        return self.fn.lower(*args)
+
+
+def _scoring_hook(config):
+    """An evaluation hook that scores as the in-loop evaluator does (JaxLM over the host model,
+    eval.batch_size rows): one batch at the largest buckets (every position scored, K_MAX
+    targets; row-sliced by the small MAX_LOGITS), one short batch (one call of the head)."""
+    from prefixlm import jaxlm
+    from prefixlm.loop import Hook
+
+    def score(model, step, final):
+        lm = jaxlm.JaxLM(model, types.SimpleNamespace(eos_id=0),
+                         batch_size=int(config.eval.batch_size), encode_cache={})
+        lm.score_tokens([([1] * 5, [2] * 20), ([3] * 10, [4]), ([3] * 10, [5])])
+        lm.score_tokens([([6] * 3, [7])])
+        return {}
+
+    return Hook("score", score, every=0, at_start=True)
+
+
+def test_dry_run_aot_lowers_exactly_the_programs_the_run_executes(tmp_path, monkeypatch):
+    """A tiny run on the CPU records the StableHLO of every jitted call it makes (train step,
+    validation windows, JaxLM's body and head at each shape); --dry_run=aot's lowering of the
+    same programs on the same (CPU) devices must be the same text."""
+    from test_train import run, tiny_config, tiny_tokenizer, write_token_dir
+
+    from prefixlm import jaxlm, step, validation
+
+    tok = tiny_tokenizer()
+    config = tiny_config(write_token_dir(tmp_path / "tokens", tok.vocab_hash),
+                         train__steps=1, eval__every=1)
+    monkeypatch.setattr(jaxlm, "MAX_LOGITS", 4 * 32 * tok.vocab_size)  # 4-row head slices
+    texts: dict = {}
+    for module, name, program in ((step, "train_step_jit", "train"),
+                                  (validation, "window_sums", "eval"),
+                                  (jaxlm, "_hidden", "hidden"), (jaxlm, "_score_hidden", "score")):
+        monkeypatch.setattr(module, name, _Recorder(getattr(module, name), texts, program))
+    run(config, tmp_path / "run", hooks=[_scoring_hook(config)])
+    monkeypatch.undo()
+    monkeypatch.setattr(jaxlm, "MAX_LOGITS", 4 * 32 * tok.vocab_size)
+
+    resolved = config_lib.resolve(config, num_devices=1, process_count=1)
+    target = aot.Target("cpu", "cpu", tuple(jax.devices()))
+    trainer = aot.build(resolved, target, tok)
+    calls = texts.pop("calls")
+    # Validation at steps 0 and 1; eval_cost charges each its calls_per_evaluation.
+    assert calls["eval"] == 2 * validation.calls_per_evaluation(resolved) == 16
+    ran = {program: text for (program, _), text in texts.items()
+           if program in ("train", "eval")}
+    assert set(ran) == {"train", "eval"}
+    assert aot.LOWER["train"](trainer).as_text() == ran["train"]
+    assert aot.LOWER["eval"](trainer).as_text() == ran["eval"]
+    lm = aot.scoring_lm(trainer)
+    largest = lm.largest_calls()
+    assert largest == {"hidden": (16, 32), "score": (4, 32, 32, jaxlm.K_MAX)}
+    scored = {}
+    for (program, shapes), text in texts.items():
+        if program in ("hidden", "score"):
+            h, _, targets = shapes if program == "score" else (shapes[0], None, None)
+            shape = h if program == "hidden" else (*h[:2], *targets[1:])
+            scored[(program, shape)] = text
+    assert set(scored) == {("hidden", (16, 32)), ("score", (4, 32, 32, jaxlm.K_MAX)),
+                           ("score", (16, 32, 4, 1))}
+    for (program, shape), text in scored.items():
+        assert aot.lower_scoring(lm, program, shape, "cpu").as_text() == text, (program, shape)
+    for program, name in (("hidden", "score_body"), ("score", "score_head")):
+        assert aot.LOWER[name](trainer).as_text() == scored[(program, largest[program])]
+
+
+@needs_cuda
+def test_readme_command_compiles_for_h100_with_jax_platforms_unset(tmp_path):
+    """The README's --dry_run=aot command as a user runs it, JAX_PLATFORMS not set: JAX must not
+    start libtpu or the CUDA plugin as backends (both fail on a CPU machine, and then no
+    compile-only GPU exists). A tiny bfloat16 config, so cuDNN attention compiles."""
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    r = subprocess.run([sys.executable, "-m", "prefixlm.main",
+                        "--config=configs/ce.py:tiny", "--config.model.dtype=bfloat16",
+                        "--dry_run=aot", "--plan_device=h100", "--plan_devices=1",
+                        f"--aot_dir={tmp_path}"], cwd=pathlib.Path(__file__).parents[1],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    record = json.loads((tmp_path / "plan.json").read_text())
+    assert all(record["programs"][p]["ok"] for p in aot.PROGRAMS), record["programs"]
+
+
+def test_call_counts_are_the_calls_score_tokens_makes(monkeypatch):
+    """What evaluation costs is counted without the model (``JaxLM.call_counts``): it must be
+    exactly the jitted calls, by program and shape, that scoring the same requests makes: long
+    and short inputs, shared inputs (K_MAX targets), a continuation longer than the model
+    (scored in pieces), and head calls in row slices."""
+    from flax import nnx
+
+    from prefixlm import jaxlm
+
+    cfg = model_lib.ModelConfig(vocab_size=34, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1,
+                                d_ff=32, max_seq_len=32, dtype="float32")
+    lm = jaxlm.JaxLM(model_lib.Llama(cfg, rngs=nnx.Rngs(0)), types.SimpleNamespace(eos_id=0),
+                     batch_size=4)
+    monkeypatch.setattr(jaxlm, "MAX_LOGITS", 3 * 32 * 34)  # full-length heads: 3-row slices
+    rng = np.random.RandomState(0)
+    pairs = [(list(rng.randint(1, 30, n)), list(rng.randint(1, 30, c)))
+             for n, c in ((3, 1), (20, 2), (10, 20), (5, 40), (5, 3), (2, 9))]
+    pairs += [(pairs[0][0], [7]), (pairs[1][0], [8])]  # shared inputs
+    made = collections.Counter()
+    for name, program in (("_hidden", "hidden"), ("_score_hidden", "score")):
+        fn = getattr(jaxlm, name)
+
+        def spy(graphdef, state, *arrays, fn=fn, program=program):
+            shape = (arrays[0].shape if program == "hidden"
+                     else (*arrays[0].shape[:2], *arrays[2].shape[1:]))
+            made[(program, *shape)] += 1
+            return fn(graphdef, state, *arrays)
+        monkeypatch.setattr(jaxlm, name, spy)
+    lm.score_tokens(pairs)
+    assert lm.call_counts(pairs) == made
+    assert {k[0] for k in made} == {"hidden", "score"} and max(made.values()) > 1
+    assert any(k[0] == "score" and k[1] < 4 for k in made)  # row slices were taken
+
+
+def test_evaluations_in_a_run_follow_the_hooks_schedule():
+    """eval_cost counts what loop.Hook.due runs: step 0, every eval.every, the last step."""
+    from prefixlm import eval_cost
+    from prefixlm.loop import Hook
+
+    for total, every in ((3814, 1000), (20, 100), (3000, 1000), (50, 0)):
+        hook = Hook("eval", None, every=every, at_start=True)
+        due = [s for s in range(total + 1) if hook.due(s, total)]
+        assert eval_cost.evaluation_steps(total, every) == (len(due) - 1, 1), (total, every)
+    assert eval_cost.evaluation_steps(3814, 1000) == (4, 1)

@@ -15,7 +15,7 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # libtpu's lock file i
 from test_train import V, tiny_tokenizer  # noqa: E402
 
 from prefixlm import config as config_lib  # noqa: E402
-from prefixlm import hlo_collectives  # noqa: E402
+from prefixlm import hlo_collectives, validation  # noqa: E402
 from prefixlm import step as step_lib  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -62,7 +62,7 @@ def test_train_and_eval_steps_compile_with_splash_for_a_tpu_host(host):
     # forward, dK/dV and dQ kernels, compiled by Mosaic (interpret mode would leave none)
     assert train_hlo.count("tpu_custom_call") >= 3
     assert_one_float32_reduction_per_step(train_hlo)
-    eval_hlo = trainer.lower_eval_step().compile().as_text()
+    eval_hlo = validation.lower_window_sums(trainer).compile().as_text()
     assert "tpu_custom_call" in eval_hlo
 
 
