@@ -20,11 +20,6 @@ from prefixlm.errors import ConfigError
 
 
 # ---- config ------------------------------------------------------------------------------------
-def eps_tag(x: float) -> str:
-    """0.1 -> "0p1", 1.0 -> "1p0": the seed's run-name spelling."""
-    return repr(float(x)).replace(".", "p").replace("-", "m")
-
-
 def run_name(config) -> str:
     """ce_seed0, label_smoothing_eps0p1_seed0, prefix_norm_eps1p0_seed0, ... (seed's naming).
 

@@ -45,9 +45,6 @@ class Interval(typing.NamedTuple):
     lo: float
     hi: float
 
-    def excludes_zero(self) -> bool:
-        return self.lo > 0 or self.hi < 0
-
 
 def bootstrap_means(diff_N, resamples: int, rng: np.random.Generator) -> np.ndarray:
     """float64 [resamples]: the mean of ``diff_N`` over resamplings of its items with

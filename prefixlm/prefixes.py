@@ -56,10 +56,6 @@ class PrefixIndex:
     def vocab_size(self) -> int:
         return int(self.prefix_ids_VxK.shape[0])
 
-    @property
-    def max_prefixes(self) -> int:
-        return int(self.prefix_ids_VxK.shape[1])
-
     def prefixes_of(self, token_id: int) -> list[int]:
         row = self.prefix_ids_VxK[token_id]
         return [int(i) for i in row[row != PAD]]

@@ -220,11 +220,6 @@ class MetricsWriter:
                             type(e).__name__, str(e).strip().splitlines()[0][:200] if str(e)
                             .strip() else "")
 
-    def steps_with(self, key: str) -> set[int]:
-        """Steps already logged with ``key`` (to skip an evaluation done before a restart)."""
-        rows = self.jsonl.rows if self.jsonl is not None else []
-        return {r["step"] for r in rows if key in r}
-
     def write(self, step: int, metrics: dict) -> None:
         if not self.enabled:
             return

@@ -15,7 +15,6 @@ Documents are encoded with no BOS/EOS and with special-token text treated as pla
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib.resources
 import os
 import pathlib
@@ -161,10 +160,6 @@ class TiktokenTokenizer(Tokenizer):
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.encoding.decode([int(i) for i in ids])
-
-    @functools.cached_property
-    def file_hash(self) -> str:
-        return hashlib.sha256(self.ranks_path.read_bytes()).hexdigest()[:16]
 
 
 @functools.lru_cache(maxsize=1)
