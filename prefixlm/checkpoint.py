@@ -424,11 +424,18 @@ def _agreed_fault(why: str | None) -> str | None:
     return None
 
 
-def params_finite(params) -> bool:
-    """Every parameter is finite (a global reduction: every process gets the same answer)."""
+@jax.jit
+def _all_finite(tree) -> jax.Array:
     import jax.numpy as jnp
 
-    return all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(params))
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def params_finite(params) -> bool:
+    """Every parameter is finite: checked before each save (so no checkpoint is poisoned by an
+    update that overflowed while the loss still looked fine) and after each restore. One jitted
+    global reduction: every process gets the same answer, with one device-to-host read."""
+    return bool(_all_finite(params))
 
 
 def all_steps(workdir: str | os.PathLike) -> list[int]:

@@ -13,7 +13,7 @@ import traceback
 import jax
 import numpy as np
 
-from prefixlm import hosts
+from prefixlm import checkpoint, hosts
 from prefixlm.loop import LoopHook, Run
 
 log = logging.getLogger("prefixlm.train")
@@ -87,7 +87,7 @@ class Checkpoint(LoopHook):
         run.host_metrics()  # raises on a non-finite loss before anything is saved
         if run.step == self.last_saved:
             return
-        if not run.trainer.params_finite(run.state["params"]):
+        if not checkpoint.params_finite(run.state["params"]):
             raise FloatingPointError(
                 f"non-finite parameters after step {run.step} (the loss was still finite); "
                 f"not saving. {run.last_good()}")

@@ -239,10 +239,6 @@ def train_step_jit(state, batch, tables, obj, spec, tx, schedule):
     return constrain(new_state, spec.mesh), metrics
 
 
-_all_finite_jit = jax.jit(
-    lambda tree: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)])))
-
-
 def load_tokenizer(name: str):
     """``tokenizer.load(name)``, with a missing or unreadable tokenizer as a ConfigError (exit 2
     in one line) rather than the OSError/ValueError of the loading library."""
@@ -371,11 +367,6 @@ class Trainer:
         """Per-process numpy batch -> global jax arrays sharded over the batch axes."""
         return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
                 for k, v in local.items()}
-
-    def params_finite(self, params) -> bool:
-        """Every parameter is finite: checked before each save, so no checkpoint is poisoned
-        by an update that overflowed while the loss still looked fine."""
-        return bool(_all_finite_jit(params))
 
     def model(self, params) -> model_lib.Llama:
         return nnx.merge(self.spec.graphdef, params)
