@@ -171,7 +171,14 @@ def _custom_call_cost(comp: hlo.Computation, ins: hlo.Instruction) -> tuple[floa
 
 
 def _plain_bytes(comp: hlo.Computation, ins: hlo.Instruction) -> float:
-    """Distinct HBM operands + HBM result."""
+    """Distinct HBM operands + HBM result; a lone in-place update (a dynamic-update-slice or
+    scatter outside a fusion, as the loss's refit loop writes rows into G) reads its other
+    operands and writes its update, never the buffer it updates."""
+    if ins.opcode in IN_PLACE_UPDATE and len(ins.operands) > IN_PLACE_UPDATE[ins.opcode]:
+        others = dict.fromkeys(ins.operands[1:])
+        update = comp.shapes.get(ins.operands[IN_PLACE_UPDATE[ins.opcode]], "")
+        return (sum(hlo.nbytes(comp.shapes.get(o, ""), hbm_only=True) for o in others)
+                + hlo.nbytes(update, hbm_only=True))
     distinct = dict.fromkeys(ins.operands)
     return (sum(hlo.nbytes(comp.shapes.get(o, ""), hbm_only=True) for o in distinct)
             + hlo.nbytes(ins.shape, hbm_only=True))
