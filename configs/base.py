@@ -52,7 +52,7 @@ def get_config() -> ml_collections.ConfigDict:
     # separate the two sources of run-to-run noise.
     c.data_seed = -1
     c.log_every = 50  # steps between metrics.jsonl / TensorBoard lines (and NaN checks)
-    # Per-device peak FLOP/s for MFU; 0 -> looked up from the device kind (step.PEAK_FLOPS),
+    # Per-device peak FLOP/s for MFU; 0 -> looked up from the device kind (prefixlm.hardware),
     # e.g. 989e12 for an H100's dense bf16. MFU is null when it is unknown (CPU).
     c.peak_flops = 0.0
     # Microbatches per step: the global batch is split into grad_accum equal parts whose
