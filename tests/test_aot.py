@@ -53,13 +53,19 @@ def _tiny_run(target: str, n: int, tok, extra: str = ""):
 
 @needs_tpu
 def test_splash_compiles_for_a_multichip_tpu_mesh(tiny_tok):
-    """8 v5e chips, batch over the mesh: the Mosaic kernel must come out partitioned."""
+    """8 v5e chips, batch over the mesh: the Mosaic kernel must come out partitioned, in the
+    train step and in JaxLM's body (rows split over the chips)."""
     run = _tiny_run("tpu_v5e", 8, tiny_tok)
     assert run.mcfg.attention == "splash"
     train = aot.compile_program(run, "train")
     assert train.ok, f"{train.error} ({train.cause})"
     assert aot.kernel_evidence(train.hlo(), "splash").split()[0].isdigit(), \
         "splash was not lowered as a Mosaic kernel for the TPU"
+    # JaxLM's body splits its rows over the 8 chips: splash runs per chip in a shard_map
+    body = aot.compile_program(run, "score_body")
+    assert body.ok, f"{body.error} ({body.cause})"
+    assert aot.kernel_evidence(body.hlo(), "splash").split()[0].isdigit()
+    assert aot.scoring_lm(run).shards == 8
 
 
 @pytest.fixture(scope="module")
