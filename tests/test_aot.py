@@ -433,6 +433,23 @@ lm_aot = jaxlm.JaxLM(nnx.merge(graphdef, state), types.SimpleNamespace(eos_id=0)
 for (program, shape), text in texts.items():
     assert aot.lower_scoring(lm_aot, program, shape, "cpu").as_text() == text, (program, shape)
     assert "mhlo.num_partitions = 8" in text and '{"rows"}' in text  # split, not copied
+# the in-loop evaluator's JaxLM over a trainer's live parameters, and aot.scoring_lm's
+import test_attention_sharded
+from prefixlm import hooks
+trainer = test_attention_sharded.tiny_trainer(jax.devices(), attention="blockwise")
+texts.clear()
+for name, fn in originals.items():
+    def record(graphdef, state, *arrays, fn=fn, name=name):
+        texts.setdefault((name, arrays[0].shape), fn.lower(graphdef, state, *arrays).as_text())
+        return fn(graphdef, state, *arrays)
+    setattr(jaxlm, name, record)
+live = jaxlm.JaxLM(hooks.host_model(trainer, trainer.init_fn()["params"]),
+                   types.SimpleNamespace(eos_id=0), batch_size=int(trainer.config.eval.batch_size))
+live.score_tokens([([1] * 127, [2])])
+for name, fn in originals.items():
+    setattr(jaxlm, name, fn)
+largest = aot.scoring_lm(trainer).largest_calls()
+assert texts[("_hidden", largest["hidden"])] == aot.LOWER["score_body"](trainer).as_text()
 print(json.dumps(scores))
 """
 
@@ -441,7 +458,8 @@ def test_jaxlm_scores_rows_split_over_devices_as_one_device_does(monkeypatch):
     """With 8 local devices JaxLM splits every batch's rows over them (batch 12 padded to 16,
     the head in slices of 8 rows: one per device): the same scores as on one device to float32 rounding, calls
     counted as made, and --dry_run=aot's lowering (abstract, FSDP-placed parameters) equal to
-    the run's StableHLO for every program and shape."""
+    the run's StableHLO for every program and shape; with a Trainer on the 8 devices, the
+    in-loop evaluator's body over its live parameters is aot's score_body."""
     from flax import nnx
 
     from prefixlm import jaxlm
