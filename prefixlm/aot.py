@@ -20,8 +20,9 @@ with the run's own lowering):
               largest: every position scored, ``K_MAX`` targets, in ``MAX_LOGITS`` row slices.
 
 JaxLM's two run as the in-loop evaluator runs them: float32 activations (a cuDNN run scores with
-XLA's attention, ``model.scoring_config``), the state on one device of the target with no mesh
-(``jaxlm.on_one_device``). ``prefixlm.eval_cost`` compiles them at every bucket one evaluation
+XLA's attention, ``model.scoring_config``), the state replicated over the target's devices and
+the rows of each batch split over them (``jaxlm.RowSharding``; on one device, that device with no
+mesh: ``jaxlm.on_one_device``). ``prefixlm.eval_cost`` compiles them at every bucket one evaluation
 calls. The compiler's ``memory_analysis()`` gives per-device bytes; they are printed beside
 ``prefixlm.plan``'s estimate.
 """
@@ -143,7 +144,8 @@ def lower_eval(trainer: step_lib.Trainer):
 def scoring_lm(trainer: step_lib.Trainer) -> jaxlm.JaxLM:
     """JaxLM as the in-loop evaluator builds it (``hooks.host_model``, then
     ``evaluate.InLoopEvaluator``: ``eval.batch_size`` rows, float32), over the trainer's
-    abstract parameters: its state lands on one device of the target (``on_one_device``)."""
+    abstract parameters: its state is replicated over the target's devices, or on its one
+    device (``jaxlm.RowSharding``, ``jaxlm.on_one_device``)."""
     model = trainer.model(trainer.abstract_state["params"])
     return jaxlm.JaxLM(model, trainer.tokenizer,
                        batch_size=int(trainer.config.eval.get("batch_size", 16)))

@@ -2,7 +2,9 @@
 
 A run evaluates at step 0, every ``eval.every`` steps and at the end (``loop.Hook.due``): the
 validation windows (``validation.window_sums``, on the whole mesh) and the lm-eval tasks (JaxLM's
-``_hidden`` and ``_score_hidden``, on one device, in float32), on their fixed subsets, and on the
+``_hidden`` and ``_score_hidden``, in float32, their rows split over the host's devices:
+``jaxlm.RowSharding``; each device's compiled program does rows / devices of the work), on their
+fixed subsets, and on the
 full sets at the final evaluation when ``eval.final_full``. Here each of those programs is
 compiled for the target at every shape one evaluation calls, charged its roofline time
 (``prefixlm.roofline``, the train step's estimator), and multiplied by its calls:
@@ -69,18 +71,24 @@ def _cached(kind: str, key: dict, compute):
 class _CallCounter(jaxlm.JaxLM):
     """JaxLM that counts the jitted calls its scoring would make and scores nothing."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, shards: int, **kwargs):
         super().__init__(*args, **kwargs)
         self.calls: collections.Counter = collections.Counter()
+        self.counted_shards = shards
+
+    @property
+    def shards(self) -> int:  # the target's, not this abstract model's (placed nowhere)
+        return self.counted_shards
 
     def score_tokens(self, pairs):
         self.calls.update(self.call_counts(pairs))
         return [(0.0, False)] * len(pairs)
 
 
-def scoring_calls(config, tokenizer, *, full: bool) -> dict:
+def scoring_calls(config, tokenizer, *, full: bool, shards: int = 1) -> dict:
     """{"calls": [[program, *shape, calls]], "documents": n} of one in-loop evaluation (the
-    subsets, or the full sets with ``full``) of ``config``'s tasks, from their real requests."""
+    subsets, or the full sets with ``full``) of ``config``'s tasks, from their real requests,
+    scored with the rows split over ``shards`` devices."""
     from prefixlm import evaluate
     from prefixlm import tasks as tasks_lib
 
@@ -90,7 +98,8 @@ def scoring_calls(config, tokenizer, *, full: bool) -> dict:
     key = {"tasks": requested, "limit": e.get("limit"), "limits": e.get("limits"),
            "fewshot": e.get("num_fewshot"), "batch": int(e.get("batch_size", 16)),
            "length": mcfg.max_seq_len, "vocab": mcfg.vocab_size, "full": full,
-           "tokenizer": getattr(tokenizer, "vocab_hash", ""), "code": _source_hash(jaxlm)}
+           "tokenizer": getattr(tokenizer, "vocab_hash", ""), "code": _source_hash(jaxlm),
+           "shards": shards}
 
     def count() -> dict:
         evaluator = evaluate.InLoopEvaluator(tokenizer, e, workdir=tempfile.gettempdir())
@@ -100,7 +109,7 @@ def scoring_calls(config, tokenizer, *, full: bool) -> dict:
 
         abstract = nnx.eval_shape(lambda: model_lib.Llama(mcfg, rngs=nnx.Rngs(0)))
         lm = _CallCounter(abstract, tokenizer, batch_size=evaluator.batch_size,
-                          encode_cache={})
+                          encode_cache={}, shards=shards)
         task_set.evaluate(lm, bootstrap_iters=0)
         return {"calls": [[program, *shape, n] for (program, *shape), n in
                           sorted(lm.calls.items())],
@@ -130,10 +139,11 @@ class ProgramCost:
     seconds: float  # per call, the roofline bound
 
 
-def scoring_costs(trainer, target: aot.Target, limited: dict, full: dict) -> list[ProgramCost]:
-    """Each JaxLM program at each shape either evaluation calls, compiled for one device of
-    ``target`` and costed (cached by target, model and shape)."""
-    lm = aot.scoring_lm(trainer)
+def scoring_costs(lm: jaxlm.JaxLM, target: aot.Target, limited: dict,
+                  full: dict) -> list[ProgramCost]:
+    """Each JaxLM program (``lm``: ``aot.scoring_lm``) at each shape either evaluation calls,
+    compiled for ``target`` with its rows split as the run splits them, and costed per device
+    (cached by target, devices, model and shape)."""
     mcfg = lm.model.cfg
     calls = {key: [0, 0] for key in
              {(p, *s) for p, *s, _ in limited["calls"] + full["calls"]}}
@@ -143,12 +153,13 @@ def scoring_costs(trainer, target: aot.Target, limited: dict, full: dict) -> lis
     out = []
     for (program, *shape), (n_subset, n_full) in sorted(calls.items()):
         key = {"target": target.name, "kind": target.device_kind, "model": repr(mcfg),
-               "program": program, "shape": shape, "jax": jax.__version__,
+               "program": program, "shape": shape, "shards": lm.shards, "jax": jax.__version__,
                "code": _source_hash(jaxlm, roofline, hlo)}
 
         def cost(program=program, shape=tuple(shape)) -> float:
             text = aot.lower_scoring(lm, program, shape, target.platform).compile().as_text()
-            flops = forward_flops(mcfg, shape[0], shape[1]) if program == "hidden" else 0.0
+            flops = (forward_flops(mcfg, shape[0], shape[1]) / lm.shards
+                     if program == "hidden" else 0.0)  # per device
             return roofline.estimate(text, device=target.name, model_flops=flops,
                                      vocab=mcfg.vocab_size, d_model=mcfg.d_model).step_seconds
         out.append(ProgramCost(program, tuple(shape), n_subset, n_full,
@@ -186,11 +197,13 @@ def estimate(trainer, target: aot.Target, eval_hlo: str, step_seconds: float) ->
         eval_hlo, device=target.name, model_flops=0.0, vocab=mcfg.vocab_size,
         d_model=mcfg.d_model).step_seconds if n_val else 0.0
     full_at_end = bool(config.eval.get("final_full", True))
-    limited = scoring_calls(config, trainer.tokenizer, full=False)
-    full = scoring_calls(config, trainer.tokenizer, full=True) if full_at_end else limited
+    lm = aot.scoring_lm(trainer)
+    limited = scoring_calls(config, trainer.tokenizer, full=False, shards=lm.shards)
+    full = (scoring_calls(config, trainer.tokenizer, full=True, shards=lm.shards)
+            if full_at_end else limited)
     programs = [ProgramCost("validation", (trainer.eval_batch_size, int(config.data.seq_len)),
                             n_val, n_val, val_seconds)]
-    programs += scoring_costs(trainer, target, limited, full)
+    programs += scoring_costs(lm, target, limited, full)
     return EvalCost(tuple(programs), (limited["documents"], full["documents"]),
                     evaluation_steps(int(config.train.steps), int(config.eval.every)),
                     step_seconds * int(config.train.steps))

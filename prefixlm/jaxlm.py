@@ -30,6 +30,7 @@ per request) instead of at every position of a 5-shot prompt.
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import json
 import time
@@ -78,15 +79,26 @@ def with_compute_dtype(model, dtype: str):
     return nnx.merge(graphdef, nnx.state(model))
 
 
+def scoring_devices(state) -> tuple:
+    """The devices JaxLM scores on: every local device for a real (concrete) state, whatever
+    layout the trainer holds it in; for an abstract state (``ShapeDtypeStruct`` leaves on a
+    target's compile-only devices, ``--dry_run=aot``) the devices it is placed on, which are
+    one host's (a real run's ``jax.local_devices()``); none for an abstract state placed nowhere."""
+    leaves = jax.tree.leaves(state)
+    if leaves and all(isinstance(x, jax.Array) for x in leaves):
+        return tuple(jax.local_devices())
+    devices = {d for x in leaves if getattr(x, "sharding", None) is not None
+               for d in x.sharding.device_set}
+    return tuple(sorted(devices, key=lambda d: d.id))
+
+
 def on_one_device(state):
     """``state`` on one device if it spans several (the trainer's replicated or FSDP layout).
 
-    Scoring runs on one device, with no mesh: host inputs of any batch size, and an attention
-    kernel that is not partitioned (a Mosaic kernel such as splash cannot be: with parameters
-    spread over a mesh, every jitted call here would otherwise be compiled for the whole mesh).
-    An abstract state (``ShapeDtypeStruct`` leaves on a target's compile-only devices, for
-    ``--dry_run=aot``) is placed the same way, on the lowest-numbered of its own devices (a real
-    run's ``jax.local_devices()[0]``), so it lowers to the program a real run compiles.
+    With one local device scoring runs there, with no mesh: host inputs of any batch size, and an
+    attention kernel that is not partitioned. An abstract state (``ShapeDtypeStruct`` leaves on a
+    target's compile-only devices, for ``--dry_run=aot``) is placed the same way, on the
+    lowest-numbered of its own devices, so it lowers to the program a real run compiles.
     """
     devices = {d for x in jax.tree.leaves(state) if isinstance(x, jax.Array | jax.ShapeDtypeStruct)
                and getattr(x, "sharding", None) is not None for d in x.sharding.device_set}
@@ -96,6 +108,40 @@ def on_one_device(state):
         return jax.device_put(state, jax.local_devices()[0])
     one = jax.sharding.SingleDeviceSharding(min(devices, key=lambda d: d.id))
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), state)
+
+
+class RowSharding:
+    """Data-parallel scoring over several local devices: the rows of every batch split over a
+    one-axis mesh ("rows"), the parameters replicated. Rows are independent (no op mixes them),
+    so each device scores its rows exactly as one device would score them all, and evaluation
+    takes 1/devices of the time instead of leaving all but one device idle.
+
+    Calls are traced under the mesh (``jax.set_mesh``): splash, a Mosaic kernel XLA cannot
+    partition, then runs per device in a ``shard_map`` over the rows (``attention``).
+    """
+
+    def __init__(self, devices):
+        self.mesh = jax.sharding.Mesh(np.array(devices), ("rows",),
+                                      axis_types=(jax.sharding.AxisType.Auto,))
+        self.rows = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec("rows"))
+        self.replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+
+    @property
+    def shards(self) -> int:
+        return self.mesh.size
+
+    def replicate(self, state):
+        if all(isinstance(x, jax.Array) for x in jax.tree.leaves(state)):
+            return jax.device_put(state, self.replicated)
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                           sharding=self.replicated), state)
+
+    def place(self, x_BxN):
+        """A batch (host array, or a device array in any layout) split by rows."""
+        return jax.device_put(x_BxN, self.rows)
+
+    def abstract(self, shape, dtype=jnp.int32):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=self.rows)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -121,35 +167,42 @@ def _score_hidden(graphdef, state, h_BxLxD, positions_BxC, targets_BxCxK):
     return lp_BxCxK, greedy_BxCxK
 
 
-def head_rows(rows: int, scored: int, vocab_size: int) -> int:
+def head_rows(rows: int, scored: int, vocab_size: int, shards: int = 1) -> int:
     """Rows per call of the scoring head: all ``rows``, or as many as keep its [rows, C, V]
-    logits within ``MAX_LOGITS``."""
-    return max(1, min(rows, MAX_LOGITS // (scored * vocab_size)))
+    logits within ``MAX_LOGITS`` on each of ``shards`` devices (a multiple of ``shards``)."""
+    per_device = max(1, min(-(-rows // shards), MAX_LOGITS // (scored * vocab_size)))
+    return per_device * shards
 
 
-def _score(graphdef, state, tokens_BxL, positions_BxC, targets_BxCxK, vocab_size: int):
+def _score(graphdef, state, tokens_BxL, positions_BxC, targets_BxCxK, vocab_size: int,
+           sharding: RowSharding | None = None):
     """The body once for the batch, then the scoring head in row slices of at most
-    ``MAX_LOGITS`` logits (slices of one fixed size, so it compiles once per shape)."""
-    h_BxLxD = _hidden(graphdef, state, tokens_BxL)
+    ``MAX_LOGITS`` logits per device (slices of one fixed size, so it compiles once per shape).
+    With ``sharding`` every input is split by rows over its devices; else host arrays."""
+    place = sharding.place if sharding is not None else (lambda x: x)
+    shards = sharding.shards if sharding is not None else 1
+    h_BxLxD = _hidden(graphdef, state, place(tokens_BxL))
     B, C = positions_BxC.shape
-    rows = head_rows(B, C, vocab_size)
+    rows = head_rows(B, C, vocab_size, shards)
     if rows == B:
-        return _score_hidden(graphdef, state, h_BxLxD, positions_BxC, targets_BxCxK)
+        return _score_hidden(graphdef, state, place(h_BxLxD), place(positions_BxC),
+                             place(targets_BxCxK))
     lps, greedys = [], []
     for start in range(0, B, rows):
         idx = np.minimum(np.arange(start, start + rows), B - 1)  # the last slice repeats a row
-        lp, greedy = _score_hidden(graphdef, state, h_BxLxD[idx], positions_BxC[idx],
-                                   targets_BxCxK[idx])
+        lp, greedy = _score_hidden(graphdef, state, place(h_BxLxD[idx]), place(positions_BxC[idx]),
+                                   place(targets_BxCxK[idx]))
         lps.append(np.asarray(lp)[:B - start])
         greedys.append(np.asarray(greedy)[:B - start])
     return np.concatenate(lps)[:B], np.concatenate(greedys)[:B]
 
 
-def program_calls(shape: tuple[int, int, int, int], vocab_size: int) -> dict:
-    """The jitted calls one scoring batch of shape (B, L, C, K) makes (what ``_score`` runs):
-    ``{("hidden", B, L): 1, ("score", rows, L, C, K): calls}``."""
+def program_calls(shape: tuple[int, int, int, int], vocab_size: int, shards: int = 1) -> dict:
+    """The jitted calls one scoring batch of shape (B, L, C, K) makes (what ``_score`` runs,
+    its rows split over ``shards`` devices): ``{("hidden", B, L): 1, ("score", rows, L, C, K):
+    calls}``."""
     B, L, C, K = shape
-    rows = head_rows(B, C, vocab_size)
+    rows = head_rows(B, C, vocab_size, shards)
     return {("hidden", B, L): 1, ("score", rows, L, C, K): -(-B // rows)}
 
 
@@ -169,7 +222,9 @@ class JaxLM(TemplateLM):
     Args:
       model: the Flax decoder (its parameters are used as they are; nothing is copied).
       tokenizer: ``prefixlm.tokenizer.Tokenizer`` the model was trained with.
-      batch_size: rows per compiled call (fixed; short batches are padded with dummy rows).
+      batch_size: rows per compiled call (fixed; short batches are padded with dummy rows, and
+        with several local devices rounded up to a multiple of their number: the rows are
+        split over them, ``RowSharding``).
       max_length: longest input; default the model's ``max_seq_len``.
       dtype: activation dtype for evaluation ("float32" matches the float32 HF export; None
         keeps the model's own).
@@ -195,7 +250,10 @@ class JaxLM(TemplateLM):
         self._max_length = int(max_length or model.cfg.max_seq_len)
         self._max_gen_toks = max_gen_toks
         self.graphdef, state = nnx.split(model)
-        self.state = on_one_device(state)
+        devices = scoring_devices(state)
+        self.sharding = RowSharding(devices) if len(devices) > 1 else None
+        self.state = (self.sharding.replicate(state) if self.sharding is not None
+                      else on_one_device(state))
         self.compiled_shapes: set[tuple[int, ...]] = set()
 
     @classmethod
@@ -233,6 +291,20 @@ class JaxLM(TemplateLM):
     @property
     def batch_size(self) -> int:
         return self._batch_size
+
+    @property
+    def shards(self) -> int:
+        """Devices the rows of a batch are split over (1: host inputs, one device)."""
+        return self.sharding.shards if self.sharding is not None else 1
+
+    @property
+    def rows_per_batch(self) -> int:
+        """``batch_size`` padded to a multiple of ``shards``: the rows of every compiled call."""
+        return -(-self._batch_size // self.shards) * self.shards
+
+    def _traced(self):
+        """The context every jitted call is traced in: the rows' mesh, when there is one."""
+        return jax.set_mesh(self.sharding.mesh) if self.sharding else contextlib.nullcontext()
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None,
                    left_truncate_len: int | None = None, **kw) -> list[int]:
@@ -284,8 +356,9 @@ class JaxLM(TemplateLM):
             self.compiled_shapes.add((B, L, C, K))
             self.input_tokens += sum(len(inp) for inp, _ in batch)
             self.padded_tokens += B * L
-            lp, greedy = _score(self.graphdef, self.state, tokens, positions, targets,
-                                self.model.cfg.vocab_size)
+            with self._traced():
+                lp, greedy = _score(self.graphdef, self.state, tokens, positions, targets,
+                                    self.model.cfg.vocab_size, self.sharding)
             lp, greedy = np.asarray(lp, np.float64), np.asarray(greedy)
             for b, (_, members) in enumerate(batch):
                 for k, (i, _, _) in enumerate(members):
@@ -321,7 +394,7 @@ class JaxLM(TemplateLM):
                 rows.append((inp, members[k:k + K_MAX]))
         # Longest first (like HFLM), so each batch pads to a length its rows nearly fill.
         rows.sort(key=lambda r: -len(r[0]))
-        B = self._batch_size
+        B = self.rows_per_batch
         for start in range(0, len(rows), B):
             batch = rows[start:start + B]
             L = _bucket(max(len(inp) for inp, _ in batch), self.max_length)
@@ -337,7 +410,7 @@ class JaxLM(TemplateLM):
             return self.call_counts([(c, t) for _, c, t in pieces])
         counts: collections.Counter = collections.Counter()
         for _, shape in self._batches(pairs):
-            counts.update(program_calls(shape, self.model.cfg.vocab_size))
+            counts.update(program_calls(shape, self.model.cfg.vocab_size, self.shards))
         return counts
 
     # ---- the programs, for an AOT compile (``prefixlm.aot``) --------------------------------
@@ -346,24 +419,31 @@ class JaxLM(TemplateLM):
         batch size and ``max_length``; the head at ``max_length`` with every position scored
         (a continuation longer than the largest bucket) and ``K_MAX`` targets, in the row
         slices that keep its logits within ``MAX_LOGITS``."""
-        B, L = self._batch_size, self.max_length
-        return {"hidden": (B, L), "score": (head_rows(B, L, self.model.cfg.vocab_size), L, L,
-                                             K_MAX)}
+        B, L = self.rows_per_batch, self.max_length
+        return {"hidden": (B, L), "score": (head_rows(B, L, self.model.cfg.vocab_size,
+                                                      self.shards), L, L, K_MAX)}
 
     def lower(self, program: str, shape: tuple[int, ...]):
         """``program`` ("hidden": ``_hidden``, "score": ``_score_hidden``, as named by
         ``program_calls``) lowered at ``shape`` on abstract inputs passed as ``score_tokens``
-        passes them: this model's state as placed (``on_one_device``), host (numpy) tokens,
-        positions and targets, and the body's output for hidden states."""
-        ids = functools.partial(jax.ShapeDtypeStruct, dtype=jnp.int32)
-        if program == "hidden":
-            return _hidden.lower(self.graphdef, self.state, ids(shape))
-        rows, L, C, K = shape
-        h = jax.eval_shape(functools.partial(_hidden, self.graphdef), self.state, ids((rows, L)))
-        placed = jax.tree.leaves(self.state)[0].sharding
-        h_BxLxD = jax.ShapeDtypeStruct(h.shape, h.dtype, sharding=placed)
-        return _score_hidden.lower(self.graphdef, self.state, h_BxLxD, ids((rows, C)),
-                                   ids((rows, C, K)))
+        passes them: this model's state as placed, and on one device host (numpy) tokens,
+        positions and targets and the body's output for hidden states; on several, all of them
+        split by rows (``RowSharding``), under the rows' mesh."""
+        if self.sharding is not None:
+            ids = self.sharding.abstract
+            placed = self.sharding.rows
+        else:
+            ids = functools.partial(jax.ShapeDtypeStruct, dtype=jnp.int32)
+            placed = jax.tree.leaves(self.state)[0].sharding
+        with self._traced():
+            if program == "hidden":
+                return _hidden.lower(self.graphdef, self.state, ids(shape))
+            rows, L, C, K = shape
+            h = jax.eval_shape(functools.partial(_hidden, self.graphdef), self.state,
+                               ids((rows, L)))
+            h_BxLxD = jax.ShapeDtypeStruct(h.shape, h.dtype, sharding=placed)
+            return _score_hidden.lower(self.graphdef, self.state, h_BxLxD, ids((rows, C)),
+                                       ids((rows, C, K)))
 
     def encode_request(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         """(context ids, continuation ids) exactly as ``TemplateLM.loglikelihood`` splits them."""
@@ -433,7 +513,8 @@ class JaxLM(TemplateLM):
             if max_ctx <= 0:
                 raise ValueError(f"max_gen_toks {max_gen} must be below max_length "
                                  f"{self.max_length}")
-            B = self._batch_size
+            B = self.rows_per_batch
+            place = self.sharding.place if self.sharding is not None else (lambda x: x)
             for start in range(0, len(items), B):
                 batch = items[start:start + B]
                 ctxs = [self.tok_encode(c, left_truncate_len=max_ctx) or [self.prefix_token_id]
@@ -447,7 +528,9 @@ class JaxLM(TemplateLM):
                 start_len = lengths.copy()
                 done = np.array([b >= len(batch) for b in range(B)])
                 for _ in range(max_gen):
-                    nxt = np.asarray(_next_token(self.graphdef, self.state, tokens, lengths - 1))
+                    with self._traced():
+                        nxt = np.asarray(_next_token(self.graphdef, self.state, place(tokens),
+                                                     place(lengths - 1)))
                     for b in np.flatnonzero(~done):
                         if lengths[b] >= L:
                             done[b] = True

@@ -53,13 +53,19 @@ def _tiny_run(target: str, n: int, tok, extra: str = ""):
 
 @needs_tpu
 def test_splash_compiles_for_a_multichip_tpu_mesh(tiny_tok):
-    """8 v5e chips, batch over the mesh: the Mosaic kernel must come out partitioned."""
+    """8 v5e chips, batch over the mesh: the Mosaic kernel must come out partitioned, in the
+    train step and in JaxLM's body (rows split over the chips)."""
     run = _tiny_run("tpu_v5e", 8, tiny_tok)
     assert run.mcfg.attention == "splash"
     train = aot.compile_program(run, "train")
     assert train.ok, f"{train.error} ({train.cause})"
     assert aot.kernel_evidence(train.hlo(), "splash").split()[0].isdigit(), \
         "splash was not lowered as a Mosaic kernel for the TPU"
+    # JaxLM's body splits its rows over the 8 chips: splash runs per chip in a shard_map
+    body = aot.compile_program(run, "score_body")
+    assert body.ok, f"{body.error} ({body.cause})"
+    assert aot.kernel_evidence(body.hlo(), "splash").split()[0].isdigit()
+    assert aot.scoring_lm(run).shards == 8
 
 
 @pytest.fixture(scope="module")
@@ -379,3 +385,97 @@ def test_evaluations_in_a_run_follow_the_hooks_schedule():
         due = [s for s in range(total + 1) if hook.due(s, total)]
         assert eval_cost.evaluation_steps(total, every) == (len(due) - 1, 1), (total, every)
     assert eval_cost.evaluation_steps(3814, 1000) == (4, 1)
+
+
+# ---- JaxLM scores data-parallel over the host's devices ------------------------------------------
+ROWS_CFG = dict(vocab_size=34, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=32,
+                max_seq_len=32, dtype="float32")
+ROWS_PAIRS = [([1, 5, 7], [9]), ([2] * 20, [3, 4]), ([5] * 10, [6] * 20), ([7] * 5, [8] * 40),
+              ([9] * 5, [1, 2, 3]), ([1, 2], [3] * 9), ([1, 5, 7], [4])]  # shared, pieces
+ON_EIGHT_DEVICES = """
+import collections, json, sys, types
+import jax, numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+from prefixlm import aot, jaxlm
+from prefixlm import model as model_lib
+import test_aot as t
+
+assert jax.local_device_count() == 8
+jaxlm.MAX_LOGITS = 32 * 34  # full-length heads: 1 row per device, in slices of 8 rows
+cfg = model_lib.ModelConfig(**t.ROWS_CFG)
+texts, made, originals = {}, collections.Counter(), {}
+for name, program in (("_hidden", "hidden"), ("_score_hidden", "score")):
+    fn = originals[name] = getattr(jaxlm, name)
+    def spy(graphdef, state, *arrays, fn=fn, program=program):
+        assert all(x.sharding.spec == P("rows") for x in arrays), program  # split by rows
+        shape = (arrays[0].shape if program == "hidden"
+                 else (*arrays[0].shape[:2], *arrays[2].shape[1:]))
+        made[(program, *shape)] += 1
+        texts.setdefault((program, shape), fn.lower(graphdef, state, *arrays).as_text())
+        return fn(graphdef, state, *arrays)
+    setattr(jaxlm, name, spy)
+lm = jaxlm.JaxLM(model_lib.Llama(cfg, rngs=nnx.Rngs(0)), types.SimpleNamespace(eos_id=0),
+                 batch_size=int(sys.argv[1]))
+assert lm.shards == 8 and lm.rows_per_batch == 16
+scores = lm.score_tokens(t.ROWS_PAIRS)
+assert lm.call_counts(t.ROWS_PAIRS) == made and made[("score", 8, 32, 32, 16)] == 2, made
+# --dry_run=aot's lowering from the trainer's abstract (FSDP-sharded) parameters is the same
+for name, fn in originals.items():
+    setattr(jaxlm, name, fn)
+mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
+abstract = nnx.eval_shape(lambda: model_lib.Llama(cfg, rngs=nnx.Rngs(0)))
+graphdef, state = nnx.split(abstract)
+state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(
+    mesh, P("fsdp") if x.shape and x.shape[0] % 8 == 0 else P())), state)
+lm_aot = jaxlm.JaxLM(nnx.merge(graphdef, state), types.SimpleNamespace(eos_id=0),
+                     batch_size=int(sys.argv[1]))
+for (program, shape), text in texts.items():
+    assert aot.lower_scoring(lm_aot, program, shape, "cpu").as_text() == text, (program, shape)
+    assert "mhlo.num_partitions = 8" in text and '{"rows"}' in text  # split, not copied
+# the in-loop evaluator's JaxLM over a trainer's live parameters, and aot.scoring_lm's
+import test_attention_sharded
+from prefixlm import hooks
+trainer = test_attention_sharded.tiny_trainer(jax.devices(), attention="blockwise")
+texts.clear()
+for name, fn in originals.items():
+    def record(graphdef, state, *arrays, fn=fn, name=name):
+        texts.setdefault((name, arrays[0].shape), fn.lower(graphdef, state, *arrays).as_text())
+        return fn(graphdef, state, *arrays)
+    setattr(jaxlm, name, record)
+live = jaxlm.JaxLM(hooks.host_model(trainer, trainer.init_fn()["params"]),
+                   types.SimpleNamespace(eos_id=0), batch_size=int(trainer.config.eval.batch_size))
+live.score_tokens([([1] * 127, [2])])
+for name, fn in originals.items():
+    setattr(jaxlm, name, fn)
+largest = aot.scoring_lm(trainer).largest_calls()
+assert texts[("_hidden", largest["hidden"])] == aot.LOWER["score_body"](trainer).as_text()
+print(json.dumps(scores))
+"""
+
+
+def test_jaxlm_scores_rows_split_over_devices_as_one_device_does(monkeypatch):
+    """With 8 local devices JaxLM splits every batch's rows over them (batch 12 padded to 16,
+    the head in slices of 8 rows: one per device): the same scores as on one device to float32 rounding, calls
+    counted as made, and --dry_run=aot's lowering (abstract, FSDP-placed parameters) equal to
+    the run's StableHLO for every program and shape; with a Trainer on the 8 devices, the
+    in-loop evaluator's body over its live parameters is aot's score_body."""
+    from flax import nnx
+
+    from prefixlm import jaxlm
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               PYTHONPATH=f"{root}:{root / 'tests'}")
+    proc = subprocess.run([sys.executable, "-c", ON_EIGHT_DEVICES, "12"], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sharded = json.loads(proc.stdout.strip().splitlines()[-1])
+    monkeypatch.setattr(jaxlm, "MAX_LOGITS", 32 * 34)
+    lm = jaxlm.JaxLM(model_lib.Llama(model_lib.ModelConfig(**ROWS_CFG), rngs=nnx.Rngs(0)),
+                     types.SimpleNamespace(eos_id=0), batch_size=12)
+    assert lm.shards == 1 and lm.rows_per_batch == 12
+    one = lm.score_tokens(ROWS_PAIRS)
+    np.testing.assert_allclose([s for s, _ in sharded], [s for s, _ in one], rtol=1e-6)
+    assert [g for _, g in sharded] == [g for _, g in one]

@@ -1,6 +1,6 @@
 """Attention and the step on multi-device meshes: the real train and eval steps compiled for TPU
 hosts (splash) and 8 x H100 (cuDNN) on this CPU, with their collectives; splash exact on an
-8-device CPU mesh (Pallas interpret mode) against the float64 reference; JaxLM on a mesh; the
+8-device CPU mesh (Pallas interpret mode) against the float64 reference; JaxLM data-parallel; the
 CPU compiler's collectives of the same step."""
 
 import os
@@ -105,7 +105,8 @@ want = ta.reference_attention_and_grads(q, k, v, w)
 for name, a, b in zip(("o", "dq", "dk", "dv"), got, want, strict=True):
     np.testing.assert_allclose(a, b, atol=5e-5, rtol=5e-5, err_msg=name)
 
-# JaxLM over parameters replicated on the mesh scores on one device, splash as blockwise
+# JaxLM over parameters replicated on the mesh splits its rows over the 8 devices (splash in a
+# shard_map over them) and scores as blockwise does
 cfg = model_lib.ModelConfig(vocab_size=50, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1,
                             d_ff=48, max_seq_len=64, dtype="float32", attention="splash")
 model = model_lib.Llama(cfg, rngs=nnx.Rngs(0))
@@ -114,7 +115,7 @@ state = jax.device_put(state, NamedSharding(mesh, P()))
 tok = type("Tok", (), {"eos_id": 1})()
 pairs = [([1, 5, 7, 9], [11, 3]), ([1, 2], [4, 4, 4])]
 lm = jaxlm.JaxLM(nnx.merge(graphdef, state), tok, batch_size=2)
-assert {d for x in jax.tree.leaves(lm.state) for d in x.devices()} == {jax.local_devices()[0]}
+assert {d for x in jax.tree.leaves(lm.state) for d in x.devices()} == set(jax.local_devices())
 splash = lm.score_tokens(pairs)
 blockwise = jaxlm.JaxLM(model_lib.Llama(dataclasses.replace(cfg, attention="blockwise"),
                                         rngs=nnx.Rngs(0)), tok, batch_size=2).score_tokens(pairs)
