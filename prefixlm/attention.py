@@ -41,6 +41,7 @@ at start-up (``step.choose_attention``): a rejected kernel stops the run unless
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import math
@@ -238,6 +239,21 @@ def cudnn_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH):
                                         implementation="cudnn")
 
 
+@contextlib.contextmanager
+def _no_device_context():
+    """No concrete mesh in context while the splash kernel's tables are made. ``jax.set_mesh``
+    cannot be entered inside a trace, so this swaps the thread-local device context it sets
+    (private to jax 0.10: ``jax._src.config.device_context``, as ``set_mesh`` itself does)."""
+    from jax._src import config as jax_config
+    from jax._src import mesh as mesh_lib
+
+    previous = jax_config.device_context.swap_local(mesh_lib.empty_concrete_mesh)
+    try:
+        yield
+    finally:
+        jax_config.device_context.set_local(previous)
+
+
 @functools.lru_cache(maxsize=32)
 def _splash_kernel(n_heads: int, T: int, block: int, interpret: bool):
     from jax.experimental.pallas.ops.tpu.splash_attention import (
@@ -252,8 +268,10 @@ def _splash_kernel(n_heads: int, T: int, block: int, interpret: bool):
                               block_q_dkv=block, block_kv_dkv=block,
                               block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
     # The kernel holds its block-mask tables as arrays. It is built while a step is traced and
-    # cached across traces, so the tables must be concrete, never tracers of one trace.
-    with jax.ensure_compile_time_eval():
+    # cached across traces, so the tables must be concrete, never tracers of one trace; and
+    # outside any mesh the caller traces under (JaxLM's row mesh, jax.set_mesh), which may be of
+    # a target's compile-only devices that cannot hold a concrete array.
+    with _no_device_context(), jax.ensure_compile_time_eval():
         return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
                                       interpret=interpret)
 
