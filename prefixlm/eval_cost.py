@@ -34,7 +34,7 @@ import tempfile
 
 import jax
 
-from prefixlm import aot, hlo, jaxlm, roofline, validation
+from prefixlm import aot, attention, hlo, jaxlm, roofline, validation
 from prefixlm import model as model_lib
 from prefixlm.config import model_config
 
@@ -98,8 +98,8 @@ def scoring_calls(config, tokenizer, *, full: bool, shards: int = 1) -> dict:
     key = {"tasks": requested, "limit": e.get("limit"), "limits": e.get("limits"),
            "fewshot": e.get("num_fewshot"), "batch": int(e.get("batch_size", 16)),
            "length": mcfg.max_seq_len, "vocab": mcfg.vocab_size, "full": full,
-           "tokenizer": getattr(tokenizer, "vocab_hash", ""), "code": _source_hash(jaxlm),
-           "shards": shards}
+           "tokenizer": getattr(tokenizer, "vocab_hash", ""), "shards": shards,
+           "code": _source_hash(jaxlm, evaluate, tasks_lib)}
 
     def count() -> dict:
         evaluator = evaluate.InLoopEvaluator(tokenizer, e, workdir=tempfile.gettempdir())
@@ -154,7 +154,7 @@ def scoring_costs(lm: jaxlm.JaxLM, target: aot.Target, limited: dict,
     for (program, *shape), (n_subset, n_full) in sorted(calls.items()):
         key = {"target": target.name, "kind": target.device_kind, "model": repr(mcfg),
                "program": program, "shape": shape, "shards": lm.shards, "jax": jax.__version__,
-               "code": _source_hash(jaxlm, roofline, hlo)}
+               "code": _source_hash(jaxlm, model_lib, attention, aot, roofline, hlo)}
 
         def cost(program=program, shape=tuple(shape)) -> float:
             text = aot.lower_scoring(lm, program, shape, target.platform).compile().as_text()

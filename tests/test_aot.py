@@ -482,3 +482,34 @@ def test_jaxlm_scores_rows_split_over_devices_as_one_device_does(monkeypatch):
     one = lm.score_tokens(ROWS_PAIRS)
     np.testing.assert_allclose([s for s, _ in sharded], [s for s, _ in one], rtol=1e-6)
     assert [g for _, g in sharded] == [g for _, g in one]
+
+
+def test_eval_cost_caches_are_keyed_by_the_code_that_makes_their_values(monkeypatch):
+    """A cached roofline time depends on the compiled program (the model and attention code,
+    aot's lowering), and cached call counts on how the evaluator builds its requests (evaluate,
+    tasks): an edit to any of them must miss the cache, not return the old value."""
+    import types
+
+    import ml_collections
+
+    from prefixlm import aot, attention, eval_cost, evaluate, hlo, jaxlm, roofline, tasks
+    from prefixlm import model as model_lib
+
+    hashed, keys = [], []
+    monkeypatch.setattr(eval_cost, "_source_hash", lambda *m: hashed.append(set(m)) or "h")
+    monkeypatch.setattr(eval_cost, "_cached",
+                        lambda kind, key, compute: keys.append(kind) or
+                        (0.0 if kind == "seconds" else {"calls": [], "documents": 0}))
+    lm = types.SimpleNamespace(model=types.SimpleNamespace(cfg="cfg"), shards=1)
+    target = types.SimpleNamespace(name="h100", device_kind="H100")
+    calls = {"calls": [["hidden", 8, 32, 1]], "documents": 1}
+    eval_cost.scoring_costs(lm, target, calls, calls)
+    assert {jaxlm, model_lib, attention, aot, roofline, hlo} <= hashed[-1]
+
+    mcfg = types.SimpleNamespace(max_seq_len=32, vocab_size=34)
+    monkeypatch.setattr(eval_cost, "model_config", lambda config: mcfg)
+    monkeypatch.setattr(model_lib, "scoring_config", lambda cfg, dtype: cfg)
+    config = ml_collections.ConfigDict({"eval": {"tasks": "arc_easy", "batch_size": 4}})
+    eval_cost.scoring_calls(config, None, full=False)
+    assert keys == ["seconds", "calls"]
+    assert {jaxlm, evaluate, tasks} <= hashed[-1]
