@@ -118,15 +118,21 @@ def data_fingerprint(path) -> str | None:
     return "sha256:" + hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
+def _pinned(path: str) -> str:
+    """A local data path as a real path (one directory whatever the current directory); an
+    object-store path (gs://...) as given, since realpath would make it a local one."""
+    return str(path) if is_remote(path) else os.path.realpath(os.path.expanduser(str(path)))
+
+
 def pin_data(config) -> ml_collections.ConfigDict:
     """The resolved config with its data pinned: ``data.path`` and ``data.val_path`` as real
     paths (a relative path means one directory whatever the current directory of a resume) and
     ``data.fingerprint``, the content's identity (``data_fingerprint``). So the same data under
     another path resumes, and other data under the same path is another run."""
     c = ml_collections.ConfigDict(config.to_dict())
-    c.data.path = os.path.realpath(os.path.expanduser(str(c.data.path)))
+    c.data.path = _pinned(c.data.path)
     if c.data.get("val_path"):
-        c.data.val_path = os.path.realpath(os.path.expanduser(str(c.data.val_path)))
+        c.data.val_path = _pinned(c.data.val_path)
     c.data.fingerprint = data_fingerprint(c.data.path)
     return c
 
@@ -146,8 +152,11 @@ def in_todays_terms(saved: dict, new: dict, data_path: str | None = None) -> dic
     """A saved identity as today's code would record that run: a field added since it was
     written, whose value now is the field's default, takes that value (the run was trained
     under it before it could be named); a ``data.path`` from before data fingerprints stands for
-    the data now at that path when it is the same directory (``data_path``: today's real path)."""
+    the data now at that path when it is the same directory (``data_path``: today's real path),
+    and a ``data.val_path`` recorded as typed, before paths were pinned, is that path pinned."""
     out = dict(saved)
+    if out.get("data.val_path"):
+        out["data.val_path"] = _pinned(out["data.val_path"])
     defaults = _defaults()
     for k, v in new.items():
         if k not in out and k in defaults and defaults[k] == v:

@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 
+import ml_collections
 import numpy as np
 import pytest
 from test_faults import _steps
@@ -213,3 +214,27 @@ def test_a_workdir_that_names_no_local_directory_is_refused(data, tmp_path, work
 def test_a_seed_beyond_the_data_order_is_one_line(data, field):
     with pytest.raises(ConfigError, match=f"{field}=99999999999999999999 must be an integer in"):
         config_lib.resolve(_short(data, **{field: 99999999999999999999}))
+
+
+def test_an_object_store_data_path_is_pinned_as_given(monkeypatch):
+    """realpath would turn gs://bucket/tokens into a local ./gs:/bucket/tokens: remote data
+    paths stay as typed (their content still enters the identity through the fingerprint)."""
+    monkeypatch.setattr(workdir_lib, "data_fingerprint", lambda path: f"sha256:of {path}")
+    c = ml_collections.ConfigDict({"data": {"path": "gs://bucket/tokens",
+                                            "val_path": "gs://bucket/val"}})
+    pinned = workdir_lib.pin_data(c)
+    assert (pinned.data.path, pinned.data.val_path) == ("gs://bucket/tokens", "gs://bucket/val")
+    assert pinned.data.fingerprint == "sha256:of gs://bucket/tokens"
+
+
+def test_a_val_path_recorded_as_typed_is_no_identity_change(tmp_path, monkeypatch):
+    """A run recorded before paths were pinned holds data.val_path as typed ("val", relative):
+    resumed from the same directory, today's pinned real path names the same directory, so it is
+    no change; another directory's "val" still is."""
+    (tmp_path / "a" / "val").mkdir(parents=True)
+    (tmp_path / "b" / "val").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "a")
+    new = {"data.val_path": os.path.realpath("val")}
+    assert workdir_lib.identity_diff({"data.val_path": "val"}, new) == {}
+    monkeypatch.chdir(tmp_path / "b")
+    assert "data.val_path" in workdir_lib.identity_diff({"data.val_path": "val"}, new)
