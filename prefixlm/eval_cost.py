@@ -28,13 +28,12 @@ import collections
 import dataclasses
 import hashlib
 import json
-import os
 import pathlib
 import tempfile
 
 import jax
 
-from prefixlm import aot, attention, hlo, jaxlm, roofline, validation
+from prefixlm import aot, atomic, attention, hlo, jaxlm, roofline, safe_files, validation
 from prefixlm import model as model_lib
 from prefixlm.config import model_config
 
@@ -49,22 +48,15 @@ def evaluation_steps(total: int, every: int) -> tuple[int, int]:
     return len(due) - 1, 1
 
 
-def _cache_dir() -> pathlib.Path:
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return pathlib.Path(root) / "prefixlm" / "eval_cost"
-
-
 def _cached(kind: str, key: dict, compute):
     """``compute()`` (JSON-able), kept under a hash of ``key``."""
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
-    path = _cache_dir() / f"{kind}-{digest[:24]}.json"
+    path = safe_files.cache_dir() / "eval_cost" / f"{kind}-{digest[:24]}.json"
     if path.exists():
         return json.loads(path.read_text())
     value = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(value))
-    tmp.replace(path)
+    atomic.write_text(path, json.dumps(value))  # a temp name of its own: concurrent runs agree
     return value
 
 

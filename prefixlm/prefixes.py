@@ -21,6 +21,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from prefixlm import safe_files
+
 PAD = -1
 
 
@@ -87,13 +89,6 @@ def _densify(offsets: np.ndarray, flat: np.ndarray) -> tuple[np.ndarray, np.ndar
     return dense, counts
 
 
-def default_cache_dir() -> pathlib.Path:
-    root = os.environ.get("PREFIXLM_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "prefixlm"
-    )
-    return pathlib.Path(root)
-
-
 def build(
     token_bytes: Sequence[bytes | None], cache_dir: str | os.PathLike | None = None
 ) -> PrefixIndex:
@@ -108,7 +103,7 @@ def build(
     lengths = np.asarray([len(b) if b else 0 for b in token_bytes], dtype=np.int32)
     cache = None
     if cache_dir != "":
-        cache = pathlib.Path(cache_dir or default_cache_dir()) / f"prefixes-{digest}.npz"
+        cache = pathlib.Path(cache_dir or safe_files.cache_dir()) / f"prefixes-{digest}.npz"
     offsets = flat = None
     if cache is not None and cache.exists():
         try:

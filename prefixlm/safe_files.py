@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import pathlib
 import stat
 
 from prefixlm import atomic
@@ -37,6 +38,16 @@ _WRITE_FLAGS = os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
 class WriteError(UserError, OSError):
     """A file the run must write cannot be (ENOSPC, EROFS, EACCES, ...): the storage's fault, not
     the input's; the message names the file, the errno and what to do."""
+
+
+def cache_dir() -> pathlib.Path:
+    """The project's per-user cache: ``$PREFIXLM_CACHE``, else ``$XDG_CACHE_HOME/prefixlm``
+    (``~/.cache/prefixlm``): what is cheap to lose and costly to recompute (prefix tables, XLA
+    flags that parsed, evaluation costs)."""
+    if os.environ.get("PREFIXLM_CACHE"):
+        return pathlib.Path(os.environ["PREFIXLM_CACHE"])
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return pathlib.Path(root) / "prefixlm"
 
 
 def is_remote(path) -> bool:

@@ -18,7 +18,7 @@ import re
 import subprocess
 import sys
 
-from prefixlm import errors
+from prefixlm import errors, safe_files
 
 _PROBE = ("from jax._src.lib import _jax; _jax.get_tfrt_cpu_client(asynchronous=False)")
 _UNKNOWN = re.compile(r"Unknown flags? in XLA_FLAGS: (.+)")
@@ -26,8 +26,7 @@ PROBE_TIMEOUT_S = 120
 
 
 def _cache_file() -> pathlib.Path:
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return pathlib.Path(root) / "prefixlm" / "xla_flags_ok.txt"
+    return safe_files.cache_dir() / "xla_flags_ok.txt"
 
 
 def _key(flags: str) -> str:
