@@ -6,9 +6,9 @@
 
 Builds the real train step (``step.Trainer.create(..., devices=...)``, then
 ``lower_train_step().compile()``) for compile-only devices of the target (``aot.topology``: the
-topologies and GPU target files of ``prefixlm.hardware``), and prints every collective of one step: kind, dtype, bytes per execution per device, how
+topologies and GPU target files of ``prefixlm.core.hardware``), and prints every collective of one step: kind, dtype, bytes per execution per device, how
 many such ops, how often each runs per step (while-loop trip counts: the microbatch loop) and the
-bytes per step (``prefixlm.hlo_collectives``). The study config by default, with the target's
+bytes per step (``prefixlm.compile.hlo_collectives``). The study config by default, with the target's
 hardware preset. Compiled, not run: nothing here measures time.
 """
 
@@ -26,15 +26,16 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the compile-only devices need n
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from prefixlm import aot, hardware, hlo_collectives  # noqa: E402
-from prefixlm import config as config_lib  # noqa: E402
-from prefixlm import step as step_lib  # noqa: E402
-from prefixlm import tokenizer as tokenizer_lib  # noqa: E402
+from prefixlm import config as config_lib
+from prefixlm.compile import aot, hlo_collectives
+from prefixlm.core import hardware
+from prefixlm.train import trainer as step_lib
+from prefixlm.vocab import tokenizer as tokenizer_lib
 
 
 def parse_target(target: str) -> tuple[str, int]:
     """``v5e-8`` -> (``tpu_v5e``, 8), ``h100-1`` -> (``h100``, 1): a ``--dry_run=aot`` target of
-    the one hardware table (``prefixlm.hardware``) and a device count."""
+    the one hardware table (``prefixlm.core.hardware``) and a device count."""
     name, _, count = target.rpartition("-")
     key = name if name in hardware.GPU_SPECS else f"tpu_{name}"
     if not count.isdigit() or key not in aot.target_names():

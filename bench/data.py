@@ -109,8 +109,8 @@ def bench_tokenize(root: pathlib.Path, repeat: int, copies: int) -> list[tuple]:
     The 1-core row reads the embedded corpus once; the multi-core row reads ``copies`` copies of
     it, so that process start-up (both sides spawn workers) does not dominate.
     """
-    from prefixlm import tokenizer
     from prefixlm.data import corpus
+    from prefixlm.vocab import tokenizer
 
     one = root / "parquet1"
     corpus.write_parquet(one)

@@ -35,10 +35,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def build_model(args):
     from flax import nnx
 
-    from prefixlm.model import Llama, ModelConfig
+    from prefixlm.model.llama import Llama, ModelConfig
 
     if args.workdir:
-        from prefixlm import checkpoint
+        from prefixlm.run import checkpoint
 
         _, model, step = checkpoint.load_model(args.workdir)
         return model, f"{args.workdir} step {step}"
@@ -54,7 +54,7 @@ def build_model(args):
 
 def in_loop_table(args, model, tok, names, limits) -> None:
     from prefixlm import evaluate
-    from prefixlm.model import count_params
+    from prefixlm.model.llama import count_params
 
     n_params = args.flops_params or count_params(model.cfg)
     rows, totals = [], [0.0] * 6
@@ -221,8 +221,9 @@ def main(argv=None) -> int:
 
     import jax
 
-    from prefixlm import evaluate, tasks
-    from prefixlm import tokenizer as tok_lib
+    from prefixlm import evaluate
+    from prefixlm.evaluation import tasks
+    from prefixlm.vocab import tokenizer as tok_lib
 
     evaluate.quiet_logs(False)
     model, desc = build_model(args)

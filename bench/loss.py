@@ -6,7 +6,7 @@
 Timing: value_and_grad of the weighted loss sum w.r.t. hidden states and the (tied) output
 projection, N tokens x V = 128,256 x d_model, through ``Objective.chunked_loss``; repetitions are
 interleaved across objectives in a shuffled order so machine noise hits all of them alike,
-and the median is kept. ``--before REV`` adds ce and prefix_norm through prefixlm/fused_loss.py
+and the median is kept. ``--before REV`` adds ce and prefix_norm through prefixlm/objectives/fused_loss.py
 as it was at git revision REV (e.g. c189ca4, before the single-pass loss) to the same
 interleaving, so the old and new paths are compared on the same machine in the same minutes.
 Memory: XLA's own accounting of the compiled program (``memory_analysis``: arguments + outputs +
@@ -44,9 +44,14 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from loss_hlo import load_module_at  # noqa: E402
 
-from prefixlm import objectives, prefixes, tokenizer  # noqa: E402
+from prefixlm import objectives  # noqa: E402
+from prefixlm.objectives import families  # noqa: E402
+from prefixlm.vocab import (  # noqa: E402
+    prefixes,  # noqa: E402
+    tokenizer,  # noqa: E402
+)
 
-RUNS = objectives.SEVEN_RUNS  # (label, name, eps)
+RUNS = families.SEVEN_RUNS  # (label, name, eps)
 
 
 def chunked_fn(obj, chunk):
@@ -153,7 +158,7 @@ def precision_errors(module, obj, h, e, ids, dtype):
 
 
 def precision_main(before_rev: str) -> int:
-    from prefixlm import fused_loss
+    from prefixlm.objectives import fused_loss
 
     tok = tokenizer.load("llama3")
     index = prefixes.build(tok.token_bytes)

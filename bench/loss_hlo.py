@@ -10,13 +10,13 @@ one compile-only device of ``--device`` (``aot.topology``: libtpu, or the CUDA p
 committed GpuTargetConfigProto) at the study's shapes: d_model 512, V = 128,256, bfloat16 hidden states, float32 unembedding, chunks
 of ``--chunk-size`` tokens (2048, the presets'), N = ``--chunks`` x 2048 tokens on one device
 (the h100 preset's microbatch is 64 x 2048 per device). It does so twice: with this tree's
-``prefixlm/fused_loss.py`` ("after") and with the one at git revision ``--before`` ("before",
+``prefixlm/objectives/fused_loss.py`` ("after") and with the one at git revision ``--before`` ("before",
 loaded from ``git show``), both fed by this tree's objectives. Per-kernel FLOPs and HBM bytes come
-from the optimised HLO through ``prefixlm.roofline.kernels`` (the one HLO reader: distinct
+from the optimised HLO through ``prefixlm.compile.roofline.kernels`` (the one HLO reader: distinct
 operands + result, in-place updates and sliced operands counted by what they touch, TPU on-chip
 arrays free and their async copies charged, loop bodies x trip counts); the roofline time of a
 kernel is max(FLOPs / peak, bytes / HBM bandwidth) with the device's figures from
-``prefixlm.hardware``. Figures are per 2048 tokens = the whole call / (N / 2048) (the
+``prefixlm.core.hardware``. Figures are per 2048 tokens = the whole call / (N / 2048) (the
 once-per-call work, e.g. casting E to bfloat16, is spread over the tokens); "before" uses
 ``--before-chunk-size`` tokens per chunk. Compiled, not run: no time here is measured.
 """
@@ -40,14 +40,25 @@ import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from prefixlm import aot, fused_loss, hardware, hlo, objectives, roofline, tokenizer  # noqa: E402
+from prefixlm import objectives  # noqa: E402
+from prefixlm.compile import (  # noqa: E402
+    aot,  # noqa: E402
+    hlo,  # noqa: E402
+    roofline,  # noqa: E402
+)
+from prefixlm.core import hardware  # noqa: E402
+from prefixlm.objectives import (  # noqa: E402
+    families,  # noqa: E402
+    fused_loss,  # noqa: E402
+)
+from prefixlm.vocab import tokenizer  # noqa: E402
 
 CHUNK, D_MODEL = 2048, 512
 
 
 def load_module_at(rev: str):
-    """prefixlm/fused_loss.py as it was at git revision ``rev`` (it imports only jax/numpy)."""
-    src = subprocess.run(["git", "-C", ROOT, "show", f"{rev}:prefixlm/fused_loss.py"],
+    """prefixlm/objectives/fused_loss.py as it was at git revision ``rev`` (it imports only jax/numpy)."""
+    src = subprocess.run(["git", "-C", ROOT, "show", f"{rev}:prefixlm/objectives/fused_loss.py"],
                          check=True, capture_output=True, text=True).stdout
     path = os.path.join(tempfile.mkdtemp(), "fused_loss_before.py")
     with open(path, "w") as f:
@@ -97,7 +108,7 @@ def summary(hlo_and_temp: tuple[str, int], n_chunks: int, device: str) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--families", default=",".join(objectives.NAMES))
+    p.add_argument("--families", default=",".join(families.NAMES))
     p.add_argument("--chunks", type=int, default=8, help="N = chunks x 2048 tokens")
     p.add_argument("--chunk-size", type=int, default=CHUNK, help="tokens per chunk (after)")
     p.add_argument("--before", default="c189ca4", help="git revision of the old fused_loss.py")

@@ -1,5 +1,5 @@
 """How often the seven-run study's report claims an effect, on simulated studies with a known
-truth (prefixlm/study_sim.py ``simulate_means``: 6 arms against CE, the default primaries
+truth (prefixlm/study/sim.py ``simulate_means``: 6 arms against CE, the default primaries
 CharBench bpb / MC accuracy / val/nll, in-loop item counts 4 x 1,000 MC and 4 x 250 CharBench,
 seed-level shifts of accuracy sd 1.5 points, val/nll sd 0.005, bpb sd as in the scenario).
 Prints a markdown table, one row per (seed sd, method):
@@ -8,7 +8,7 @@ Prints a markdown table, one row per (seed sd, method):
 
 - **before**: the report as it was (Holm within each arm over its 3 primaries, 3 seeds, no
   floor on the seed-level variance), reimplemented here so it stays runnable;
-- **after**: ``prefixlm.endpoints.claims``, Holm over all 18 arm x endpoint tests with the
+- **after**: ``prefixlm.study.endpoints.claims``, Holm over all 18 arm x endpoint tests with the
   variance floored at item sampling, at 3 seeds and at each of ``--seeds`` (the README's
   count is 5).
 
@@ -28,16 +28,16 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from prefixlm import endpoints, inference, study_sim  # noqa: E402
+from prefixlm.study.runs import endpoints, seed_stats, sim
 
 
-def before_claims(d_RxAxSxK, lower_is_better, alpha: float = inference.ALPHA) -> np.ndarray:
+def before_claims(d_RxAxSxK, lower_is_better, alpha: float = seed_stats.ALPHA) -> np.ndarray:
     """int8 [R, A, K]: the decisions of the report before issue 20: a t-test per (arm,
     endpoint) over the seed pairs without a variance floor, Holm within each arm only."""
     d_RxAxKxS = np.moveaxis(np.asarray(d_RxAxSxK, dtype=np.float64), 2, -1)
-    mean, _, p = inference.t_tests(d_RxAxKxS)
+    mean, _, p = seed_stats.t_tests(d_RxAxKxS)
     r, a, k = p.shape
-    rejected = inference.holm_rows(p.reshape(r * a, k), alpha).reshape(r, a, k)
+    rejected = seed_stats.holm_rows(p.reshape(r * a, k), alpha).reshape(r, a, k)
     good = (mean < 0) == np.asarray(lower_is_better)
     return np.where(rejected, np.where(good, 1, -1), 0).astype(np.int8)
 
@@ -46,9 +46,9 @@ def rates(method, seeds: int, sd: float, studies: int) -> tuple[float, float, fl
     """(null reports with any claim, 0.04 gain found, 0.02 gain found)."""
     out = []
     for gain in (0.0, 0.04, 0.02):
-        design = study_sim.StudyDesign(seeds=seeds, seed_sd_bpb=sd, charbench_bpb_gain=gain)
-        d, item_var = study_sim.simulate_means(design, studies, np.random.default_rng(2026))
-        c_RxAxK = method(d, study_sim.LOWER_IS_BETTER, item_var)
+        design = sim.StudyDesign(seeds=seeds, seed_sd_bpb=sd, charbench_bpb_gain=gain)
+        d, item_var = sim.simulate_means(design, studies, np.random.default_rng(2026))
+        c_RxAxK = method(d, sim.LOWER_IS_BETTER, item_var)
         out.append((c_RxAxK != 0).any((1, 2)).mean() if gain == 0 else
                    (c_RxAxK[:, 0, 0] == 1).mean())
     return tuple(out)

@@ -102,9 +102,9 @@ def bench_jax(name, objectives_, steps, batch, seq, dtype, attentions=(None,), p
     import jax
 
     from prefixlm import config as config_lib
-    from prefixlm import model as model_lib
-    from prefixlm import step as step_lib
-    from prefixlm import tokenizer as tokenizer_lib
+    from prefixlm.model import llama as model_lib
+    from prefixlm.train import trainer as step_lib
+    from prefixlm.vocab import tokenizer as tokenizer_lib
 
     tok = tokenizer_lib.load("llama3")
     runs = {}
@@ -179,8 +179,8 @@ def build_torch_step(name, objective, batch, seq, dtype):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from prefixlm import objectives as objectives_lib
-    from prefixlm import tokenizer as tokenizer_lib
+    from prefixlm.objectives import families as objectives_lib
+    from prefixlm.vocab import tokenizer as tokenizer_lib
 
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(0)
@@ -278,7 +278,7 @@ def _mfu(flops_per_token, tokens, seconds, peak) -> str:
 
 def attention_rows(name, runs, peer, peak, n_devices):
     """Markdown rows of the attention comparison for one model config."""
-    from prefixlm import model as model_lib
+    from prefixlm.model import llama as model_lib
 
     rows, first = [], None
     for kernel, r in runs.items():
@@ -329,14 +329,14 @@ def main(argv=None) -> int:
 
     import jax
 
-    from prefixlm import step as step_lib
+    from prefixlm.train import trainer as step_lib
 
     backend = jax.default_backend()
     dtype = args.dtype if args.dtype != "auto" else ("float32" if backend == "cpu"
                                                      else "bfloat16")
-    from prefixlm import objectives as objectives_lib
+    from prefixlm.objectives import families as objectives_lib
 
-    # "all": every registered family (the registry in prefixlm/objectives.py is the one list)
+    # "all": every registered family (the registry in prefixlm/objectives/families.py is the one list)
     objs = objectives_lib.NAMES if args.objectives == "all" else tuple(args.objectives.split(","))
     attentions = tuple(a for a in args.attention.split(",") if a) or (None,)
     if attentions == (None,) and "ce" not in objs:

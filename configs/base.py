@@ -23,9 +23,9 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
-from prefixlm import objectives
+from prefixlm.objectives import families, registry
 
-OBJECTIVES = objectives.NAMES  # the registry in prefixlm/objectives.py is the one list
+OBJECTIVES = families.NAMES  # the registry in prefixlm/objectives/families.py is the one list
 HARDWARE_PRESETS = ("h100", "a100", "tpu_v4", "tpu_v5e")  # configs/hardware.py
 PRESETS = ("demo", "tiny", *HARDWARE_PRESETS)
 # Short names accepted in ARGS, and the field each sets.
@@ -52,7 +52,7 @@ def get_config() -> ml_collections.ConfigDict:
     # separate the two sources of run-to-run noise.
     c.data_seed = -1
     c.log_every = 50  # steps between metrics.jsonl / TensorBoard lines (and NaN checks)
-    # Per-device peak FLOP/s for MFU; 0 -> looked up from the device kind (prefixlm.hardware),
+    # Per-device peak FLOP/s for MFU; 0 -> looked up from the device kind (prefixlm.core.hardware),
     # e.g. 989e12 for an H100's dense bf16. MFU is null when it is unknown (CPU).
     c.peak_flops = 0.0
     # Microbatches per step: the global batch is split into grad_accum equal parts whose
@@ -96,9 +96,9 @@ def get_config() -> ml_collections.ConfigDict:
     o.temperature = 1.0  # tau dividing the prefix lengths inside the softmax
     o.prefix_set = "proper"  # "proper" = the seed's P(s); "with_gold" = R(s) = P(s) + gold
     # Tokens per chunk of the fused loss; its [chunk, V] buffer is in the compute dtype
-    # (bfloat16 on accelerators: ~chunk x V x 2 B; prefixlm/fused_loss.py).
+    # (bfloat16 on accelerators: ~chunk x V x 2 B; prefixlm/objectives/fused_loss.py).
     o.chunk_size = 2048
-    # eps over training (prefixlm/eps_schedule.py), computed in the step from one set of tables
+    # eps over training (prefixlm/objectives/eps_schedule.py), computed in the step from one set of tables
     # (the target is linear in eps): "constant"; "linear" decay to 0 over eps_decay_fraction of
     # train.steps; "hold_linear": eps held for eps_hold_fraction of the steps, then the linear
     # decay over eps_decay_fraction, then 0 (modded-nanogpt's record: hold 1/3, decay 1/3).
@@ -113,7 +113,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data = d = ml_collections.ConfigDict()
     d.path = "data/fineweb-edu/shards"  # made by prefixlm.data.fineweb + prefixlm.data.tokenize
     d.val_path = ""  # "" -> the "validation" split of data.path
-    d.tokenizer = "llama3"  # prefixlm.tokenizer.load name; its hash must match the shards'
+    d.tokenizer = "llama3"  # prefixlm.vocab.tokenizer.load name; its hash must match the shards'
     d.seq_len = 2048
     d.worker_count = 0  # grain worker processes; 0 reads memmaps in-process (fast enough)
     d.prefetch_threads = 2
@@ -293,7 +293,7 @@ def family_config(name: str, arg: str | None, eps: float | None = None
     """The base config with objective ``name`` at its registered default eps."""
     c = get_config()
     c.objective.name = name
-    family = getattr(objectives, "FAMILIES", {}).get(name)
+    family = registry.FAMILIES.get(name)
     default = family.default_eps if family is not None else (0.0 if name == "ce" else 0.1)
     c.objective.eps = float(default if eps is None else eps)
     c.data_seed = -1

@@ -10,7 +10,7 @@ up to floating-point reordering.
 The values come from the target's own compiler: ``python -m prefixlm.main
 --config=configs/prefix_norm.py:h100 --workdir=/tmp/x --dry_run=aot --plan_device=h100
 --plan_devices=1`` compiles the train step for the device on a CPU and prints its memory analysis
-beside ``prefixlm.plan``'s estimate (compiled, not run on the device). Choices and why:
+beside ``prefixlm.compile.plan``'s estimate (compiled, not run on the device). Choices and why:
   * No remat anywhere: at this size a memory-efficient kernel (cudnn / splash) plus gradient
     accumulation fits without recomputation, and remat would cost ~1/3 more compute.
   * grad_accum is the smallest power of two whose compiled step on ONE device stays under ~70%
@@ -19,7 +19,7 @@ beside ``prefixlm.plan``'s estimate (compiled, not run on the device). Choices a
     sequences stay divisible by 1, 2, 4 and 8 devices, so each preset is valid on any of those,
     and a full host only has more room.
   * The loss chunk: the fused loss writes one bfloat16 [chunk, 128,256] buffer per chunk
-    (prefixlm.fused_loss). On GPUs 4096 tokens: by the compiled roofline the H100 step is 0.529 s
+    (prefixlm.objectives.fused_loss). On GPUs 4096 tokens: by the compiled roofline the H100 step is 0.529 s
     at 4096 vs 0.540 s at 2048 (2% faster, +0.2 GiB), and bench/loss_hlo.py measures less loss
     traffic per token at 4096 for every family. tpu_v5e 4096 too: by the compiled roofline
     (README "Compiled for the real targets") the v5e x 8 step is 0.413 s at 4096 vs 0.433 s at

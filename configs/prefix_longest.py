@@ -10,7 +10,7 @@ the first third of training and decayed linearly to 0 over the second third. Val
 
 from configs import base
 
-# The record's setting (objective fields); see prefixlm/objectives.py and eps_schedule.py.
+# The record's setting (objective fields); see prefixlm/objectives/families.py and eps_schedule.py.
 RECORD = dict(prefix_longest_form="aux", eps=0.25, eps_schedule="hold_linear",
               eps_hold_fraction=1 / 3, eps_decay_fraction=1 / 3)
 

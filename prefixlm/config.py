@@ -14,9 +14,9 @@ import math
 import jax
 import ml_collections
 
-from prefixlm import model as model_lib
-from prefixlm import objectives
-from prefixlm.errors import ConfigError
+from prefixlm.core.errors import ConfigError
+from prefixlm.model import llama as model_lib
+from prefixlm.objectives import registry
 
 
 # ---- config ------------------------------------------------------------------------------------
@@ -27,8 +27,8 @@ def run_name(config) -> str:
     from the init adds ``_data{N}``, and the demo/tiny presets add their name.
     """
     o = config.objective
-    parts = [objectives.run_tag(o.name, eps=o.eps, temperature=o.temperature,
-                                prefix_set=o.prefix_set, **objectives.config_kwargs(o)),
+    parts = [registry.run_tag(o.name, eps=o.eps, temperature=o.temperature,
+                                prefix_set=o.prefix_set, **registry.config_kwargs(o)),
              f"seed{config.seed}"]
     if data_seed(config) != config.seed:
         parts.append(f"data{data_seed(config)}")
@@ -207,8 +207,8 @@ def check_ranges(c, fields=None) -> None:
 def _check_objective(c) -> None:
     o = c.objective
     try:
-        objectives.validate(o.name, eps=o.eps, temperature=o.temperature,
-                            prefix_set=o.prefix_set, **objectives.config_kwargs(o))
+        registry.validate(o.name, eps=o.eps, temperature=o.temperature,
+                            prefix_set=o.prefix_set, **registry.config_kwargs(o))
     except ValueError as e:
         raise ConfigError(str(e)) from None
 

@@ -10,11 +10,11 @@ kept and reused at every evaluation), scores fixed, label-stratified subsets of 
 the final evaluation, adds bits per byte of the gold continuation (``<task>/bpb``) beside
 accuracy, and writes one JSON line per scored document to ``WORKDIR/eval/step_XXXXXXXX.jsonl``.
 
-Task names resolve through ``prefixlm.tasks``: built-ins (and the hub ``charbench``) when the hub
+Task names resolve through ``prefixlm.evaluation.tasks``: built-ins (and the hub ``charbench``) when the hub
 answers, the ``*_local`` offline twins otherwise. Metric keys name the task that ran.
 
-The model side is ``prefixlm.jaxlm.JaxLM`` (re-exported here as ``evaluate.JaxLM``); the result
-forms (flat metrics, per-document rows, bpb, subsets) are ``prefixlm.eval_results``.
+The model side is ``prefixlm.evaluation.jaxlm.JaxLM`` (re-exported here as ``evaluate.JaxLM``); the result
+forms (flat metrics, per-document rows, bpb, subsets) are ``prefixlm.evaluation.results``.
 """
 
 from __future__ import annotations
@@ -28,11 +28,11 @@ import time
 
 import jax
 
-from prefixlm import cli
-from prefixlm import tasks as tasks_lib
-from prefixlm import workdir as workdir_lib
 from prefixlm.config import ConfigError
-from prefixlm.eval_results import (  # noqa: F401 - the public results API, as before the split
+from prefixlm.core import cli
+from prefixlm.evaluation import tasks as tasks_lib
+from prefixlm.evaluation.jaxlm import JaxLM, config_get, with_compute_dtype  # noqa: F401 - pinned name
+from prefixlm.evaluation.results import (  # noqa: F401 - the public results API, as before the split
     SortedIndices,
     bpb_metrics,
     check_limit,
@@ -44,8 +44,8 @@ from prefixlm.eval_results import (  # noqa: F401 - the public results API, as b
     parse_limits,
     stratified_subset,
 )
-from prefixlm.jaxlm import JaxLM, config_get, with_compute_dtype  # noqa: F401 - pinned name
-from prefixlm.tasks import fewshot
+from prefixlm.evaluation.tasks import fewshot
+from prefixlm.run import workdir as workdir_lib
 
 
 def _parents(group_map: dict) -> dict[str, str]:
@@ -195,7 +195,7 @@ def evaluate_model(model, tokenizer, *, tasks: list[str], limit: int | None, num
 
 def run_lm_eval(lm, *, tasks, limit, num_fewshot, offline=None, verbose=False,
                 seed: int = 1234, limits: dict[str, int] | None = None) -> dict:
-    """lm-eval on ``tasks`` (resolved through ``prefixlm.tasks``) with our task directory.
+    """lm-eval on ``tasks`` (resolved through ``prefixlm.evaluation.tasks``) with our task directory.
 
     ``limit`` (documents per task, None = all) and ``limits`` (per task or group) select the same
     stratified subsets as in-loop evaluation. Returns {"tasks", "seconds", "request_seconds",
@@ -256,7 +256,7 @@ class InLoopEvaluator:
     ``eval/documents`` and ``eval/full`` (1.0 when scored on the full sets). It also writes one
     JSON line per scored document to ``WORKDIR/eval/step_{step:08d}.jsonl`` (see ``item_rows``).
 
-    Task names are pinned once per run (``prefixlm.tasks.pin`` records online/offline in
+    Task names are pinned once per run (``prefixlm.evaluation.tasks.pin`` records online/offline in
     ``WORKDIR/eval/tasks.json`` when that function exists; ``resolve`` otherwise), and
     subsets are ``stratified_subset``s: the same documents at every step and in every run.
     """

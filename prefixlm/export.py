@@ -12,7 +12,7 @@ Weights: the model's parameter names already mirror HF's, so export is transpose
 layout on both sides, so q/k need no permutation. ``tests/test_export.py`` checks the logits of
 ``transformers`` against the Flax ones (tied and untied).
 
-Tokenizer: built offline from the same tiktoken ranks file as ``prefixlm.tokenizer.load("llama3")``
+Tokenizer: built offline from the same tiktoken ranks file as ``prefixlm.vocab.tokenizer.load("llama3")``
 with transformers' ``TikTokenConverter``, so ``AutoTokenizer`` gives the same ids. Two choices:
   * ``bos_token`` = ``eos_token`` = ``<|end_of_text|>`` (128001), as GPT-2 does with its one
     separator: training never shows ``<|begin_of_text|>``; every document there follows
@@ -35,8 +35,9 @@ import sys
 
 import numpy as np
 
-from prefixlm import checkpoint, cli, errors
-from prefixlm import tokenizer as tok_lib
+from prefixlm.core import cli, errors
+from prefixlm.run import checkpoint
+from prefixlm.vocab import tokenizer as tok_lib
 
 BOS_EOS = "<|end_of_text|>"
 PAD = "<|finetune_right_pad_id|>"

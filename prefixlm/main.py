@@ -36,7 +36,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from prefixlm import cli, errors
+from prefixlm.core import cli, errors
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "configs/<family>.py[:ARGS], e.g. configs/prefix_norm.py:demo,eps=1.0",
@@ -129,7 +129,7 @@ def init_distributed() -> None:
             # backends ignore it. An explicit JAX_CPU_COLLECTIVES_IMPLEMENTATION (mpi) wins.
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
         if _NPROC.value > 1:  # a duplicate id must stop before it reaches the coordinator
-            from prefixlm import hosts
+            from prefixlm.run import hosts
 
             hosts.claim_process_id(_COORD.value, _PID.value)
         jax.distributed.initialize(coordinator_address=_COORD.value,
@@ -152,7 +152,7 @@ def _set_xla_flags(config) -> None:
     extra = str(config.get("xla_flags", "") or "").strip()
     if extra:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + extra).strip()
-    from prefixlm import xla_flags
+    from prefixlm.core import xla_flags
 
     xla_flags.check()  # an unknown flag: one line, not XLA's fatal abort
 
@@ -168,13 +168,13 @@ def build_hooks(config, tokenizer_name: str, workdir: str) -> list:
     """The evaluation hooks of a run: lm-eval tasks through prefixlm.evaluate, every eval.every
     steps, at step 0 and at the end (full sets at the end). The loop never imports evaluation:
     this is where it is plugged in."""
-    from prefixlm import train
+    from prefixlm.train import driver
 
     e = config.eval
     if not _task_names(config):
         return []
     from prefixlm import evaluate
-    from prefixlm import step as step_lib
+    from prefixlm.train import trainer as step_lib
 
     evaluator = evaluate.InLoopEvaluator(step_lib.load_tokenizer(tokenizer_name), e, workdir)
     pinned = False
@@ -186,7 +186,7 @@ def build_hooks(config, tokenizer_name: str, workdir: str) -> list:
             pinned = True
         return evaluator(model, step, final=final)
 
-    return [train.Hook("eval", run, every=e.every, at_start=True,
+    return [driver.Hook("eval", run, every=e.every, at_start=True,
                        stop_on_error=bool(e.get("stop_on_error", False)))]
 
 
@@ -197,7 +197,7 @@ def _pin_on_process_0(evaluator) -> None:
     the next evaluation tries again), never on process 0 alone, which would hang the others."""
     import jax
 
-    from prefixlm import hosts
+    from prefixlm.run import hosts
 
     error = None
     if jax.process_index() == 0:
@@ -219,7 +219,7 @@ def validate_tasks(config) -> None:
     if not tasks:
         return
     from prefixlm import evaluate
-    from prefixlm import tasks as tasks_lib
+    from prefixlm.evaluation import tasks as tasks_lib
 
     try:
         tasks_lib.validate(tasks)
@@ -250,13 +250,13 @@ def main(argv) -> int:
     if _WORKDIR.value is None and not _DRY_RUN.value:
         raise app.UsageError("--workdir is required (the run directory)")
     if _WORKDIR.value is not None:
-        from prefixlm import workdir as workdir_lib
+        from prefixlm.run import workdir as workdir_lib
 
         workdir_lib.run_path(_WORKDIR.value)  # an empty or malformed path: one line, now
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
     _set_xla_flags(_loaded_config())
     if _DRY_RUN.value == "aot":  # before any backend starts: the compilers need only the CPU
-        from prefixlm import aot
+        from prefixlm.compile import aot
 
         aot.use_cpu_host()
     init_distributed()
@@ -268,15 +268,15 @@ def main(argv) -> int:
     say = functools.partial(print, flush=True) if is_main else (lambda *a, **k: None)
 
     from prefixlm import config as config_lib
-    from prefixlm import model as model_lib
+    from prefixlm.model import llama as model_lib
 
     if _DRY_RUN.value:
         if _DRY_RUN.value == "aot":
-            from prefixlm import aot_check
+            from prefixlm.compile import aot_check
 
             return aot_check.dry_run(_CONFIG.value, device=_PLAN_DEVICE.value,
                                      num_devices=_PLAN_DEVICES.value, aot_dir=_AOT_DIR.value)
-        from prefixlm import plan
+        from prefixlm.compile import plan
 
         return plan.dry_run(_CONFIG.value, num_devices=_PLAN_DEVICES.value,
                             device_kind=_PLAN_DEVICE.value,
@@ -287,10 +287,10 @@ def main(argv) -> int:
         f"{config.train.batch_tokens:,} tokens -> {_WORKDIR.value}"
         + (f" ({jax.process_count()} processes, {jax.device_count()} devices)"
            if jax.process_count() > 1 else ""))
-    from prefixlm import train
+    from prefixlm.train import driver
 
     hooks = build_hooks(config, config.data.tokenizer, _WORKDIR.value)
-    last = train.train_and_evaluate(config, _WORKDIR.value, hooks=hooks,
+    last = driver.train_and_evaluate(config, _WORKDIR.value, hooks=hooks,
                                     allow_changes=_ALLOW_CHANGES.value, restart=_RESTART.value)
     if last:
         shown = ("step", "loss", "nll", "accuracy", "val/loss", "val/nll", "tokens_per_sec",
@@ -313,8 +313,8 @@ def _checked_config():
     import jax
 
     from prefixlm import config as config_lib
-    from prefixlm import train
-    from prefixlm import workdir as workdir_lib
+    from prefixlm.run import workdir as workdir_lib
+    from prefixlm.train import driver
 
     config = workdir_lib.pin_data(config_lib.resolve(_loaded_config()))
     if (jax.default_backend() == "cpu" and config.get("preset") not in CPU_PRESETS
@@ -324,7 +324,7 @@ def _checked_config():
             f"or TPU found); install the accelerator build with {GPU_HINT}, use a demo/tiny "
             "preset, or pass --allow_cpu to train on the CPU anyway")
     validate_tasks(config)
-    train.check_fits(config)
+    driver.check_fits(config)
     return config
 
 
@@ -333,7 +333,7 @@ def _agreed_config():
     with another config, other data or other flags, or one that failed its checks, stops all
     of them in one line (hosts.agree) instead of training a diverging replica or leaving the
     others waiting in a collective."""
-    from prefixlm import hosts
+    from prefixlm.run import hosts
 
     config, error = None, None
     try:
@@ -354,7 +354,7 @@ def _agreed_config():
 
 
 def guarded_main(argv) -> int:
-    """``main`` inside the commands' one error boundary (``prefixlm.cli.guard``): a failure the
+    """``main`` inside the commands' one error boundary (``prefixlm.core.cli.guard``): a failure the
     user fixes (a ``UserError``, disk full, no permission, a missing path) exits 2 with one line
     (the traceback too with --verbose); anything else is a crash and keeps Python's traceback and
     status."""

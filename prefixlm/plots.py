@@ -18,7 +18,7 @@ import sys
 
 import numpy as np
 
-from prefixlm import atomic, cli, errors, schemas
+from prefixlm.core import atomic, cli, errors, schemas
 
 EXAMPLES = (" personality", " strawberry", "ing", " the", " understanding", "2026")
 
@@ -100,7 +100,7 @@ def plot_prefix_counts(stats: dict, path: pathlib.Path) -> None:
 
 
 def prefix_counts_main(args) -> int:
-    from prefixlm import prefixes, tokenizer
+    from prefixlm.vocab import prefixes, tokenizer
 
     tok = tokenizer.load(args.tokenizer)
     stats = prefix_count_stats(tok, prefixes.build(tok.token_bytes))
@@ -120,9 +120,11 @@ def target_rows(tok, gold_id: int, runs=None, **kwargs) -> tuple[list[int], dict
 
     ``runs`` is a sequence of (label, name, eps); default the seed's seven runs.
     """
-    from prefixlm import objectives, prefixes
+    from prefixlm import objectives
+    from prefixlm.objectives import families
+    from prefixlm.vocab import prefixes
 
-    runs = objectives.SEVEN_RUNS if runs is None else runs
+    runs = families.SEVEN_RUNS if runs is None else runs
     index = prefixes.build(tok.token_bytes)
     support = index.prefixes_of(gold_id) + [gold_id]
     rows = {}
@@ -158,7 +160,7 @@ def plot_targets(tok, word: str, path: pathlib.Path, **kwargs) -> None:
 
 
 def targets_main(args) -> int:
-    from prefixlm import tokenizer
+    from prefixlm.vocab import tokenizer
 
     (out := pathlib.Path(args.output)).mkdir(parents=True, exist_ok=True)
     path = out / f"targets_{args.word.strip() or 'space'}.png"

@@ -8,13 +8,13 @@
 writes ``OUT/REPORT.md``, ``OUT/forest.png`` (paired differences with 95% intervals, arms x
 tasks) and ``OUT/curves_acc.png`` / ``OUT/curves_bpb.png`` (task metrics over training), each
 atomically. Runs whose configs differ only in ``seed``/``data_seed`` are seeds of one arm
-(prefixlm.study); seeds are the unit of replication, and one (arm, seed) is one run. With two or
+(prefixlm.study.runs); seeds are the unit of replication, and one (arm, seed) is one run. With two or
 more seed pairs every interval and test is a t-interval over the per-seed-pair paired means
-(prefixlm.inference says why), and only the declared primary endpoints, Holm-corrected over
-every arm x endpoint of the report, may be called an effect (prefixlm.endpoints). Every primary
+(prefixlm.study.seed_stats says why), and only the declared primary endpoints, Holm-corrected over
+every arm x endpoint of the report, may be called an effect (prefixlm.study.endpoints). Every primary
 value comes from the evaluation step the report names. With one seed pair the intervals are
-item-level (prefixlm.paired) and the report claims nothing: run-to-run variance is then
-unmeasured. "What this study could detect" sizes a null verdict (prefixlm.detectable).
+item-level (prefixlm.study.item_stats) and the report claims nothing: run-to-run variance is then
+unmeasured. "What this study could detect" sizes a null verdict (prefixlm.study.detectable).
 
 --plan reads a pilot instead (two or more seeds per arm, or the baseline's seeds alone) and
 prints the seeds per arm that each stated effect needs (accuracy in points) for 80% power when
@@ -31,10 +31,19 @@ import sys
 
 import numpy as np
 
-from prefixlm import atomic, cli, detectable, endpoints, inference, paired, report_plots, study
-from prefixlm.endpoints import last_logged
-from prefixlm.paired import Interval, Items, Paired
-from prefixlm.study import ReportError, Run
+from prefixlm.core import atomic, cli
+from prefixlm.study.endpoints import last_logged
+from prefixlm.study.item_stats import Interval, Items, Paired
+from prefixlm.study.runs import (
+    ReportError,
+    Run,
+    detectable,
+    endpoints,
+    figures,
+    item_stats,
+    seed_stats,
+)
+from prefixlm.study.runs import runs as runs_lib
 
 __all__ = ["ReportError", "Run", "build_report", "main"]
 
@@ -82,17 +91,17 @@ def run_values(items: Items) -> dict[str, tuple[float, float]]:
     for metric, x_N in (("acc", items.correct_N), ("acc_norm", items.correct_norm_N),
                         ("bpb", items.bpb_N)):
         x_N = x_N[np.isfinite(x_N)]
-        out[metric] = paired.mean_stderr(x_N) if len(x_N) else (math.nan, math.nan)
+        out[metric] = item_stats.mean_stderr(x_N) if len(x_N) else (math.nan, math.nan)
     return out
 
 
 def majority_cells(pairs: list[tuple[Items, Items]] | None, items: Items) -> list[str]:
     """chance | majority | Δ picks majority | Δacc = majority-gold part + other part."""
-    chance, share, majority = paired.answer_baselines(items)
+    chance, share, majority = item_stats.answer_baselines(items)
     cells = [number(chance), number(share)]
     if not pairs:
         return cells + ["", ""]
-    split = np.mean([paired.majority_split(a, b, majority) for a, b in pairs], axis=0)
+    split = np.mean([item_stats.majority_split(a, b, majority) for a, b in pairs], axis=0)
     if not np.isfinite(split).all():
         return cells + ["n/a", "n/a"]
     return cells + [number(split[0], sign="+"), f"{number(split[1] + split[2], sign='+')} = "
@@ -117,7 +126,7 @@ def header(base, arms, runs, step, chosen, primary, n_pairs, resamples, seed,
             "**Seed-level** (arms with two or more seed pairs): every interval and test is a "
             "t-interval / two-sided t-test over the per-seed-pair paired means (arm seed i − "
             "baseline seed i, each a mean over the same items) with S − 1 degrees of freedom, "
-            "so run-to-run variance is in every interval (prefixlm.inference explains the "
+            "so run-to-run variance is in every interval (prefixlm.study.seed_stats explains the "
             "choice over a hierarchical bootstrap). A pair mean's variance is never taken "
             "below what item sampling alone gives it, and identical pair means without items "
             "are not tested: ties are no evidence.")
@@ -136,9 +145,9 @@ def header(base, arms, runs, step, chosen, primary, n_pairs, resamples, seed,
         f"(seeds {', '.join(r.seed_label for r in arms[base])}).", "", method, "",
         f"Primary endpoints (declared with --primary): {', '.join(e.name for e in primary)}. "
         f"**Error control: the family is every arm x every primary endpoint; method: {family}** "
-        "(prefixlm.endpoints says why Holm over the whole report rather than per arm, a "
+        "(prefixlm.study.endpoints says why Holm over the whole report rather than per arm, a "
         "hierarchy or a pooled many-to-one test): the chance that this report claims any effect "
-        f"that is not there is at most {inference.ALPHA:.0%}. Everything else (each "
+        f"that is not there is at most {seed_stats.ALPHA:.0%}. Everything else (each "
         "task's table, the forest plot) is exploratory and never counts as an effect, whatever "
         "its interval.", "",
         "Δ = arm − baseline over the same items (inner join on task, doc_id); Δacc in points. "
@@ -235,7 +244,7 @@ def task_section(task, arms, base, items, results, aligned) -> list[str]:
                   "baseline seed):", "", "| arm | pair | Δacc pt | Δbpb |", "|---|---|---|---|"]
         for arm, h in multi:
             labels = [f"{a.seed_label} vs {b.seed_label}"
-                      for a, b in study.seed_pairs(arms[arm], arms[base])]
+                      for a, b in runs_lib.seed_pairs(arms[arm], arms[base])]
             for k, label in enumerate(labels):
                 acc, bpb = (h.pair_means.get(m, ())[k:k + 1] for m in ("acc", "bpb"))
                 lines.append(f"| {arm} | {label} | {number(acc[0], sign='+') if acc else ''} "
@@ -263,46 +272,46 @@ def missing_section(tasks, runs, items) -> list[str]:
 def load_study(run_dirs, baseline, step, need_other_arm: bool = True):
     """(runs, arms, base arm, step, items): the inputs, checked; ReportError names what is
     missing and the fix. ``baseline`` may be None for a --plan pilot."""
-    dirs = study.unique_dirs(run_dirs)
-    base_path = study.unique_dirs([baseline])[0] if baseline is not None else None
+    dirs = runs_lib.unique_dirs(run_dirs)
+    base_path = runs_lib.unique_dirs([baseline])[0] if baseline is not None else None
     if base_path is not None and base_path not in dirs:
         raise ReportError(f"--baseline {baseline} is not one of the RUN_DIRs: name the "
                           "baseline run among the RUN_DIRs too")
     if len(dirs) < 2:
         raise ReportError(f"one run ({dirs[0]}) is nothing to compare: pass the baseline's run "
                           "and at least one run of another arm")
-    runs = [study.load_run(d) for d in dirs]
-    arms = study.group_arms(runs)
+    runs = [runs_lib.load_run(d) for d in dirs]
+    arms = runs_lib.group_arms(runs)
     runs = [r for members in arms.values() for r in members]  # each (arm, seed) once
     base = next((r.arm for r in runs if r.path == base_path), None)
     if base_path is not None and base is None:  # the baseline was a copy of another seed
         base = next(r.arm for members in arms.values() for r in members
-                    if study.same_rows(r, study.load_run(base_path)))
+                    if runs_lib.same_rows(r, runs_lib.load_run(base_path)))
     if need_other_arm and len(arms) < 2:
         raise ReportError(f"every run is a seed of the baseline arm {base}: pass at least one "
                           "run of another arm (a config that differs in more than the seed)")
-    step_used = study.choose_step(runs, step)
-    items = {r.path: study.load_items(r.eval_files[step_used]) for r in runs}
+    step_used = runs_lib.choose_step(runs, step)
+    items = {r.path: runs_lib.load_items(r.eval_files[step_used]) for r in runs}
     if base is not None:
         for arm, members in arms.items():
             if arm != base:
-                study.check_common_items(study.seed_pairs(members, arms[base]), items, step_used)
+                runs_lib.check_common_items(runs_lib.seed_pairs(members, arms[base]), items, step_used)
     return runs, arms, base, step_used, items
 
 
 def compare_arms(arms, base, items, tasks, primary, step, resamples, seed):
     """Per (arm, task) exploratory comparisons, and every arm's primaries, Holm-corrected
-    together over all arms x endpoints (prefixlm.endpoints: the family is the report)."""
+    together over all arms x endpoints (prefixlm.study.endpoints: the family is the report)."""
     results, aligned, primary_results, n_pairs = {}, {}, {}, {}
     for arm, arm_runs in arms.items():
         if arm == base:
             continue
-        pairs = study.seed_pairs(arm_runs, arms[base])
+        pairs = runs_lib.seed_pairs(arm_runs, arms[base])
         n_pairs[arm] = len(pairs)
         for task in tasks:
-            if (pair_items := study.aligned_items(pairs, items, task)) is not None:
+            if (pair_items := runs_lib.aligned_items(pairs, items, task)) is not None:
                 aligned[arm, task] = pair_items
-                results[arm, task] = inference.compare_task(pair_items, resamples, seed)
+                results[arm, task] = seed_stats.compare_task(pair_items, resamples, seed)
         primary_results[arm] = [endpoints.evaluate_endpoint(e, pairs, items, step, resamples,
                                                             seed) for e in primary]
     endpoints.correct_family([r for rs in primary_results.values() for r in rs])
@@ -310,7 +319,7 @@ def compare_arms(arms, base, items, tasks, primary, step, resamples, seed):
 
 
 def build_report(run_dirs, baseline, output, step: int | None = None,
-                 resamples: int = paired.RESAMPLES, seed: int = 0,
+                 resamples: int = item_stats.RESAMPLES, seed: int = 0,
                  primary: str = endpoints.DEFAULT_PRIMARY) -> pathlib.Path:
     """Loads the runs, compares every arm with the baseline arm, writes REPORT.md and PNGs."""
     check_args(resamples, seed)
@@ -325,9 +334,9 @@ def build_report(run_dirs, baseline, output, step: int | None = None,
     out = pathlib.Path(output)
     out.mkdir(parents=True, exist_ok=True)
     others = [a for a in arms if a != base]
-    report_plots.plot_forest(results, others, tasks, base, out / "forest.png",
+    figures.plot_forest(results, others, tasks, base, out / "forest.png",
                              {arm: arm_method(n_pairs[arm]) for arm in others})
-    pngs = [out / "forest.png", *report_plots.plot_curves(runs, out)]
+    pngs = [out / "forest.png", *figures.plot_curves(runs, out)]
     family = endpoints.family_text(primary_results)
     lines = header(base, arms, runs, step_used, step is not None, declared, n_pairs,
                    resamples, seed, family)
@@ -361,11 +370,11 @@ def plan(run_dirs, baseline, effects: str, plan_arms: int, step: int | None = No
     family = plan_arms * len(set(declared) | {e for e, _ in wanted})
     runs, arms, base, step_used, items = load_study(run_dirs, baseline, step,
                                                     need_other_arm=False)
-    paired_arms = {a: study.seed_pairs(m, arms[base]) for a, m in arms.items()
+    paired_arms = {a: runs_lib.seed_pairs(m, arms[base]) for a, m in arms.items()
                    if base is not None and a != base}
     pilots = {}
     for e, _ in wanted:
-        results = [endpoints.evaluate_endpoint(e, pairs, items, step_used, paired.RESAMPLES, 0)
+        results = [endpoints.evaluate_endpoint(e, pairs, items, step_used, item_stats.RESAMPLES, 0)
                    for pairs in paired_arms.values() if len(pairs) >= 2]
         for warning in dict.fromkeys(w for r in results for w in r.left_out):
             print(f"prefixlm.report: warning: {warning}", file=sys.stderr)
@@ -391,7 +400,7 @@ def _parse(parse, text):
 def check_args(resamples: int, seed: int) -> None:
     if resamples < 1:
         raise ReportError(f"--resamples {resamples}: the bootstrap needs at least 1 resample "
-                          f"(default {paired.RESAMPLES:,})")
+                          f"(default {item_stats.RESAMPLES:,})")
     if seed < 0:
         raise ReportError(f"--seed {seed}: numpy's generator takes a seed >= 0 (default 0)")
 
@@ -412,8 +421,8 @@ def main(argv=None) -> int:
                         help="evaluation step to compare (default: the last common to all runs)")
     parser.add_argument("--primary", default=endpoints.DEFAULT_PRIMARY,
                         help="primary endpoints, GROUP/METRIC or val/KEY, comma-separated "
-                        f"(default {endpoints.DEFAULT_PRIMARY}); see prefixlm.endpoints")
-    parser.add_argument("--resamples", type=int, default=paired.RESAMPLES,
+                        f"(default {endpoints.DEFAULT_PRIMARY}); see prefixlm.study.endpoints")
+    parser.add_argument("--resamples", type=int, default=item_stats.RESAMPLES,
                         help="bootstrap resamples for one-seed reports (default 2,000)")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap RNG seed")
     parser.add_argument("--plan", metavar="ENDPOINT=EFFECT,...",
@@ -424,7 +433,7 @@ def main(argv=None) -> int:
                         help="arms besides the baseline in the planned study (default 6: the "
                         "seven-run study); the family is arms x primary endpoints")
     args = parser.parse_args(argv)
-    # A ReportError, a full disk or a read-only OUT: one line from the boundary (prefixlm.cli),
+    # A ReportError, a full disk or a read-only OUT: one line from the boundary (prefixlm.core.cli),
     # and nothing half-written is left behind.
     if args.plan is not None:
         print("\n".join(plan(args.run_dirs, args.baseline, args.plan, args.plan_arms,

@@ -19,7 +19,7 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def llama3():
-    from prefixlm import tokenizer
+    from prefixlm.vocab import tokenizer
 
     return tokenizer.load("llama3")
 

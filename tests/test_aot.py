@@ -23,9 +23,11 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from configs import base
-from prefixlm import aot, aot_check, attention, hardware, hlo, hlo_collectives, roofline
 from prefixlm import config as config_lib
-from prefixlm import model as model_lib
+from prefixlm.compile import aot, aot_check, hlo, hlo_collectives, roofline
+from prefixlm.core import hardware
+from prefixlm.model import attention
+from prefixlm.model import llama as model_lib
 
 needs_tpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                reason="libtpu (requirements-aot.txt) is not installed")
@@ -266,8 +268,8 @@ def _scoring_hook(config):
     """An evaluation hook that scores as the in-loop evaluator does (JaxLM over the host model,
     eval.batch_size rows): one batch at the largest buckets (every position scored, K_MAX
     targets; row-sliced by the small MAX_LOGITS), one short batch (one call of the head)."""
-    from prefixlm import jaxlm
-    from prefixlm.loop import Hook
+    from prefixlm.evaluation import jaxlm
+    from prefixlm.train.loop import Hook
 
     def score(model, step, final):
         lm = jaxlm.JaxLM(model, types.SimpleNamespace(eos_id=0),
@@ -285,15 +287,17 @@ def test_dry_run_aot_lowers_exactly_the_programs_the_run_executes(tmp_path, monk
     same programs on the same (CPU) devices must be the same text."""
     from test_train import run, tiny_config, tiny_tokenizer, write_token_dir
 
-    from prefixlm import jaxlm, step, validation
+    from prefixlm.evaluation import jaxlm
+    from prefixlm.train import trainer as trainer_lib
+    from prefixlm.train import validation_loss
 
     tok = tiny_tokenizer()
     config = tiny_config(write_token_dir(tmp_path / "tokens", tok.vocab_hash),
                          train__steps=1, eval__every=1)
     monkeypatch.setattr(jaxlm, "MAX_LOGITS", 4 * 32 * tok.vocab_size)  # 4-row head slices
     texts: dict = {}
-    for module, name, program in ((step, "train_step_jit", "train"),
-                                  (validation, "window_sums", "eval"),
+    for module, name, program in ((trainer_lib, "train_step_jit", "train"),
+                                  (validation_loss, "window_sums", "eval"),
                                   (jaxlm, "_hidden", "hidden"), (jaxlm, "_score_hidden", "score")):
         monkeypatch.setattr(module, name, _Recorder(getattr(module, name), texts, program))
     run(config, tmp_path / "run", hooks=[_scoring_hook(config)])
@@ -305,7 +309,7 @@ def test_dry_run_aot_lowers_exactly_the_programs_the_run_executes(tmp_path, monk
     trainer = aot.build(resolved, target, tok)
     calls = texts.pop("calls")
     # Validation at steps 0 and 1; eval_cost charges each its calls_per_evaluation.
-    assert calls["eval"] == 2 * validation.calls_per_evaluation(resolved) == 16
+    assert calls["eval"] == 2 * validation_loss.calls_per_evaluation(resolved) == 16
     ran = {program: text for (program, _), text in texts.items()
            if program in ("train", "eval")}
     assert set(ran) == {"train", "eval"}
@@ -351,7 +355,7 @@ def test_call_counts_are_the_calls_score_tokens_makes(monkeypatch):
     (scored in pieces), and head calls in row slices."""
     from flax import nnx
 
-    from prefixlm import jaxlm
+    from prefixlm.evaluation import jaxlm
 
     cfg = model_lib.ModelConfig(vocab_size=34, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1,
                                 d_ff=32, max_seq_len=32, dtype="float32")
@@ -380,8 +384,8 @@ def test_call_counts_are_the_calls_score_tokens_makes(monkeypatch):
 
 def test_evaluations_in_a_run_follow_the_hooks_schedule():
     """eval_cost counts what loop.Hook.due runs: step 0, every eval.every, the last step."""
-    from prefixlm import eval_cost
-    from prefixlm.loop import Hook
+    from prefixlm.compile import eval_cost
+    from prefixlm.train.loop import Hook
 
     for total, every in ((3814, 1000), (20, 100), (3000, 1000), (50, 0)):
         hook = Hook("eval", None, every=every, at_start=True)
@@ -400,8 +404,9 @@ import collections, json, sys, types
 import jax, numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
-from prefixlm import aot, jaxlm
-from prefixlm import model as model_lib
+from prefixlm.compile import aot
+from prefixlm.evaluation import jaxlm
+from prefixlm.model import llama as model_lib
 import test_aot as t
 
 assert jax.local_device_count() == 8
@@ -438,7 +443,7 @@ for (program, shape), text in texts.items():
     assert "mhlo.num_partitions = 8" in text and '{"rows"}' in text  # split, not copied
 # the in-loop evaluator's JaxLM over a trainer's live parameters, and aot.scoring_lm's
 import test_attention_sharded
-from prefixlm import hooks
+from prefixlm.train import hooks
 trainer = test_attention_sharded.tiny_trainer(jax.devices(), attention="blockwise")
 texts.clear()
 for name, fn in originals.items():
@@ -465,7 +470,7 @@ def test_jaxlm_scores_rows_split_over_devices_as_one_device_does(monkeypatch):
     in-loop evaluator's body over its live parameters is aot's score_body."""
     from flax import nnx
 
-    from prefixlm import jaxlm
+    from prefixlm.evaluation import jaxlm
 
     root = pathlib.Path(__file__).resolve().parents[1]
     env = dict(os.environ, JAX_PLATFORMS="cpu",
@@ -492,8 +497,11 @@ def test_eval_cost_caches_are_keyed_by_the_code_that_makes_their_values(monkeypa
 
     import ml_collections
 
-    from prefixlm import aot, attention, eval_cost, evaluate, hlo, jaxlm, roofline, tasks
-    from prefixlm import model as model_lib
+    from prefixlm import evaluate
+    from prefixlm.compile import aot, eval_cost, hlo, roofline
+    from prefixlm.evaluation import jaxlm, tasks
+    from prefixlm.model import attention
+    from prefixlm.model import llama as model_lib
 
     hashed, keys = [], []
     monkeypatch.setattr(eval_cost, "_source_hash", lambda *m: hashed.append(set(m)) or "h")

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from prefixlm import attention
-from prefixlm import model as model_lib
+from prefixlm.model import attention
+from prefixlm.model import llama as model_lib
 
 try:  # print_saved_residuals' data; public in some jax versions, private in 0.10
     from jax.ad_checkpoint import saved_residuals

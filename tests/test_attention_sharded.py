@@ -14,9 +14,10 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # libtpu's lock file i
 
 from test_train import V, tiny_tokenizer  # noqa: E402
 
-from prefixlm import config as config_lib  # noqa: E402
-from prefixlm import hlo_collectives, validation  # noqa: E402
-from prefixlm import step as step_lib  # noqa: E402
+from prefixlm import config as config_lib
+from prefixlm.compile import hlo_collectives
+from prefixlm.train import trainer as step_lib
+from prefixlm.train import validation_loss
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TPU_HOSTS = {  # as one host exposes its chips
@@ -62,7 +63,7 @@ def test_train_and_eval_steps_compile_with_splash_for_a_tpu_host(host):
     # forward, dK/dV and dQ kernels, compiled by Mosaic (interpret mode would leave none)
     assert train_hlo.count("tpu_custom_call") >= 3
     assert_one_float32_reduction_per_step(train_hlo)
-    eval_hlo = validation.lower_window_sums(trainer).compile().as_text()
+    eval_hlo = validation_loss.lower_window_sums(trainer).compile().as_text()
     assert "tpu_custom_call" in eval_hlo
 
 
@@ -72,7 +73,7 @@ def test_train_step_compiles_for_8_h100_with_float32_gradient_reduction():
                         "compiles for GPUs")
     from jax.experimental import topologies
 
-    from prefixlm import aot
+    from prefixlm.compile import aot
 
     devices = topologies.get_topology_desc(platform="cuda", topology_name="",
                                            target_config=aot.gpu_target_config("h100"),
@@ -91,7 +92,9 @@ import jax, jax.numpy as jnp, numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 import test_attention as ta
-from prefixlm import attention, jaxlm, model as model_lib
+from prefixlm.model import attention
+from prefixlm.evaluation import jaxlm
+from prefixlm.model import llama as model_lib
 assert jax.device_count() == 8
 mesh = jax.make_mesh((4, 2), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
 

@@ -1,4 +1,4 @@
-"""Issue 21 item 3: one error boundary per command (``prefixlm.cli``). Every expected failure
+"""Issue 21 item 3: one error boundary per command (``prefixlm.core.cli``). Every expected failure
 (bad input, a missing file, disk full, no permission) is one line and exit 2, never a
 traceback; a bug keeps its traceback. The cases the issue reproduced fail on the main branch
 before it; the property-based test at the end feeds each command malformed arguments and files
@@ -19,7 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_train import ROOT, run, tiny_config, tiny_tokenizer, write_token_dir
 
-from prefixlm import cli, errors, evaluate, export, plots, report
+from prefixlm import evaluate, export, plots, report
+from prefixlm.core import cli, errors
 from prefixlm.data import corpus, fineweb, pipeline, tokenize
 
 
@@ -146,7 +147,7 @@ def test_export_disk_full_or_no_permission_at_the_output(failure, tmp_path, caps
     """The export's own writes fail (a full disk, a chattr +i output): one line, not a trace."""
     from test_export import random_model
 
-    from prefixlm import checkpoint
+    from prefixlm.run import checkpoint
 
     model = random_model(tie=True)
     monkeypatch.setattr(checkpoint, "load_model", lambda workdir, step=None: ({}, model, 2))
@@ -175,7 +176,7 @@ def test_main_an_unknown_xla_flag_is_one_line(tmp_path):
 
 
 def test_known_xla_flags_pass_and_are_remembered(tmp_path, monkeypatch):
-    from prefixlm import xla_flags
+    from prefixlm.core import xla_flags
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     xla_flags.check("--xla_force_host_platform_device_count=2")

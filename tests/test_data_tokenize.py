@@ -35,11 +35,11 @@ AWKWARD = [
 
 
 def reference_encoding():
-    """An independent tiktoken Encoding, built here rather than through prefixlm.tokenizer."""
+    """An independent tiktoken Encoding, built here rather than through prefixlm.vocab.tokenizer."""
     import tiktoken
     from tiktoken.load import load_tiktoken_bpe
 
-    from prefixlm.tokenizer import LLAMA3_PATTERN, llama3_ranks_path
+    from prefixlm.vocab.tokenizer import LLAMA3_PATTERN, llama3_ranks_path
 
     ranks = load_tiktoken_bpe(str(llama3_ranks_path()))
     return tiktoken.Encoding(name="test-llama3", pat_str=LLAMA3_PATTERN,

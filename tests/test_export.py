@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from prefixlm.export import build_hf_tokenizer, export_model
-from prefixlm.model import Llama, ModelConfig
+from prefixlm.model.llama import Llama, ModelConfig
 
 TEXTS = [
     "Hello world",

@@ -24,9 +24,9 @@ from test_train import (
     write_token_dir,
 )
 
-from prefixlm import checkpoint as ckpt_lib
 from prefixlm import config as config_lib
-from prefixlm import train
+from prefixlm.run import checkpoint as ckpt_lib
+from prefixlm.train import driver
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def token_dir(tmp_path_factory):
 def _abstract_params(c):
     from flax import nnx
 
-    from prefixlm import model as model_lib
+    from prefixlm.model import llama as model_lib
 
     _, abstract = model_lib.abstract_split(config_lib.model_config(c))
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -138,7 +138,7 @@ def _failing_hook(stop_on_error=False):
             raise RuntimeError("the hub went away")
         return {"eval/score": 1.0}
 
-    return train.Hook("eval", fn, every=6, at_start=True, stop_on_error=stop_on_error)
+    return driver.Hook("eval", fn, every=6, at_start=True, stop_on_error=stop_on_error)
 
 
 def test_a_failed_evaluation_costs_no_training(token_dir, tmp_path):
@@ -289,9 +289,9 @@ def test_data_that_does_not_match_the_run_is_a_config_error(tmp_path):
     """A tokenizer-hash mismatch (shards made with another vocabulary) is DataError: exit 2 with
     one line from the CLI, not a traceback."""
     other = write_token_dir(tmp_path / "other", "not-the-tiny-vocabulary-hash")
-    with pytest.raises(train.DataError, match="data.path="):
+    with pytest.raises(driver.DataError, match="data.path="):
         run(tiny_config(other, train__steps=2, eval__every=0), tmp_path / "run")
-    assert issubclass(train.DataError, config_lib.ConfigError)
+    assert issubclass(driver.DataError, config_lib.ConfigError)
     assert not (tmp_path / "run" / "config.json").exists()
 
 
@@ -334,7 +334,7 @@ def test_the_grain_worker_count_is_part_of_the_identity(token_dir, tmp_path):
 
 
 def test_a_tokenizer_that_cannot_load_is_a_config_error(token_dir, tmp_path):
-    from prefixlm import step as step_lib
+    from prefixlm.train import trainer as step_lib
 
     with pytest.raises(config_lib.ConfigError, match="data.tokenizer='/no/such/tokenizer'"):
         step_lib.load_tokenizer("/no/such/tokenizer")

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from prefixlm import aot, objectives
+from prefixlm import objectives
+from prefixlm.compile import aot
 
 pytest.importorskip("jax_cuda12_plugin", reason="needs the AOT extras (make setup ACCEL=aot)")
 from jax.experimental import topologies  # noqa: E402

@@ -1,4 +1,4 @@
-"""Every precision claim of prefixlm/fused_loss.py's docstring, at the tolerance it states,
+"""Every precision claim of prefixlm/objectives/fused_loss.py's docstring, at the tolerance it states,
 against float64 references written from the definition (test_objectives):
 
   * any logit gap: rows whose gold logit is 120 nats below the top one, rows with three logits
@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 from test_objectives import FAMILY_CASES, log_softmax64, reference_loss_and_grads, reference_q
 
-from prefixlm import fused_loss, objectives
+from prefixlm import objectives
+from prefixlm.objectives import fused_loss
 
 # One batch of ten rows, two chunks of 8: per row, "a" = the gold 120 nats below the top logit
 # ("xyz"), "b" = three logits past the old clip (" person" +110, "abc" +115, "xyz" +120: the

@@ -3,7 +3,8 @@ device by its short name or by the device_kind JAX reports, and gets the publish
 
 import pytest
 
-from prefixlm import aot, hardware, plan
+from prefixlm.compile import aot, plan
+from prefixlm.core import hardware
 
 
 @pytest.mark.parametrize("kind, name, peak, bandwidth", [

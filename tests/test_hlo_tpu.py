@@ -16,7 +16,9 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from prefixlm import aot, attention, hardware, hlo, hlo_collectives, roofline
+from prefixlm.compile import aot, hlo, hlo_collectives, roofline
+from prefixlm.core import hardware
+from prefixlm.model import attention
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                 reason="libtpu (requirements-aot.txt) is not installed")

@@ -17,10 +17,10 @@ from test_faults import _steps
 from test_train import read_metrics, run, tiny_config, tiny_tokenizer, write_token_dir
 
 from prefixlm import config as config_lib
-from prefixlm import preflight
-from prefixlm import workdir as workdir_lib
+from prefixlm.core.errors import ConfigError, DataError
 from prefixlm.data import shards
-from prefixlm.errors import ConfigError, DataError
+from prefixlm.run import preflight
+from prefixlm.run import workdir as workdir_lib
 
 
 def token_dir_with_checksums(root, seed=0, vocab_hash=None, **kw):

@@ -9,8 +9,8 @@ import pytest
 from test_train import read_metrics, run, tiny_config, tiny_tokenizer, write_token_dir
 
 from prefixlm import config as config_lib
-from prefixlm import step as step_lib
-from prefixlm import train
+from prefixlm.train import driver
+from prefixlm.train import trainer as step_lib
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def test_hooks_run_at_step_0_every_n_and_at_the_end(token_dir, tmp_path):
 
     c = tiny_config(token_dir, train__steps=20, log_every=5, eval__every=10,
                     eval__val_tokens=256, checkpoint__every=0)
-    run(c, tmp_path, hooks=[train.Hook("eval", hook, every=10, at_start=True)])
+    run(c, tmp_path, hooks=[driver.Hook("eval", hook, every=10, at_start=True)])
     assert seen == [(0, False, "Llama"), (10, False, "Llama"), (20, True, "Llama")]
     rows = {r["step"]: r for r in read_metrics(tmp_path)}
     assert sorted(rows) == [0, 5, 10, 15, 20]
@@ -39,7 +39,7 @@ def test_hooks_run_at_step_0_every_n_and_at_the_end(token_dir, tmp_path):
 
 def test_a_resume_does_not_repeat_an_evaluation_already_logged(token_dir, tmp_path):
     calls = []
-    hook = train.Hook("eval", lambda m, s, f: calls.append(s) or {"eval/x": 1.0}, every=4,
+    hook = driver.Hook("eval", lambda m, s, f: calls.append(s) or {"eval/x": 1.0}, every=4,
                       at_start=True)
     c = tiny_config(token_dir, train__steps=4, log_every=2, eval__every=4, eval__val_tokens=0)
     run(c, tmp_path, hooks=[hook])
@@ -113,7 +113,7 @@ def test_in_loop_evaluation_builds_requests_once(tmp_path, llama3):
     c = config_lib.resolve(c, 1, 1)
     main.validate_tasks(c)
     hooks = main.build_hooks(c, "llama3", str(tmp_path / "run"))
-    train.train_and_evaluate(c, tmp_path / "run", tokenizer=llama3, hooks=hooks)
+    driver.train_and_evaluate(c, tmp_path / "run", tokenizer=llama3, hooks=hooks)
     rows = {r["step"]: r for r in read_metrics(tmp_path / "run") if "eval/seconds" in r}
     assert sorted(rows) == [0, 10, 20]
     first = rows[0]["eval/request_seconds"]
@@ -139,7 +139,7 @@ def _flaky(calls, fail_at):
             raise fail_at.pop(step)
         return {"eval/x": float(step)}
 
-    return train.Hook("eval", fn, every=4, at_start=True)
+    return driver.Hook("eval", fn, every=4, at_start=True)
 
 
 def _eval_rows(workdir):
@@ -195,7 +195,7 @@ def test_several_processes_agree_on_sigterm_only_every_n_steps(monkeypatch):
     own flag after every step."""
     import types
 
-    from prefixlm import hooks as hooks_lib
+    from prefixlm.train import hooks as hooks_lib
 
     agreed = []
     monkeypatch.setattr(hooks_lib.hosts, "any_process", lambda flag: agreed.append(flag) or flag)

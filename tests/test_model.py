@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from prefixlm import model as model_lib
+from prefixlm.model import llama as model_lib
 
 TINY = dict(vocab_size=61, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48,
             max_seq_len=16)

@@ -20,11 +20,11 @@ import numpy as np
 import pytest
 from test_train import write_token_dir
 
-from prefixlm import checkpoint as ckpt_lib
 from prefixlm import config as config_lib
-from prefixlm import sinks
-from prefixlm import tokenizer as tokenizer_lib
-from prefixlm import workdir as workdir_lib
+from prefixlm.run import checkpoint as ckpt_lib
+from prefixlm.run import sinks
+from prefixlm.run import workdir as workdir_lib
+from prefixlm.vocab import tokenizer as tokenizer_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MERGES = [b"th", b"he", b"the", b" t", b" th", b" the", b"in", b"ing", b"an", b"and", b" a",
@@ -356,7 +356,7 @@ def test_data_that_fails_on_one_host_only_stops_every_process(setup, tmp_path):
 
     from test_identity import token_dir_with_checksums
 
-    from prefixlm import tokenizer as tokenizer_lib
+    from prefixlm.vocab import tokenizer as tokenizer_lib
 
     model, vocab, _ = setup
     good = token_dir_with_checksums(tmp_path / "good", vocab_hash=tokenizer_lib.load(

@@ -30,10 +30,10 @@ from test_train import (
     write_token_dir,
 )
 
-from prefixlm import checkpoint as ckpt_lib
 from prefixlm import config as config_lib
-from prefixlm import lock, preflight
-from prefixlm.errors import UserError
+from prefixlm.core.errors import UserError
+from prefixlm.run import checkpoint as ckpt_lib
+from prefixlm.run import lock, preflight
 
 TIMEOUT = 120  # a hang fails the test, not the suite
 
@@ -43,7 +43,7 @@ def cli(tmp_path_factory):
     """(tokenizer file, vocabulary size, token directory) for command-line runs."""
     import base64
 
-    from prefixlm import tokenizer as tokenizer_lib
+    from prefixlm.vocab import tokenizer as tokenizer_lib
 
     root = tmp_path_factory.mktemp("cli")
     ranks = [bytes([b]) for b in range(256)] + test_multiprocess.MERGES
@@ -122,7 +122,7 @@ def test_a_read_only_workdir_is_refused_before_the_first_step(cli, tmp_path):
 SAVE_FAILS_MID_RUN = """
 import os, pathlib, shutil, sys, subprocess
 import test_train as h
-from prefixlm import checkpoint
+from prefixlm.run import checkpoint
 token_dir, workdir, mode, sync = sys.argv[1:5]
 workdir = pathlib.Path(workdir)
 
@@ -206,7 +206,7 @@ def _poison_step(workdir, c, step):
     run that died between orbax's commit and its manifest would leave a corrupt one."""
     import grain
 
-    from prefixlm.step import Trainer, data_iterator
+    from prefixlm.train.trainer import Trainer, data_iterator
 
     trainer = Trainer.create(config_lib.resolve(c), tiny_tokenizer())
     ckpt = ckpt_lib.Checkpointer(workdir, max_to_keep=10, async_save=False)
@@ -409,7 +409,7 @@ def test_a_required_sink_that_cannot_work_stops_before_anything_is_written(token
 
 
 def test_a_sink_that_fails_when_built_is_dropped(token_dir, tmp_path, monkeypatch, caplog):
-    from prefixlm import sinks
+    from prefixlm.run import sinks
 
     def broken(*a, **k):
         raise RuntimeError("the service is down")
@@ -441,7 +441,7 @@ def test_numeric_fields_out_of_range_are_refused(token_dir, change, message):
 def test_every_numeric_field_has_a_range_in_one_table():
     """A new numeric field in configs/base.py without a RANGES entry fails here."""
     from configs import base
-    from prefixlm import workdir as workdir_lib
+    from prefixlm.run import workdir as workdir_lib
 
     by_registry = {"objective.eps", "objective.temperature", "objective.eps_decay_fraction",
                    "objective.eps_hold_fraction"}  # objectives.validate checks these

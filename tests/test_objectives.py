@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from prefixlm import eps_schedule, objective_registry, objectives
+from prefixlm import objectives
+from prefixlm.objectives import eps_schedule, families, registry
 
 jax.config.update("jax_enable_x64", False)
 
@@ -61,7 +62,7 @@ def reference_target(name, token_bytes, gold, eps, temperature=1.0, prefix_set="
 
 def prefix_sets_of(name):
     """The prefix sets a family accepts (prefix_longest over R(s) would be one-hot: rejected)."""
-    return PREFIX_SETS if name in objectives.PREFIX_NAMES and name != "prefix_longest" \
+    return PREFIX_SETS if name in families.PREFIX_NAMES and name != "prefix_longest" \
         else ("proper",)
 
 
@@ -73,7 +74,7 @@ def log_softmax64(logits):
 
 CASES = [
     (name, eps, ps, tau)
-    for name in objectives.NAMES
+    for name in families.NAMES
     for eps in EPSILONS
     for ps in prefix_sets_of(name)
     for tau in ((1.0, 0.5) if name in ("prefix_unnorm", "prefix_norm") else (1.0,))
@@ -110,7 +111,7 @@ def test_personality_prefixes_get_the_smoothing_mass(tiny_token_bytes):
 def test_special_tokens_and_single_bytes_are_one_hot(tiny_token_bytes):
     specials = [i for i, b in enumerate(tiny_token_bytes) if b is None]
     singles = [i for i, b in enumerate(tiny_token_bytes) if b is not None and len(b) == 1]
-    for name in objectives.PREFIX_NAMES:
+    for name in families.PREFIX_NAMES:
         obj = objectives.build(name, tiny_token_bytes, eps=1.0,
                                prefix_set=prefix_sets_of(name)[-1])
         q = np.asarray(obj.target(specials + singles))
@@ -141,7 +142,7 @@ def real_cases(llama3):
     return hand + [int(i) for i in rng.integers(0, 128000, size=12)]
 
 
-@pytest.mark.parametrize("name", objectives.NAMES)
+@pytest.mark.parametrize("name", families.NAMES)
 def test_real_vocab_targets_match_reference(llama3, real_cases, name):
     tb = llama3.token_bytes
     configs = [(0.1, "proper", 1.0), (1.0, "proper", 1.0), (1.0, "with_gold", 2.0),
@@ -194,7 +195,7 @@ def reference_loss_and_grads(q, dq, h, e, w):
 
 # Tolerances of the float32 path against the float64 references (values O(0.1-10)).
 F32 = dict(rtol=1e-5, atol=2e-6)
-FAMILY_CASES = [(n, "smoothing") for n in objectives.NAMES] + [("prefix_longest", "aux")]
+FAMILY_CASES = [(n, "smoothing") for n in families.NAMES] + [("prefix_longest", "aux")]
 
 
 def _chunked_value_and_grads(obj, h, e, ids, w, chunk, eps):
@@ -321,34 +322,34 @@ def test_bad_chunk_size_raises(tiny_token_bytes):
 
 # ---- the registry ------------------------------------------------------------------------------
 def test_the_registry_is_the_one_list_of_families():
-    assert objectives.NAMES == tuple(objectives.FAMILIES)
-    assert objectives.NAMES[:5] == ("ce", "label_smoothing", "prefix_simple", "prefix_unnorm",
+    assert families.NAMES == tuple(objectives.FAMILIES)
+    assert families.NAMES[:5] == ("ce", "label_smoothing", "prefix_simple", "prefix_unnorm",
                                     "prefix_norm")
-    assert objectives.PREFIX_NAMES == tuple(
-        n for n in objectives.NAMES if objectives.FAMILIES[n].uses_prefixes)
-    assert {n for _, n, _ in objectives.SEVEN_RUNS} <= set(objectives.NAMES)
+    assert families.PREFIX_NAMES == tuple(
+        n for n in families.NAMES if objectives.FAMILIES[n].uses_prefixes)
+    assert {n for _, n, _ in families.SEVEN_RUNS} <= set(families.NAMES)
     for name, family in objectives.FAMILIES.items():
         assert family.name == name and "q" in family.summary
-        assert set(family.hyperparams) <= set(objectives.HYPERPARAMS)
+        assert set(family.hyperparams) <= set(registry.HYPERPARAMS)
     assert objectives.FAMILIES["ce"].default_eps == 0.0
     assert objectives.FAMILIES["prefix_norm"].default_eps == 0.1
 
 
 def test_register_call_and_decorator_styles_and_duplicates(monkeypatch):
-    monkeypatch.setattr(objective_registry, "FAMILIES", dict(objectives.FAMILIES))
-    monkeypatch.setattr(objectives, "FAMILIES", objective_registry.FAMILIES)
+    monkeypatch.setattr(registry, "FAMILIES", dict(objectives.FAMILIES))
+    monkeypatch.setattr(objectives, "FAMILIES", registry.FAMILIES)
 
-    @objectives.register(name="toy", summary="q = onehot(y)", hyperparams=(), default_eps=0.0)
+    @registry.register(name="toy", summary="q = onehot(y)", hyperparams=(), default_eps=0.0)
     def toy(x):
-        return objectives.ObjectiveTables(np.ones(x.vocab_size))
+        return registry.ObjectiveTables(np.ones(x.vocab_size))
 
-    assert isinstance(toy, objectives.Family) and objectives.FAMILIES["toy"] is toy
-    again = objectives.Family("toy2", "q = onehot(y)", (), 0.0, toy.smoothing)
-    assert objectives.register(again) is again
+    assert isinstance(toy, registry.Family) and objectives.FAMILIES["toy"] is toy
+    again = registry.Family("toy2", "q = onehot(y)", (), 0.0, toy.smoothing)
+    assert registry.register(again) is again
     with pytest.raises(ValueError, match="'toy' is already registered"):
-        objectives.register(objectives.Family("toy", "q", (), 0.0, toy.smoothing))
+        registry.register(registry.Family("toy", "q", (), 0.0, toy.smoothing))
     with pytest.raises(ValueError, match="unknown hyper-parameters"):
-        objectives.Family("bad", "q", ("epsilon",), 0.0, toy.smoothing)
+        registry.Family("bad", "q", ("epsilon",), 0.0, toy.smoothing)
 
 
 @pytest.mark.parametrize("name,kwargs,tag", [
@@ -373,7 +374,7 @@ def test_register_call_and_decorator_styles_and_duplicates(monkeypatch):
 def test_run_tags_keep_the_seed_names(name, kwargs, tag):
     full = dict(eps=0.1, temperature=1.0, prefix_set="proper", eps_schedule="constant",
                 eps_decay_fraction=1.0) | kwargs
-    assert objectives.run_tag(name, **full) == tag
+    assert registry.run_tag(name, **full) == tag
 
 
 @pytest.mark.parametrize("name,kwargs,match", [
@@ -400,13 +401,13 @@ def test_run_tags_keep_the_seed_names(name, kwargs, tag):
 def test_validate_names_the_field_and_the_fix(name, kwargs, match):
     full = dict(eps=0.1, temperature=1.0, prefix_set="proper") | kwargs
     with pytest.raises(ValueError, match=match):
-        objectives.validate(name, **full)
+        registry.validate(name, **full)
 
 
 def test_validate_accepts_every_family_at_its_default():
     for name, family in objectives.FAMILIES.items():
-        objectives.validate(name, eps=family.default_eps, temperature=1.0, prefix_set="proper")
-        objectives.validate(name, eps=family.default_eps, temperature=1.0, prefix_set="proper",
+        registry.validate(name, eps=family.default_eps, temperature=1.0, prefix_set="proper")
+        registry.validate(name, eps=family.default_eps, temperature=1.0, prefix_set="proper",
                             eps_schedule="linear" if family.default_eps else "constant",
                             eps_decay_fraction=0.5)
 
@@ -509,7 +510,7 @@ def test_prefix_longest_over_r_of_s_is_rejected_as_one_hot(tiny_token_bytes):
         objectives.build("prefix_longest", tiny_token_bytes, prefix_set="with_gold")
     obj = objectives.build("prefix_longest", tiny_token_bytes, eps=0.1)
     assert obj.tables.prefix_ids_VxK.shape == (len(tiny_token_bytes), 1)  # one gather, not K
-    assert objectives.run_tag("prefix_longest", eps=0.1, temperature=0.5, prefix_set="proper",
+    assert registry.run_tag("prefix_longest", eps=0.1, temperature=0.5, prefix_set="proper",
                               eps_schedule="linear", eps_decay_fraction=0.5) == \
         "prefix_longest_eps0p1_lin0p5"
 

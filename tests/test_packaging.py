@@ -120,8 +120,8 @@ def test_console_scripts_name_the_commands():
 def test_lm_eval_resolves_prefixlm_to_jaxlm():
     from lm_eval.api.registry import get_model, model_registry
 
-    from prefixlm import lm_eval_plugin
-    from prefixlm.jaxlm import JaxLM
+    from prefixlm.evaluation import lm_eval_plugin
+    from prefixlm.evaluation.jaxlm import JaxLM
 
     model_cls = get_model("prefixlm")
     assert model_cls is lm_eval_plugin.RunDirectoryLM and issubclass(model_cls, JaxLM)
@@ -133,8 +133,8 @@ def test_lm_eval_resolves_prefixlm_to_jaxlm():
 
 
 def test_model_args_load_the_run_directory(monkeypatch):
-    from prefixlm.errors import UserError
-    from prefixlm.lm_eval_plugin import RunDirectoryLM
+    from prefixlm.core.errors import UserError
+    from prefixlm.evaluation.lm_eval_plugin import RunDirectoryLM
 
     calls = []
     monkeypatch.setattr(RunDirectoryLM, "from_workdir",
@@ -158,8 +158,8 @@ def test_model_args_load_the_run_directory(monkeypatch):
 
 
 def test_prefixlm_tasks_are_on_the_include_path():
-    from prefixlm.lm_eval_plugin import with_task_path
-    from prefixlm.tasks import TASKS_DIR
+    from prefixlm.evaluation.lm_eval_plugin import with_task_path
+    from prefixlm.evaluation.tasks import TASKS_DIR
 
     argv = ["--model", "prefixlm", "--tasks", "piqa_local"]
     assert with_task_path(argv) == [*argv, "--include_path", str(TASKS_DIR)]

@@ -16,8 +16,9 @@ from flax import nnx
 
 from configs import base, hardware
 from prefixlm import config as config_lib
-from prefixlm import model as model_lib
-from prefixlm import plan, prefixes
+from prefixlm.compile import plan
+from prefixlm.model import llama as model_lib
+from prefixlm.vocab import prefixes
 
 try:  # print_saved_residuals' data; public in some jax versions, private in 0.10
     from jax.ad_checkpoint import saved_residuals

@@ -5,7 +5,7 @@ import bisect
 import numpy as np
 import pytest
 
-from prefixlm import prefixes
+from prefixlm.vocab import prefixes
 
 
 @pytest.fixture(scope="module")

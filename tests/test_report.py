@@ -1,5 +1,5 @@
 """`python -m prefixlm.report` on synthetic run directories with known effects, and the paired
-statistics (prefixlm.paired) against independent float64 computations."""
+statistics (prefixlm.study.item_stats) against independent float64 computations."""
 
 import json
 import math
@@ -9,8 +9,10 @@ import pathlib
 import numpy as np
 import pytest
 
-from prefixlm import endpoints, inference, paired, report, study_sim
-from prefixlm import study as study_lib
+from prefixlm import report
+from prefixlm.study.runs import endpoints, item_stats, seed_stats
+from prefixlm.study.runs import runs as study_lib
+from prefixlm.study.runs import sim as sim_lib
 
 N_ITEMS = 400
 TASKS = ("hellaswag_local", "piqa_local")
@@ -140,7 +142,7 @@ def test_one_seed_reports_item_level_intervals_and_claims_nothing(study):
     cells = row(text, "hellaswag_local", "prefix_norm_eps0p1")
     est, lo, hi = parse_interval(cells[DACC])
     assert est == pytest.approx(15.0, abs=0.05) and lo > 0 and hi > lo
-    assert cells[P].startswith(f"{paired.mcnemar_exact([1] * 60, [0] * 60)[0]:.2g} (60/0)")
+    assert cells[P].startswith(f"{item_stats.mcnemar_exact([1] * 60, [0] * 60)[0]:.2g} (60/0)")
     line = sentence(text, "prefix_norm_eps0p1")
     assert "run-to-run variance is unmeasured" in line and "no claim" in line
     assert "improves" not in text and "worsens" not in text
@@ -313,11 +315,11 @@ def test_bootstrap_matches_the_normal_approximation():
     rng = np.random.default_rng(0)
     for diff_N in (rng.choice([-1.0, 0.0, 1.0], size=3000, p=[0.2, 0.62, 0.18]),  # Δacc
                    rng.normal(-0.01, 0.05, size=3000)):  # Δbpb
-        iv = paired.paired_bootstrap(diff_N, resamples=4000, seed=1)
+        iv = item_stats.paired_bootstrap(diff_N, resamples=4000, seed=1)
         mean, half = diff_N.mean(), 1.96 * diff_N.std(ddof=1) / np.sqrt(len(diff_N))
         assert iv.est == pytest.approx(mean, abs=1e-12)
         assert (iv.lo, iv.hi) == pytest.approx((mean - half, mean + half), abs=0.1 * half)
-        assert paired.mean_stderr(diff_N)[1] == pytest.approx(half / 1.96, rel=1e-12)
+        assert item_stats.mean_stderr(diff_N)[1] == pytest.approx(half / 1.96, rel=1e-12)
 
 
 def test_bpb_is_the_per_document_mean_as_evaluate_logs_it(study):
@@ -332,14 +334,14 @@ def test_bpb_is_the_per_document_mean_as_evaluate_logs_it(study):
 
 def test_bootstrap_is_seeded():
     diff_N = np.random.default_rng(3).normal(size=500)
-    assert paired.paired_bootstrap(diff_N, seed=5) == paired.paired_bootstrap(diff_N, seed=5)
+    assert item_stats.paired_bootstrap(diff_N, seed=5) == item_stats.paired_bootstrap(diff_N, seed=5)
 
 
 @pytest.mark.parametrize("b,c", [(0, 0), (0, 5), (7, 3), (40, 61), (1200, 1300), (10, 10)])
 def test_mcnemar_matches_an_exact_binomial(b, c):
     arm = np.array([1] * b + [0] * c + [1] * 9 + [0] * 4)
     base = np.array([0] * b + [1] * c + [1] * 9 + [0] * 4)
-    p, got_b, got_c = paired.mcnemar_exact(arm, base)
+    p, got_b, got_c = item_stats.mcnemar_exact(arm, base)
     assert (got_b, got_c) == (b, c)
     try:
         from scipy.stats import binomtest
@@ -367,7 +369,7 @@ def test_t_tests_match_the_closed_form_at_two_degrees_of_freedom():
     sqrt(2 + t^2) and the 97.5% quantile solves q / sqrt(2 + q^2) = 0.95."""
     rng = np.random.default_rng(4)
     d_RxS = rng.normal(0.01, 0.02, size=(50, 3))
-    mean_R, half_R, p_R = inference.t_tests(d_RxS)
+    mean_R, half_R, p_R = seed_stats.t_tests(d_RxS)
     se_R = d_RxS.std(1, ddof=1) / math.sqrt(3)
     t_R = np.abs(d_RxS.mean(1)) / se_R
     q = math.sqrt(2 * 0.95**2 / (1 - 0.95**2))  # F(q) = 0.975 <=> q / sqrt(2 + q^2) = 0.95
@@ -375,8 +377,8 @@ def test_t_tests_match_the_closed_form_at_two_degrees_of_freedom():
     np.testing.assert_allclose(mean_R, d_RxS.mean(1), rtol=1e-12)
     np.testing.assert_allclose(half_R, q * se_R, rtol=1e-9)
     np.testing.assert_allclose(p_R, 1 - t_R / np.sqrt(2 + t_R**2), rtol=1e-9)
-    assert inference.seed_test([0.02]) is None  # one pair: no run-to-run variance
-    assert inference.seed_test([0.0, 0.0, 0.0]).p == 1.0
+    assert seed_stats.seed_test([0.02]) is None  # one pair: no run-to-run variance
+    assert seed_stats.seed_test([0.0, 0.0, 0.0]).p == 1.0
 
 
 def test_holm_matches_a_direct_step_down():
@@ -390,20 +392,20 @@ def test_holm_matches_a_direct_step_down():
             if p_K[i] > 0.05 / (3 - k):
                 break
             expected[r, i] = True
-    adjusted, rejected = inference.holm(p_RxK)
+    adjusted, rejected = seed_stats.holm(p_RxK)
     np.testing.assert_array_equal(rejected, expected)
-    np.testing.assert_array_equal(inference.holm_rows(p_RxK), expected)
+    np.testing.assert_array_equal(seed_stats.holm_rows(p_RxK), expected)
     assert expected.any() and not expected.all()
-    adjusted, rejected = inference.holm([[0.01, np.nan, 0.03]])  # untested: not counted
+    adjusted, rejected = seed_stats.holm([[0.01, np.nan, 0.03]])  # untested: not counted
     np.testing.assert_allclose(adjusted[0], [0.02, np.nan, 0.03])
     p_RxK[rng.random(p_RxK.shape) < 0.3] = np.nan  # the simulation's fast path agrees on
-    np.testing.assert_array_equal(inference.holm_rows(p_RxK), inference.holm(p_RxK)[1])  # nan
+    np.testing.assert_array_equal(seed_stats.holm_rows(p_RxK), seed_stats.holm(p_RxK)[1])  # nan
 
 
 def _result(name, est, lo, hi, p):
     e = endpoints.Endpoint(name)
-    return endpoints.EndpointResult(e, paired.Interval(est, lo, hi),
-                                    inference.SeedTest(paired.Interval(est, lo, hi), p, 3, ()),
+    return endpoints.EndpointResult(e, item_stats.Interval(est, lo, hi),
+                                    seed_stats.SeedTest(item_stats.Interval(est, lo, hi), p, 3, ()),
                                     ["t"])
 
 
@@ -430,12 +432,12 @@ def test_the_simulated_decisions_are_the_reports(tmp_path):
     """The vectorised decisions of the overclaim test (tests/test_report_evidence.py) equal what
     REPORT.md writes for the same studies pushed through files (config.json, metrics.jsonl,
     eval/step_*.jsonl) and main."""
-    sim = study_sim.simulate(study_sim.Design(charbench_bpb_gain=0.04, items=300), 2,
+    sim = sim_lib.simulate(sim_lib.Design(charbench_bpb_gain=0.04, items=300), 2,
                              np.random.default_rng(5))
-    c_RxAxK = endpoints.claims(*study_sim.pair_means(sim)[:1], study_sim.LOWER_IS_BETTER,
-                               study_sim.pair_means(sim)[1])
+    c_RxAxK = endpoints.claims(*sim_lib.pair_means(sim)[:1], sim_lib.LOWER_IS_BETTER,
+                               sim_lib.pair_means(sim)[1])
     for r in range(2):
-        dirs = study_sim.write_study(tmp_path / f"s{r}", sim, r)
+        dirs = sim_lib.write_study(tmp_path / f"s{r}", sim, r)
         out = tmp_path / f"out{r}"
         assert report.main([*map(str, dirs), "--baseline", str(dirs[0]),
                             "--output", str(out)]) == 0
@@ -476,7 +478,7 @@ def test_majority_baseline_and_the_share_of_majority_answers(tmp_path):
     assert cells[CHANCE] == "50.0" and cells[MAJORITY] == "75.0"
     assert parse_interval(cells[DACC])[0] == pytest.approx(10.0)
     assert cells[DPICK] == "+20.0" and cells[DSPLIT] == "+10.0 = +15.0 + -5.0"
-    chance, share, majority = paired.answer_baselines(paired.Items(
+    chance, share, majority = item_stats.answer_baselines(item_stats.Items(
         np.arange(4), *np.zeros((3, 4)), np.array([2, 2, 4, 4]), np.array([0, 2, 2, 1]),
         np.zeros(4)))
     assert (chance, share, majority) == (0.375, 0.5, 2)

@@ -12,7 +12,8 @@ import sys
 import numpy as np
 import pytest
 
-from prefixlm import endpoints, inference, report, study_sim
+from prefixlm import report
+from prefixlm.study.runs import endpoints, seed_stats, sim
 
 N = 200
 TASKS = ("piqa_local", "charbench_local_find_first_occurrence")
@@ -91,9 +92,9 @@ def test_null_reports_claim_at_most_5_percent_and_a_true_gain_is_found():
     arm is found in at least 80% (measured 98.9%). The per-arm Holm of before gives 25%."""
     rates = {}
     for gain in (0.0, 0.04):
-        design = study_sim.StudyDesign(seeds=5, seed_sd_bpb=0.005, charbench_bpb_gain=gain)
-        d, item_var = study_sim.simulate_means(design, 4000, np.random.default_rng(2026))
-        c_RxAxK = endpoints.claims(d, study_sim.LOWER_IS_BETTER, item_var)
+        design = sim.StudyDesign(seeds=5, seed_sd_bpb=0.005, charbench_bpb_gain=gain)
+        d, item_var = sim.simulate_means(design, 4000, np.random.default_rng(2026))
+        c_RxAxK = endpoints.claims(d, sim.LOWER_IS_BETTER, item_var)
         assert c_RxAxK.shape == (4000, 6, 3)
         rates[gain] = ((c_RxAxK != 0).any((1, 2)).mean(), (c_RxAxK[:, 0, 0] == 1).mean())
     assert rates[0.0][0] <= 0.05, rates
@@ -216,10 +217,10 @@ def test_a_run_missing_an_endpoints_items_is_left_out_of_that_endpoint(tmp_path,
 def test_identical_pair_means_without_items_are_untested():
     """[0.0125] * 3 gave p = 1.9e-32 and a claim; with no item-level variance to floor at,
     identical pair means are a tie: no test, no interval."""
-    test = inference.seed_test([0.0125] * 3)
+    test = seed_stats.seed_test([0.0125] * 3)
     assert math.isnan(test.p) and math.isnan(test.interval.lo)
-    assert inference.seed_test([0.0, 0.0, 0.0]).p == 1.0  # no difference at all: p 1
-    mean, half, p = inference.t_tests([[0.0125] * 3, [0.01, 0.02, 0.03]])
+    assert seed_stats.seed_test([0.0, 0.0, 0.0]).p == 1.0  # no difference at all: p 1
+    mean, half, p = seed_stats.t_tests([[0.0125] * 3, [0.01, 0.02, 0.03]])
     t = 0.02 / (0.01 / math.sqrt(3))
     assert math.isnan(p[0]) and p[1] == pytest.approx(1 - t / math.sqrt(2 + t * t), rel=1e-9)
 
@@ -229,12 +230,12 @@ def test_identical_pair_means_with_items_claim_what_the_items_show():
     variance of a pair mean v: t = mean / sqrt(v / 3) with 2 df, p = 1 - t / sqrt(2 + t^2)
     (the closed form of Student's t at 2 df)."""
     for item_var in (6.25e-6, 1e-3):
-        test = inference.seed_test([0.0125] * 3, item_var)
+        test = seed_stats.seed_test([0.0125] * 3, item_var)
         t = 0.0125 / math.sqrt(item_var / 3)
         assert test.p == pytest.approx(1 - t / math.sqrt(2 + t * t), rel=1e-9)
         half = math.sqrt(2 * 0.95**2 / (1 - 0.95**2)) * math.sqrt(item_var / 3)
         assert test.interval.hi - test.interval.est == pytest.approx(half, rel=1e-9)
-    assert inference.seed_test([0.0125] * 3, 1e-3).p > 0.5  # noisy items: no evidence
+    assert seed_stats.seed_test([0.0125] * 3, 1e-3).p > 0.5  # noisy items: no evidence
 
 
 def test_a_report_of_tied_pair_means_claims_nothing_from_the_tie(tmp_path):
@@ -265,7 +266,7 @@ def test_a_report_of_tied_pair_means_claims_nothing_from_the_tie(tmp_path):
 # ---- 6. the forest plot ----
 
 def test_the_forest_plot_labels_each_arm_with_its_own_method(tmp_path, monkeypatch):
-    from prefixlm import atomic
+    from prefixlm.core import atomic
 
     figures = []
     monkeypatch.setattr(atomic, "save_figure", lambda fig, path, **kw: figures.append(fig))
@@ -287,10 +288,10 @@ def test_power_and_detectable_effect_agree_with_scipy():
         crit = stats.t.ppf(1 - 0.05 / 36, seeds - 1)
         ncp = 0.04 / (0.007 / math.sqrt(seeds))
         expected = stats.nct.sf(crit, seeds - 1, ncp) + stats.nct.cdf(-crit, seeds - 1, ncp)
-        assert inference.power(0.04, 0.007, seeds, 18) == pytest.approx(expected, abs=1e-4)
-        mde = inference.detectable_effect(0.007, seeds, 18)
-        assert inference.power(mde, 0.007, seeds, 18) == pytest.approx(0.8, abs=1e-6)
-    assert inference.seeds_needed(0.04, 0.007, 18) == 5  # power 0.79 at 4, 0.99 at 5
+        assert seed_stats.power(0.04, 0.007, seeds, 18) == pytest.approx(expected, abs=1e-4)
+        mde = seed_stats.detectable_effect(0.007, seeds, 18)
+        assert seed_stats.power(mde, 0.007, seeds, 18) == pytest.approx(0.8, abs=1e-6)
+    assert seed_stats.seeds_needed(0.04, 0.007, 18) == 5  # power 0.79 at 4, 0.99 at 5
 
 
 def test_what_this_study_could_detect(tmp_path):
@@ -308,13 +309,13 @@ def test_what_this_study_could_detect(tmp_path):
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[1] == "3" and cells[2] == str(N)  # one CharBench task of N items
     assert cells[3] == f"{sd:.4f} (2)"
-    assert cells[5] == f"{inference.detectable_effect(sd, 3, family):.4f}"
+    assert cells[5] == f"{seed_stats.detectable_effect(sd, 3, family):.4f}"
 
 
 def test_plan_from_the_baselines_seeds(tmp_path, capsys):
     """A pilot of the baseline's 3 seeds: a pair mean's variance is 2 x the run values'
     variance; seeds needed for a 0.04 bpb CharBench gain in a study of 6 arms x 3 endpoints."""
-    from prefixlm import detectable
+    from prefixlm.study.runs import detectable
 
     shifts = (0.0, 0.004, 0.011)
     dirs = [make_run(tmp_path, f"ce_s{s}", "ce", s, bpb_shift=shifts[s], val_nll={200: 3.0})
@@ -325,9 +326,9 @@ def test_plan_from_the_baselines_seeds(tmp_path, capsys):
     row = next(r for r in out.splitlines() if r.startswith("| mean CharBench bits/byte |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[1] == "0.0400" and cells[2].startswith(f"{sd:.4f} (2, 2 x the sd of single")
-    assert cells[3] == str(inference.seeds_needed(0.04, sd, 18))
+    assert cells[3] == str(seed_stats.seeds_needed(0.04, sd, 18))
     upper = detectable.PilotSd(sd, 2, math.nan, 0, "").upper()
-    assert cells[4].startswith(str(inference.seeds_needed(0.04, upper, 18)))
+    assert cells[4].startswith(str(seed_stats.seeds_needed(0.04, upper, 18)))
     assert "| mean accuracy over piqa/winogrande/arc_easy/hellaswag | 2.0 pt |" in out
 
 

@@ -1,4 +1,4 @@
-"""Issue 21, class 1: one safe way to open a run's files (prefixlm.safe_files). Unit level, on
+"""Issue 21, class 1: one safe way to open a run's files (prefixlm.core.safe_files). Unit level, on
 temporary directories: no symlink followed for writing, anything but a regular file refused in
 one line before it is opened (a FIFO never blocks), nothing the run did not create deleted or
 replaced, and a full disk at the lock or at a metrics append is one line. Each test failed on
@@ -12,14 +12,14 @@ import threading
 
 import pytest
 
-from prefixlm import lock, sinks
-from prefixlm import workdir as workdir_lib
-from prefixlm.errors import UnsafePathError, UserError
+from prefixlm.core.errors import UnsafePathError, UserError
+from prefixlm.run import lock, sinks
+from prefixlm.run import workdir as workdir_lib
 
 
 def _safe_files():
     """Imported where used, so that each test fails on its own on a tree without it."""
-    from prefixlm import safe_files
+    from prefixlm.core import safe_files
 
     return safe_files
 
@@ -188,7 +188,7 @@ def test_a_short_write_is_completed(tmp_path, monkeypatch):
 def test_the_layout_check_refuses_a_symlinked_run_file_before_any_write(tmp_path, name):
     """Before: a symlinked metrics.jsonl passed the layout check; the run read through it and
     renamed a new file over the link after writing config.json."""
-    from prefixlm import preflight
+    from prefixlm.run import preflight
 
     victim = _victim(tmp_path)
     (tmp_path / name).symlink_to(victim)
@@ -199,7 +199,7 @@ def test_the_layout_check_refuses_a_symlinked_run_file_before_any_write(tmp_path
 def test_the_write_probe_never_writes_through_a_planted_symlink(tmp_path):
     """Before: the checkpoints/ probe was `.prefixlm-write-probe-<pid>`, written with
     write_text: a symlink planted at that name had its target overwritten with 'probe'."""
-    from prefixlm import checkpoint as ckpt_lib
+    from prefixlm.run import checkpoint as ckpt_lib
 
     victim = _victim(tmp_path)
     (tmp_path / "checkpoints").mkdir()

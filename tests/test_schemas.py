@@ -1,4 +1,4 @@
-"""Issue 21, class 2: inputs checked by schema (prefixlm.schemas). Every file format the project
+"""Issue 21, class 2: inputs checked by schema (prefixlm.core.schemas). Every file format the project
 reads has one declared schema, checked where the file is read, and a violation is one line naming
 the file, the line (JSONL) and the field. Each case goes through the reader the commands use
 (workdir, sinks, preflight, plots, study, shards, manifest, lock); each failed on main before the
@@ -10,15 +10,17 @@ import json
 import numpy as np
 import pytest
 
-from prefixlm import lock, manifest, plots, preflight, sinks, study
-from prefixlm import workdir as workdir_lib
+from prefixlm import plots
+from prefixlm.core.errors import SchemaError
 from prefixlm.data import shards
-from prefixlm.errors import SchemaError
+from prefixlm.run import lock, manifest, preflight, sinks
+from prefixlm.run import workdir as workdir_lib
+from prefixlm.study.runs import runs as runs_lib
 
 
 def _schemas():
     """Imported where used, so that each test fails on its own on a tree without it."""
-    from prefixlm import schemas
+    from prefixlm.core import schemas
 
     return schemas
 
@@ -59,7 +61,7 @@ def test_the_report_reads_config_json_by_its_schema(tmp_path, text):
     (run / "eval" / "step_00000010.jsonl").write_text("")
     (run / "config.json").write_bytes(text.encode("latin-1"))
     with pytest.raises(SchemaError) as info:
-        study.load_run(run)
+        runs_lib.load_run(run)
     _names(info.value, run / "config.json")
 
 
@@ -126,7 +128,7 @@ def test_a_bad_eval_row_names_the_file_line_and_field(tmp_path, bad, field):
     path = tmp_path / "step_00000010.jsonl"
     path.write_text(json.dumps(ITEM) + "\n" + bad + "\n" + json.dumps({**ITEM, "doc_id": 1}))
     with pytest.raises(SchemaError) as info:
-        study.load_items(path)
+        runs_lib.load_items(path)
     _names(info.value, path, line=2, field=field or None)
 
 
@@ -195,7 +197,7 @@ def test_a_manifest_of_the_wrong_shape_is_a_corrupt_step(tmp_path, text):
 
 def test_a_null_manifest_moves_the_step_aside(tmp_path):
     """The restore's judge: the step is moved to checkpoints_bad/, the previous one chosen."""
-    from prefixlm import checkpoint as ckpt_lib
+    from prefixlm.run import checkpoint as ckpt_lib
 
     for s in (2, 4):
         step = tmp_path / "checkpoints" / str(s)

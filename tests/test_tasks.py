@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from prefixlm import tasks
-from prefixlm.tasks import charbench_local, fewshot, olmo_data
+from prefixlm.evaluation import tasks
+from prefixlm.evaluation.tasks import charbench_local, fewshot, olmo_data
 
 # An independent reading of each question: parse the word and character back out of the text.
 PATTERNS = {
@@ -146,7 +146,7 @@ def tiny_lm(llama3):
     from flax import nnx
 
     from prefixlm.evaluate import JaxLM
-    from prefixlm.model import Llama, ModelConfig
+    from prefixlm.model.llama import Llama, ModelConfig
 
     cfg = ModelConfig(vocab_size=128256, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1,
                       d_ff=32, max_seq_len=256, dtype="float32")
@@ -258,7 +258,7 @@ def test_the_check_finds_leaks_where_lm_eval_is_not_told(charbench_hub_copy):
     """The configurations before the fix, built inline: the check must see their leaks."""
     import lm_eval.tasks.winogrande.preprocess_winogrande as wg
 
-    from prefixlm.tasks import hooks
+    from prefixlm.evaluation.tasks import hooks
 
     winogrande_before = {
         "task": "winogrande_before", "custom_dataset": olmo_data.winogrande,
@@ -323,7 +323,7 @@ def prompts_by_document(task, samples=None, per_document=True) -> dict[int, tupl
 
 
 def _subset_and_full(name, limit, per_document):
-    from prefixlm.eval_results import gold_index, stratified_subset
+    from prefixlm.evaluation.results import gold_index, stratified_subset
 
     (task,) = tasks.shared_task_manager().load([name])["tasks"].values()
     labels = [gold_index(task, doc) for doc in task.eval_docs]

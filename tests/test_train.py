@@ -15,12 +15,15 @@ import numpy as np
 import pytest
 
 from configs import base
-from prefixlm import attention, checkpoint, prefixes, train
 from prefixlm import config as config_lib
-from prefixlm import model as model_lib
-from prefixlm import step as step_lib
-from prefixlm import workdir as workdir_lib
 from prefixlm.data import shards
+from prefixlm.model import attention
+from prefixlm.model import llama as model_lib
+from prefixlm.run import checkpoint
+from prefixlm.run import workdir as workdir_lib
+from prefixlm.train import driver
+from prefixlm.train import trainer as step_lib
+from prefixlm.vocab import prefixes
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY_WORDS = [b"a", b"b", b"c", b" ", b"p", b"e", b"r", b"s", b"o", b"n",
@@ -90,7 +93,7 @@ def read_metrics(workdir):
 
 
 def run(config, workdir, **kw):
-    return train.train_and_evaluate(config, workdir, tokenizer=tiny_tokenizer(), **kw)
+    return driver.train_and_evaluate(config, workdir, tokenizer=tiny_tokenizer(), **kw)
 
 
 # ---- configs ----------------------------------------------------------------------------------
@@ -367,7 +370,7 @@ def test_cli_rejects_a_bad_config_before_compiling(tmp_path):
 
 
 def test_cli_trains_with_overrides(tmp_path):
-    from prefixlm import tokenizer
+    from prefixlm.vocab import tokenizer
 
     tok = tokenizer.load("llama3")
     data = write_token_dir(tmp_path / "tokens", tok.vocab_hash, n_train=3000, n_val=600,

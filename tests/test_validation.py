@@ -9,9 +9,9 @@ import pytest
 from test_train import read_metrics, run, tiny_config, tiny_tokenizer, write_token_dir
 
 from prefixlm import config as config_lib
-from prefixlm import step as step_lib
-from prefixlm import validation
 from prefixlm.data import shards
+from prefixlm.train import trainer as step_lib
+from prefixlm.train import validation_loss
 
 
 @pytest.fixture(scope="module")
@@ -42,13 +42,13 @@ def _reference(trainer, params, windows_NxL1, eps):
 
 def test_windows_are_the_splits_first_tokens_and_the_mean_is_exact(token_dir):
     trainer = _trainer(token_dir, eval__val_tokens=30 * 16 + 5)  # 30 windows: 7 batches + 2
-    windows = validation.read_windows(trainer.config, tiny_tokenizer().vocab_hash)
+    windows = validation_loss.read_windows(trainer.config, tiny_tokenizer().vocab_hash)
     stream = np.fromfile(token_dir / "validation" / "00000.bin", dtype=shards.DTYPE)
     assert windows.shape == (30, 17) and windows.dtype == np.int32
     for i in (0, 1, 29):
         np.testing.assert_array_equal(windows[i], stream[16 * i:16 * i + 17])
     params = trainer.init_fn()["params"]
-    got = validation.Validation(trainer, windows)(params, 0, False)
+    got = validation_loss.Validation(trainer, windows)(params, 0, False)
     want = _reference(trainer, params, windows, eps=0.1)
     for key, w in zip(("val/loss", "val/nll", "val/accuracy"), want, strict=True):
         np.testing.assert_allclose(got[key], w, rtol=2e-6, err_msg=key)
@@ -56,7 +56,7 @@ def test_windows_are_the_splits_first_tokens_and_the_mean_is_exact(token_dir):
     # bit, the NLL and the objective to float32 rounding of their per-token terms (XLA's CPU
     # code for another batch shape may round a token's hidden state or logit differently in the
     # last bit: the objective differed at 4 of 480 tokens before issue 20, the NLL at 1 after).
-    halves = validation.Validation(trainer, windows)
+    halves = validation_loss.Validation(trainer, windows)
     halves.batch_size = 2
     other = halves(params, 0, False)
     assert other["val/accuracy"] == got["val/accuracy"]
@@ -67,9 +67,9 @@ def test_windows_are_the_splits_first_tokens_and_the_mean_is_exact(token_dir):
 def test_val_loss_uses_the_scheduled_eps(token_dir):
     trainer = _trainer(token_dir, objective__eps_schedule="linear",
                        objective__eps_decay_fraction=0.5, train__steps=20)
-    windows = validation.read_windows(trainer.config, tiny_tokenizer().vocab_hash)
+    windows = validation_loss.read_windows(trainer.config, tiny_tokenizer().vocab_hash)
     params = trainer.init_fn()["params"]
-    val = validation.Validation(trainer, windows)
+    val = validation_loss.Validation(trainer, windows)
     for step, eps in ((0, 0.1), (5, 0.05), (10, 0.0), (20, 0.0)):
         got = val(params, step, False)
         want = _reference(trainer, params, windows, eps=eps)
@@ -81,7 +81,7 @@ def test_a_short_split_gives_fewer_windows_with_a_warning(tmp_path, caplog):
     data = write_token_dir(tmp_path, tiny_tokenizer().vocab_hash, n_val=100)
     c = config_lib.resolve(tiny_config(data, eval__val_tokens=2**21), 1, 1)
     with caplog.at_level("WARNING", logger="prefixlm"):
-        windows = validation.read_windows(c, tiny_tokenizer().vocab_hash)
+        windows = validation_loss.read_windows(c, tiny_tokenizer().vocab_hash)
     assert windows.shape == (6, 17)  # (100 - 1) // 16
     assert "not eval.val_tokens=2097152" in caplog.text
 

@@ -20,7 +20,7 @@ import os
 import pathlib
 import sys
 
-from prefixlm import errors
+from prefixlm.core import errors
 from prefixlm.data import shards
 
 log = logging.getLogger("prefixlm.data")

@@ -26,7 +26,7 @@ import pathlib
 import re
 import sys
 
-from prefixlm import cli
+from prefixlm.core import cli
 
 DOC_CHARS = 4000
 ROWS_PER_FILE = 400
@@ -108,7 +108,7 @@ def write_parquet(output: str | os.PathLike, *, rows_per_file: int = ROWS_PER_FI
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from prefixlm import tokenizer
+    from prefixlm.vocab import tokenizer
 
     tok = tokenizer.load("llama3")
     rows = documents()
@@ -152,8 +152,8 @@ def prepare_demo(root: str | os.PathLike = DEMO_ROOT, *, workers: int | None = N
     """
     import json
 
-    from prefixlm import tokenizer
     from prefixlm.data import tokenize
+    from prefixlm.vocab import tokenizer
 
     root = pathlib.Path(root)
     parquet, tokens = root / "parquet", root / "shards"

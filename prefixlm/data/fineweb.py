@@ -38,7 +38,7 @@ import sys
 import time
 import urllib.parse
 
-from prefixlm import cli, errors
+from prefixlm.core import cli, errors
 from prefixlm.data import budget
 from prefixlm.data.shards import writing
 

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from prefixlm import cli
+from prefixlm.core import cli
 from prefixlm.data import shards
 
 log = logging.getLogger("prefixlm.data")

@@ -27,9 +27,9 @@ edit that gives the file back its size and mtime (``cp -p``, ``rsync -t``, ``tou
 changes its ctime, which no user call can set. Shards without a checksum (older tokenizations)
 get their max computed instead, cached the same way under ``id_check``.
 
-Every file here is opened through ``prefixlm.safe_files`` (a FIFO or device is refused in one
+Every file here is opened through ``prefixlm.core.safe_files`` (a FIFO or device is refused in one
 line, never opened; nothing is written through a symlink) and every JSON file is checked against
-its schema where it is read (``prefixlm.schemas.STATS``, ``SHARD_RECORD``).
+its schema where it is read (``prefixlm.core.schemas.STATS``, ``SHARD_RECORD``).
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ from typing import Any
 
 import numpy as np
 
-from prefixlm import errors, safe_files, schemas
-from prefixlm.errors import SchemaError
+from prefixlm.core import errors, safe_files, schemas
+from prefixlm.core.errors import SchemaError
 
 FORMAT = "prefixlm-tokens-v1"
 DTYPE = np.dtype("<u4")

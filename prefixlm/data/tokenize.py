@@ -45,9 +45,9 @@ import time
 
 import numpy as np
 
-from prefixlm import cli, errors, safe_files, schemas
+from prefixlm.core import cli, errors, safe_files, schemas
+from prefixlm.core.errors import SchemaError, UserError
 from prefixlm.data import shards
-from prefixlm.errors import SchemaError, UserError
 
 DEFAULT_VAL_FRACTION = 0.005
 
@@ -163,7 +163,7 @@ def _encoder(name: str):
     """This process's encode function: tiktoken single-threaded (one core per worker) if possible."""
     global _TOKENIZER
     if _TOKENIZER is None or _TOKENIZER.name != name:
-        from prefixlm import tokenizer
+        from prefixlm.vocab import tokenizer
 
         _TOKENIZER = tokenizer.load(name)
     enc = getattr(_TOKENIZER, "encoding", None)
@@ -351,7 +351,7 @@ def check_output(out: pathlib.Path, tok, tokenizer_name: str, overwrite: bool) -
 
 def load_tokenizer(name: str):
     """The tokenizer ``--tokenizer`` names; one line (UserError) when it cannot load."""
-    from prefixlm import tokenizer
+    from prefixlm.vocab import tokenizer
 
     try:
         return tokenizer.load(name)

@@ -1,0 +1,1 @@
+"""prefixlm.evaluation."""
