@@ -4,7 +4,7 @@
     python bench/eval.py --hf --limit 10          # also: JaxLM vs `lm_eval --model hf` on the export
 
 For each task (at the study's settings: 5-shot, the given per-task limits) it times what
-``prefixlm.evaluate.InLoopEvaluator`` does: building lm-eval's requests (``TaskSet``: task
+``prefixlm.evaluation.harness.InLoopEvaluator`` does: building lm-eval's requests (``TaskSet``: task
 loading, label-stratified subset, few-shot contexts; then tokenization inside ``JaxLM``) and
 scoring them with the model, once as the first evaluation of a run does and once more as every
 later evaluation does (requests and token ids reused). It prints one table: documents,
@@ -38,9 +38,9 @@ def build_model(args):
     from prefixlm.model.llama import Llama, ModelConfig
 
     if args.workdir:
-        from prefixlm.run import checkpoint
+        from prefixlm.evaluation import restore
 
-        _, model, step = checkpoint.load_model(args.workdir)
+        _, model, step = restore.load_model(args.workdir)
         return model, f"{args.workdir} step {step}"
     # --flops only counts call shapes, which depend on the requests alone: a model with a tiny
     # vocabulary runs them in seconds (ids past it read garbage embeddings, which nothing uses).
@@ -53,7 +53,7 @@ def build_model(args):
 
 
 def in_loop_table(args, model, tok, names, limits) -> None:
-    from prefixlm import evaluate
+    from prefixlm.evaluation import harness, jaxlm
     from prefixlm.model.llama import count_params
 
     n_params = args.flops_params or count_params(model.cfg)
@@ -61,16 +61,16 @@ def in_loop_table(args, model, tok, names, limits) -> None:
     cache: dict = {}
     for name in names:
         t0 = time.perf_counter()
-        task_set = evaluate.TaskSet([name], num_fewshot=args.num_fewshot, limit=args.limit,
+        task_set = harness.TaskSet([name], num_fewshot=args.num_fewshot, limit=args.limit,
                                     limits=limits)
         build = time.perf_counter() - t0
         docs = sum(task_set.sizes.values())
         requests = sum(len(t.instances) for t in task_set.tasks.values())
         times = []
         for _ in range(2):  # first evaluation, then a repeated one (requests and ids reused)
-            lm = evaluate.JaxLM(model, tok, batch_size=args.batch_size, encode_cache=cache)
+            lm = jaxlm.JaxLM(model, tok, batch_size=args.batch_size, encode_cache=cache)
             t0 = time.perf_counter()
-            evaluate.run_task_set(lm, task_set)
+            harness.run_task_set(lm, task_set)
             total = time.perf_counter() - t0
             times.append((lm.encode_seconds, total - lm.encode_seconds, lm))
         (enc1, model1, lm1), (enc2, model2, _) = times
@@ -125,7 +125,7 @@ def flops_table(args, model, tok, names, limits) -> None:
     """Counts the calls JaxLM makes for one in-loop and one final evaluation (run on the given,
     small, model: the shapes depend on the requests, not on the weights) and prints the forward
     FLOPs the study model would spend on them."""
-    from prefixlm import evaluate
+    from prefixlm.evaluation import harness, jaxlm
 
     print("| evaluation | documents | padded tokens | scored positions (padded) | trunk FLOPs | "
           "attention FLOPs | projection FLOPs | total |")
@@ -133,10 +133,10 @@ def flops_table(args, model, tok, names, limits) -> None:
     for label, lim in (("in-loop (eval.limits)", limits), ("final (full sets)", None)):
         shapes, docs = ShapeCounter(), 0
         for name in names:
-            task_set = evaluate.TaskSet([name], num_fewshot=args.num_fewshot, limits=lim)
-            lm = evaluate.JaxLM(model, tok, batch_size=args.batch_size)
+            task_set = harness.TaskSet([name], num_fewshot=args.num_fewshot, limits=lim)
+            lm = jaxlm.JaxLM(model, tok, batch_size=args.batch_size)
             lm.compiled_shapes = shapes
-            evaluate.run_task_set(lm, task_set, bootstrap_iters=0)
+            harness.run_task_set(lm, task_set, bootstrap_iters=0)
             docs += sum(task_set.sizes.values())
         calls: collections.Counter = collections.Counter()
         for (B, L, C, _), n in shapes.items():  # K (targets per row) costs no FLOPs
@@ -154,10 +154,10 @@ def hf_comparison(args, model, tok, names) -> None:
     import lm_eval
     import torch
 
-    from prefixlm import evaluate
+    from prefixlm.evaluation import harness, jaxlm, results
     from prefixlm.export import export_model
 
-    tm = evaluate.cached_task_manager()
+    tm = harness.cached_task_manager()
     common = dict(tasks=names, num_fewshot=args.num_fewshot, limit=args.limit, task_manager=tm,
                   log_samples=False, bootstrap_iters=0, random_seed=1234,
                   numpy_random_seed=1234, torch_random_seed=1234, fewshot_random_seed=1234)
@@ -165,7 +165,7 @@ def hf_comparison(args, model, tok, names) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         hf_dir = export_model(model, model.cfg, pathlib.Path(tmp) / "hf")
         t0, c0 = time.perf_counter(), time.process_time()
-        lm = evaluate.JaxLM(model, tok, batch_size=args.batch_size, dtype="float32")
+        lm = jaxlm.JaxLM(model, tok, batch_size=args.batch_size, dtype="float32")
         res = lm_eval.simple_evaluate(model=lm, **common)
         runs["JaxLM (prefixlm.evaluate)"] = (time.perf_counter() - t0, time.process_time() - c0,
                                              res, f"{len(lm.compiled_shapes)} compiled shapes")
@@ -184,7 +184,7 @@ def hf_comparison(args, model, tok, names) -> None:
     for name, (secs, cpu, _, note) in runs.items():
         print(f"| {name} | {secs:.1f} | {base / secs:.2f}x | {cpu:.1f} | {base_cpu / cpu:.2f}x "
               f"| {note} |")
-    flat = {name: evaluate.flatten_results(r) for name, (_, _, r, _) in runs.items()}
+    flat = {name: results.flatten_results(r) for name, (_, _, r, _) in runs.items()}
     a, b = flat.values()
     keys = sorted(k for k in a if k.endswith("/acc") or k.endswith("/acc_norm"))
     diff = max((abs(a[k] - b.get(k, float("nan"))) for k in keys), default=0.0)
@@ -192,6 +192,7 @@ def hf_comparison(args, model, tok, names) -> None:
 
 
 def main(argv=None) -> int:
+    from prefixlm.evaluation import harness, results
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", default=None, help="evaluate this checkpoint instead")
     p.add_argument("--d_model", type=int, default=512)
@@ -221,17 +222,16 @@ def main(argv=None) -> int:
 
     import jax
 
-    from prefixlm import evaluate
     from prefixlm.evaluation import tasks
     from prefixlm.vocab import tokenizer as tok_lib
 
-    evaluate.quiet_logs(False)
+    harness.quiet_logs(False)
     model, desc = build_model(args)
     tok = tok_lib.load("llama3")
     requested = [n.strip() for n in args.tasks.split(",") if n.strip()]
     names = tasks.resolve(requested, offline=True if args.offline else None)
-    limits = evaluate.resolved_limits(evaluate.parse_limits(args.limits), requested, names)
-    evaluate.cached_task_manager()
+    limits = harness.resolved_limits(results.parse_limits(args.limits), requested, names)
+    harness.cached_task_manager()
     print(f"\nmodel: {desc}; tasks {','.join(names)}; limit {args.limit}, limits {limits}; "
           f"{args.num_fewshot}-shot; batch {args.batch_size}; {os.cpu_count()} CPU cores, "
           f"jax {jax.__version__} on {jax.devices()[0].platform}\n")

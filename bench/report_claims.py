@@ -28,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from prefixlm.study.runs import endpoints, seed_stats, sim
+from prefixlm.study import endpoints, seed_stats, sim
 
 
 def before_claims(d_RxAxSxK, lower_is_better, alpha: float = seed_stats.ALPHA) -> np.ndarray:

@@ -21,7 +21,7 @@ with transformers' ``TikTokenConverter``, so ``AutoTokenizer`` gives the same id
     own tokenizer adds its BOS): ``tok.encode(text)`` is ``[128001] + prefixlm encode(text)``, and
     ``add_special_tokens=False`` gives ``prefixlm`` ``encode(text)`` exactly. lm-eval's HF model
     then starts every context with the token the model knows as "a document starts here", as
-    ``prefixlm.evaluate.JaxLM`` does, and both score the same tokens (tested there).
+    ``prefixlm.evaluation.jaxlm.JaxLM`` does, and both score the same tokens (tested there).
 One difference remains and is inherent to HF tokenizers: special-token *text* in the input
 ("<|end_of_text|>") becomes the special id there, while prefixlm encodes it as plain text.
 """
@@ -36,7 +36,7 @@ import sys
 import numpy as np
 
 from prefixlm.core import cli, errors
-from prefixlm.run import checkpoint
+from prefixlm.evaluation import restore
 from prefixlm.vocab import tokenizer as tok_lib
 
 BOS_EOS = "<|end_of_text|>"
@@ -221,7 +221,7 @@ def export_workdir(workdir, output_dir, step: int | None = None, *, overwrite: b
                    ) -> pathlib.Path:
     """Exports the checkpoint at ``step`` (newest when None) of a training workdir."""
     prepare_output(output_dir, overwrite=overwrite)  # refuse before the (slow) restore
-    _, model, step = checkpoint.load_model(str(workdir), step=step)
+    _, model, step = restore.load_model(str(workdir), step=step)
     return export_model(model, model.cfg, output_dir, overwrite=overwrite,
                         meta={"workdir": str(pathlib.Path(workdir).resolve()), "step": step})
 

@@ -164,19 +164,19 @@ def _task_names(config) -> list[str]:
     return [t.strip() for t in str(config.eval.tasks).split(",") if t.strip()]
 
 
-def build_hooks(config, tokenizer_name: str, workdir: str) -> list:
-    """The evaluation hooks of a run: lm-eval tasks through prefixlm.evaluate, every eval.every
-    steps, at step 0 and at the end (full sets at the end). The loop never imports evaluation:
-    this is where it is plugged in."""
-    from prefixlm.train import driver
+def build_evaluations(config, tokenizer_name: str, workdir: str) -> list:
+    """The run's lm-eval evaluations (``loop.Evaluation``) through the evaluation harness, every
+    eval.every steps, at step 0 and at the end (full sets at the end). The training loop never
+    imports evaluation: this is where it is plugged in."""
+    from prefixlm.train.loop import Evaluation
 
     e = config.eval
     if not _task_names(config):
         return []
-    from prefixlm import evaluate
+    from prefixlm.evaluation import harness
     from prefixlm.train import trainer as step_lib
 
-    evaluator = evaluate.InLoopEvaluator(step_lib.load_tokenizer(tokenizer_name), e, workdir)
+    evaluator = harness.InLoopEvaluator(step_lib.load_tokenizer(tokenizer_name), e, workdir)
     pinned = False
 
     def run(model, step, final):
@@ -186,7 +186,7 @@ def build_hooks(config, tokenizer_name: str, workdir: str) -> list:
             pinned = True
         return evaluator(model, step, final=final)
 
-    return [driver.Hook("eval", run, every=e.every, at_start=True,
+    return [Evaluation("eval", run, every=e.every, at_start=True,
                        stop_on_error=bool(e.get("stop_on_error", False)))]
 
 
@@ -218,15 +218,15 @@ def validate_tasks(config) -> None:
     tasks = _task_names(config)
     if not tasks:
         return
-    from prefixlm import evaluate
+    from prefixlm.evaluation import harness, results
     from prefixlm.evaluation import tasks as tasks_lib
 
     try:
         tasks_lib.validate(tasks)
     except ValueError as e:
         raise config_lib.ConfigError(f"eval.tasks={config.eval.tasks!r}: {e}") from None
-    evaluate.check_limit(config.eval.limit)  # ConfigErrors naming the field
-    evaluate.resolved_limits(evaluate.parse_limits(config.eval.get("limits", "")), tasks,
+    results.check_limit(config.eval.limit)  # ConfigErrors naming the field
+    harness.resolved_limits(results.parse_limits(config.eval.get("limits", "")), tasks,
                              tasks_lib.resolve(tasks, offline=True))
 
 
@@ -289,8 +289,8 @@ def main(argv) -> int:
            if jax.process_count() > 1 else ""))
     from prefixlm.train import driver
 
-    hooks = build_hooks(config, config.data.tokenizer, _WORKDIR.value)
-    last = driver.train_and_evaluate(config, _WORKDIR.value, hooks=hooks,
+    evaluations = build_evaluations(config, config.data.tokenizer, _WORKDIR.value)
+    last = driver.train_and_evaluate(config, _WORKDIR.value, evaluations=evaluations,
                                     allow_changes=_ALLOW_CHANGES.value, restart=_RESTART.value)
     if last:
         shown = ("step", "loss", "nll", "accuracy", "val/loss", "val/nll", "tokens_per_sec",
@@ -313,8 +313,8 @@ def _checked_config():
     import jax
 
     from prefixlm import config as config_lib
+    from prefixlm.compile import plan
     from prefixlm.run import workdir as workdir_lib
-    from prefixlm.train import driver
 
     config = workdir_lib.pin_data(config_lib.resolve(_loaded_config()))
     if (jax.default_backend() == "cpu" and config.get("preset") not in CPU_PRESETS
@@ -324,7 +324,7 @@ def _checked_config():
             f"or TPU found); install the accelerator build with {GPU_HINT}, use a demo/tiny "
             "preset, or pass --allow_cpu to train on the CPU anyway")
     validate_tasks(config)
-    driver.check_fits(config)
+    plan.check_fits(config)
     return config
 
 

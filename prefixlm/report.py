@@ -32,18 +32,11 @@ import sys
 import numpy as np
 
 from prefixlm.core import atomic, cli
+from prefixlm.study import detectable, endpoints, figures, item_stats, seed_stats
+from prefixlm.study import runs as runs_lib
 from prefixlm.study.endpoints import last_logged
 from prefixlm.study.item_stats import Interval, Items, Paired
-from prefixlm.study.runs import (
-    ReportError,
-    Run,
-    detectable,
-    endpoints,
-    figures,
-    item_stats,
-    seed_stats,
-)
-from prefixlm.study.runs import runs as runs_lib
+from prefixlm.study.runs import ReportError, Run
 
 __all__ = ["ReportError", "Run", "build_report", "main"]
 

@@ -269,7 +269,7 @@ def _scoring_hook(config):
     eval.batch_size rows): one batch at the largest buckets (every position scored, K_MAX
     targets; row-sliced by the small MAX_LOGITS), one short batch (one call of the head)."""
     from prefixlm.evaluation import jaxlm
-    from prefixlm.train.loop import Hook
+    from prefixlm.train.loop import Evaluation
 
     def score(model, step, final):
         lm = jaxlm.JaxLM(model, types.SimpleNamespace(eos_id=0),
@@ -278,7 +278,7 @@ def _scoring_hook(config):
         lm.score_tokens([([6] * 3, [7])])
         return {}
 
-    return Hook("score", score, every=0, at_start=True)
+    return Evaluation("score", score, every=0, at_start=True)
 
 
 def test_dry_run_aot_lowers_exactly_the_programs_the_run_executes(tmp_path, monkeypatch):
@@ -300,7 +300,7 @@ def test_dry_run_aot_lowers_exactly_the_programs_the_run_executes(tmp_path, monk
                                   (validation_loss, "window_sums", "eval"),
                                   (jaxlm, "_hidden", "hidden"), (jaxlm, "_score_hidden", "score")):
         monkeypatch.setattr(module, name, _Recorder(getattr(module, name), texts, program))
-    run(config, tmp_path / "run", hooks=[_scoring_hook(config)])
+    run(config, tmp_path / "run", evaluations=[_scoring_hook(config)])
     monkeypatch.undo()
     monkeypatch.setattr(jaxlm, "MAX_LOGITS", 4 * 32 * tok.vocab_size)
 
@@ -383,12 +383,12 @@ def test_call_counts_are_the_calls_score_tokens_makes(monkeypatch):
 
 
 def test_evaluations_in_a_run_follow_the_hooks_schedule():
-    """eval_cost counts what loop.Hook.due runs: step 0, every eval.every, the last step."""
+    """eval_cost counts what loop.Evaluation.due runs: step 0, every eval.every, the last step."""
     from prefixlm.compile import eval_cost
-    from prefixlm.train.loop import Hook
+    from prefixlm.train.loop import Evaluation
 
     for total, every in ((3814, 1000), (20, 100), (3000, 1000), (50, 0)):
-        hook = Hook("eval", None, every=every, at_start=True)
+        hook = Evaluation("eval", None, every=every, at_start=True)
         due = [s for s in range(total + 1) if hook.due(s, total)]
         assert eval_cost.evaluation_steps(total, every) == (len(due) - 1, 1), (total, every)
     assert eval_cost.evaluation_steps(3814, 1000) == (4, 1)

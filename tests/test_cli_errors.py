@@ -147,10 +147,10 @@ def test_export_disk_full_or_no_permission_at_the_output(failure, tmp_path, caps
     """The export's own writes fail (a full disk, a chattr +i output): one line, not a trace."""
     from test_export import random_model
 
-    from prefixlm.run import checkpoint
+    from prefixlm.evaluation import restore
 
     model = random_model(tie=True)
-    monkeypatch.setattr(checkpoint, "load_model", lambda workdir, step=None: ({}, model, 2))
+    monkeypatch.setattr(restore, "load_model", lambda workdir, step=None: ({}, model, 2))
 
     def save_file(tensors, filename, metadata=None):
         failure.filename = filename

@@ -9,6 +9,7 @@ from lm_eval.api.instance import Instance
 from test_export import random_model
 
 from prefixlm import evaluate
+from prefixlm.evaluation import harness, jaxlm, results
 from prefixlm.export import export_model
 
 LL_REQUESTS = [
@@ -35,7 +36,7 @@ def pair(tmp_path_factory, llama3):
 
     model = random_model(tie=True, seed=3)
     out = export_model(model, model.cfg, tmp_path_factory.mktemp("hf"))
-    jax_lm = evaluate.JaxLM(model, llama3, batch_size=4)
+    jax_lm = jaxlm.JaxLM(model, llama3, batch_size=4)
     hf_lm = HFLM(pretrained=str(out), batch_size=4, device="cpu", dtype="float32")
     assert hf_lm.max_length == jax_lm.max_length == 64
     return jax_lm, hf_lm
@@ -82,13 +83,13 @@ def test_flatten_and_table():
         "samples": {"charbench_local_a": [{"target": 1}, {"target": 1}, {"target": 2}],
                     "charbench_local_b": [{"target": 0}], "piqa": [{"target": 0}]},
     }
-    flat = evaluate.flatten_results(results)
+    flat = results.flatten_results(results)
     assert flat["piqa/acc"] == 0.6 and flat["piqa/acc_norm_stderr"] == 0.011
     assert "charbench_local/acc_stderr" not in flat  # lm-eval's "N/A" is not a number
     assert flat["charbench_local_a/majority"] == pytest.approx(2 / 3)
     assert flat["charbench_local/majority"] == pytest.approx((2 + 1) / 4)
     assert "piqa/majority" not in flat
-    table = evaluate.format_table(flat)
+    table = results.format_table(flat)
     assert "| piqa | 0.6000 ± 0.0100 | 0.6200 ± 0.0110 |  |" in table
     assert "charbench_local_a" in table and not any(math.isnan(v) for v in flat.values())
 
@@ -96,7 +97,7 @@ def test_flatten_and_table():
 def test_evaluate_model_flat_metrics(llama3):
     """The function the training loop calls: flat floats keyed by the task that ran."""
     model = random_model(tie=True, seed=5)
-    metrics = evaluate.evaluate_model(model, llama3, tasks=["charbench"], limit=4,
+    metrics = harness.evaluate_model(model, llama3, tasks=["charbench"], limit=4,
                                       num_fewshot=1, batch_size=8, offline=True)
     assert set(metrics) >= {"charbench_local/acc", "charbench_local/acc_stderr",
                             "charbench_local/majority",
@@ -153,7 +154,7 @@ def test_in_loop_evaluator_builds_requests_once(tmp_path, llama3):
     """Evaluations at steps 0, 10, 20: later ones spend at most a quarter of the first one's
     request-building time, score the same documents, and write the per-item files."""
     model = random_model(tie=True, seed=5)
-    evaluator = evaluate.InLoopEvaluator(llama3, _eval_config(), tmp_path)
+    evaluator = harness.InLoopEvaluator(llama3, _eval_config(), tmp_path)
     metrics = {step: evaluator(model, step) for step in (0, 10, 20)}
     first = metrics[0]["eval/request_seconds"]
     for step in (10, 20):
@@ -185,19 +186,19 @@ def test_in_loop_evaluator_builds_requests_once(tmp_path, llama3):
     assert list(task_set.samples["piqa_local"]) == sorted(doc_ids)
     # another run (a new evaluator) scores the same label-balanced documents
     task = task_set.tasks["piqa_local"]
-    labels = [evaluate.gold_index(task, doc) for doc in task.eval_docs]
-    assert sorted(doc_ids) == evaluate.stratified_subset(labels, 8, "piqa_local")
+    labels = [results.gold_index(task, doc) for doc in task.eval_docs]
+    assert sorted(doc_ids) == results.stratified_subset(labels, 8, "piqa_local")
     assert sum(labels[i] for i in doc_ids) == round(8 * np.mean(labels))
 
 
 def test_final_evaluation_uses_the_full_sets(tmp_path, llama3):
-    evaluator = evaluate.InLoopEvaluator(
+    evaluator = harness.InLoopEvaluator(
         llama3, _eval_config(tasks="winogrande", limits="winogrande=5"), tmp_path)
     limited, _ = evaluator.task_set(full=False)
     full, built = evaluator.task_set(full=True)
     assert built and limited.sizes == {"winogrande_local": 5}
     assert not full.samples and full.sizes == {"winogrande_local": 1267}
-    assert evaluate.InLoopEvaluator(llama3, _eval_config(), tmp_path, final=True).final
+    assert harness.InLoopEvaluator(llama3, _eval_config(), tmp_path, final=True).final
 
 
 def _reference_subset_counts(labels, limit):
@@ -210,31 +211,31 @@ def _reference_subset_counts(labels, limit):
 def test_stratified_subset_keeps_label_balance_and_is_fixed():
     rng = np.random.RandomState(0)
     labels = rng.choice(4, size=1000, p=[0.4, 0.3, 0.2, 0.1]).tolist()
-    subset = evaluate.stratified_subset(labels, 101, "task_a")
+    subset = results.stratified_subset(labels, 101, "task_a")
     assert len(subset) == 101 == len(set(subset)) and subset == sorted(subset)
     exact = _reference_subset_counts(labels, 101)
     got = collections.Counter(labels[i] for i in subset)
     assert all(abs(got[lab] - exact[lab]) < 1 for lab in exact), (got, exact)
-    assert evaluate.stratified_subset(labels, 101, "task_a") == subset  # same in every run
-    assert evaluate.stratified_subset(labels, 101, "task_b") != subset  # independent per task
-    assert evaluate.stratified_subset(labels, 5000, "task_a") == list(range(1000))
-    assert len(evaluate.stratified_subset([None] * 50, 7, "gen")) == 7  # no labels: hash order
+    assert results.stratified_subset(labels, 101, "task_a") == subset  # same in every run
+    assert results.stratified_subset(labels, 101, "task_b") != subset  # independent per task
+    assert results.stratified_subset(labels, 5000, "task_a") == list(range(1000))
+    assert len(results.stratified_subset([None] * 50, 7, "gen")) == 7  # no labels: hash order
 
 
 def test_limits_are_checked(tmp_path, llama3, capsys):
     from prefixlm.config import ConfigError
 
-    assert evaluate.parse_limits("piqa=500, charbench=200") == {"piqa": 500, "charbench": 200}
+    assert results.parse_limits("piqa=500, charbench=200") == {"piqa": 500, "charbench": 200}
     for bad in ("piqa", "piqa=0", "piqa=-3", "piqa=x", "=5"):
         with pytest.raises(ConfigError, match="positive"):
-            evaluate.parse_limits(bad)
+            results.parse_limits(bad)
     with pytest.raises(ConfigError, match="eval.limit=0"):
-        evaluate.InLoopEvaluator(llama3, _eval_config(limit=0), tmp_path)
+        harness.InLoopEvaluator(llama3, _eval_config(limit=0), tmp_path)
     with pytest.raises(ConfigError, match="not among the evaluated"):
-        evaluate.InLoopEvaluator(llama3, _eval_config(limits="piqx=5"), tmp_path
+        harness.InLoopEvaluator(llama3, _eval_config(limits="piqx=5"), tmp_path
                                  ).task_set(full=False)
     # the study's default limits name all five tasks; a run evaluating fewer is not refused
-    assert evaluate.resolved_limits({"hellaswag": 5, "piqa": 7}, ["piqa"], ["piqa_local"]) == \
+    assert harness.resolved_limits({"hellaswag": 5, "piqa": 7}, ["piqa"], ["piqa_local"]) == \
         {"piqa_local": 7}
     for bad in ("-1", "0"):
         with pytest.raises(SystemExit) as exit_info:

@@ -27,6 +27,7 @@ from test_train import (
 from prefixlm import config as config_lib
 from prefixlm.run import checkpoint as ckpt_lib
 from prefixlm.train import driver
+from prefixlm.train.loop import Evaluation
 
 
 @pytest.fixture(scope="module")
@@ -138,13 +139,13 @@ def _failing_hook(stop_on_error=False):
             raise RuntimeError("the hub went away")
         return {"eval/score": 1.0}
 
-    return driver.Hook("eval", fn, every=6, at_start=True, stop_on_error=stop_on_error)
+    return Evaluation("eval", fn, every=6, at_start=True, stop_on_error=stop_on_error)
 
 
 def test_a_failed_evaluation_costs_no_training(token_dir, tmp_path):
     c = tiny_config(token_dir, train__steps=12, log_every=2, checkpoint__every=0,
                     eval__every=6, eval__val_tokens=0)
-    run(c, tmp_path, hooks=[_failing_hook()])
+    run(c, tmp_path, evaluations=[_failing_hook()])
     rows = {r["step"]: r for r in read_metrics(tmp_path)}
     assert rows[0]["eval/score"] == 1.0 and rows[12]["eval/score"] == 1.0
     assert "the hub went away" in rows[6]["eval/error"]
@@ -155,7 +156,7 @@ def test_a_failed_evaluation_stops_only_when_asked_and_after_saving(token_dir, t
     c = tiny_config(token_dir, train__steps=12, log_every=2, checkpoint__every=0,
                     eval__every=6, eval__val_tokens=0)
     with pytest.raises(RuntimeError, match="the hub went away"):
-        run(c, tmp_path, hooks=[_failing_hook(stop_on_error=True)])
+        run(c, tmp_path, evaluations=[_failing_hook(stop_on_error=True)])
     assert _steps(tmp_path) == [6]
 
 

@@ -11,6 +11,7 @@ from test_train import read_metrics, run, tiny_config, tiny_tokenizer, write_tok
 from prefixlm import config as config_lib
 from prefixlm.train import driver
 from prefixlm.train import trainer as step_lib
+from prefixlm.train.loop import Evaluation
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,7 @@ def test_hooks_run_at_step_0_every_n_and_at_the_end(token_dir, tmp_path):
 
     c = tiny_config(token_dir, train__steps=20, log_every=5, eval__every=10,
                     eval__val_tokens=256, checkpoint__every=0)
-    run(c, tmp_path, hooks=[driver.Hook("eval", hook, every=10, at_start=True)])
+    run(c, tmp_path, evaluations=[Evaluation("eval", hook, every=10, at_start=True)])
     assert seen == [(0, False, "Llama"), (10, False, "Llama"), (20, True, "Llama")]
     rows = {r["step"]: r for r in read_metrics(tmp_path)}
     assert sorted(rows) == [0, 5, 10, 15, 20]
@@ -39,13 +40,13 @@ def test_hooks_run_at_step_0_every_n_and_at_the_end(token_dir, tmp_path):
 
 def test_a_resume_does_not_repeat_an_evaluation_already_logged(token_dir, tmp_path):
     calls = []
-    hook = driver.Hook("eval", lambda m, s, f: calls.append(s) or {"eval/x": 1.0}, every=4,
+    hook = Evaluation("eval", lambda m, s, f: calls.append(s) or {"eval/x": 1.0}, every=4,
                       at_start=True)
     c = tiny_config(token_dir, train__steps=4, log_every=2, eval__every=4, eval__val_tokens=0)
-    run(c, tmp_path, hooks=[hook])
+    run(c, tmp_path, evaluations=[hook])
     c8 = tiny_config(token_dir, train__steps=8, log_every=2, eval__every=4,
                      eval__val_tokens=0)
-    run(c8, tmp_path, hooks=[hook], allow_changes=["train.steps"])
+    run(c8, tmp_path, evaluations=[hook], allow_changes=["train.steps"])
     assert calls == [0, 4, 8]
 
 
@@ -112,8 +113,8 @@ def test_in_loop_evaluation_builds_requests_once(tmp_path, llama3):
     c.model.vocab_size = llama3.vocab_size
     c = config_lib.resolve(c, 1, 1)
     main.validate_tasks(c)
-    hooks = main.build_hooks(c, "llama3", str(tmp_path / "run"))
-    driver.train_and_evaluate(c, tmp_path / "run", tokenizer=llama3, hooks=hooks)
+    hooks = main.build_evaluations(c, "llama3", str(tmp_path / "run"))
+    driver.train_and_evaluate(c, tmp_path / "run", tokenizer=llama3, evaluations=hooks)
     rows = {r["step"]: r for r in read_metrics(tmp_path / "run") if "eval/seconds" in r}
     assert sorted(rows) == [0, 10, 20]
     first = rows[0]["eval/request_seconds"]
@@ -139,7 +140,7 @@ def _flaky(calls, fail_at):
             raise fail_at.pop(step)
         return {"eval/x": float(step)}
 
-    return driver.Hook("eval", fn, every=4, at_start=True)
+    return Evaluation("eval", fn, every=4, at_start=True)
 
 
 def _eval_rows(workdir):
@@ -154,12 +155,12 @@ def test_a_failed_evaluation_at_the_restored_step_is_retried_on_resume(token_dir
     c = tiny_config(token_dir, train__steps=4, log_every=2, eval__every=4, eval__val_tokens=0,
                     checkpoint__every=4)
     hook = _flaky(calls, {4: RuntimeError("the hub went away")})
-    run(c, tmp_path, hooks=[hook])
+    run(c, tmp_path, evaluations=[hook])
     assert _eval_rows(tmp_path) == [(0, 0.0, "-"), (4, None, "RuntimeError: the hub went away")]
-    last = run(c, tmp_path, hooks=[hook])
+    last = run(c, tmp_path, evaluations=[hook])
     assert calls == [(0, False), (4, True), (4, True)]
     assert _eval_rows(tmp_path)[-1] == (4, 4.0, None) and last["eval/x"] == 4.0
-    run(c, tmp_path, hooks=[hook])  # nothing left to retry
+    run(c, tmp_path, evaluations=[hook])  # nothing left to retry
     assert len(calls) == 3
 
 
@@ -170,8 +171,8 @@ def test_an_evaluation_killed_before_it_logged_runs_at_resume(token_dir, tmp_pat
                     checkpoint__every=4)
     hook = _flaky(calls, {4: _Killed()})
     with pytest.raises(_Killed):
-        run(c, tmp_path, hooks=[hook])
-    run(c, tmp_path, hooks=[hook])
+        run(c, tmp_path, evaluations=[hook])
+    run(c, tmp_path, evaluations=[hook])
     assert calls == [(0, False), (4, True), (4, True)]
     assert _eval_rows(tmp_path) == [(0, 0.0, "-"), (4, 4.0, "-")]
 
@@ -181,9 +182,9 @@ def test_a_failed_evaluation_of_an_older_step_is_named_at_resume(token_dir, tmp_
     c = tiny_config(token_dir, train__steps=8, log_every=2, eval__every=4, eval__val_tokens=0,
                     checkpoint__every=4)
     hook = _flaky(calls, {4: RuntimeError("the hub went away")})
-    run(c, tmp_path, hooks=[hook])
+    run(c, tmp_path, evaluations=[hook])
     with caplog.at_level(logging.WARNING, logger="prefixlm"):
-        run(c, tmp_path, hooks=[hook])
+        run(c, tmp_path, evaluations=[hook])
     assert calls == [(0, False), (4, False), (8, True)]  # step 4's model is gone: no retry
     assert "hook 'eval' failed at step(s) [4]" in caplog.text
 

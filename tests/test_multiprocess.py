@@ -21,6 +21,7 @@ import pytest
 from test_train import write_token_dir
 
 from prefixlm import config as config_lib
+from prefixlm.core import safe_files
 from prefixlm.run import checkpoint as ckpt_lib
 from prefixlm.run import sinks
 from prefixlm.run import workdir as workdir_lib
@@ -251,7 +252,7 @@ def test_remote_workdir_files_go_through_the_path_layer(tmp_path, monkeypatch):
     assert str(workdir_lib.run_path("gs://bucket/runs/a") / "metrics.jsonl") == \
         "gs://bucket/runs/a/metrics.jsonl"
     assert str(ckpt_lib._checkpoints_dir("gs://bucket/runs/a")) == "gs://bucket/runs/a/checkpoints"
-    assert workdir_lib.is_remote(workdir_lib.run_path("gs://b/r")) and not workdir_lib.is_remote(tmp_path)
+    assert safe_files.is_remote(workdir_lib.run_path("gs://b/r")) and not safe_files.is_remote(tmp_path)
     assert workdir_lib.run_path("rel").is_absolute()
 
     monkeypatch.setattr(sinks, "is_remote", lambda path: True)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from prefixlm import plots
+from prefixlm.study import figures
 
 TASKS = ("piqa_local", "arc_easy_local", "winogrande_local", "hellaswag_local",
          "charbench_local", "charbench_local_count_unique_chars",
@@ -59,14 +60,14 @@ def test_metrics_plots_and_table(tmp_path, capsys):
 
 def test_load_metrics_dedupes_restarts(tmp_path):
     write_run(tmp_path / "r", 0)
-    recs = plots.load_metrics(tmp_path / "r")
+    recs = figures.load_metrics(tmp_path / "r")
     steps = [r["step"] for r in recs]
     assert steps == sorted(set(steps)) == list(range(1, 121))
 
 
 def test_missing_run_dir_names_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
-        plots.load_metrics(tmp_path)
+        figures.load_metrics(tmp_path)
 
 
 def test_bpb_alone_makes_a_task(tmp_path):
@@ -75,7 +76,7 @@ def test_bpb_alone_makes_a_task(tmp_path):
     d.mkdir()
     rows = [{"step": s, "piqa_local/bpb": 1.0 / s} for s in (1, 2)]
     (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert plots.eval_tasks({"r": plots.load_metrics(d)}) == ["piqa_local"]
+    assert figures.eval_tasks({"r": figures.load_metrics(d)}) == ["piqa_local"]
     out = tmp_path / "plots"
     assert plots.main(["metrics", str(d), "--output", str(out)]) == 0
     assert (out / "tasks_bpb.png").stat().st_size > 10_000

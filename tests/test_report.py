@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from prefixlm import report
-from prefixlm.study.runs import endpoints, item_stats, seed_stats
-from prefixlm.study.runs import runs as study_lib
-from prefixlm.study.runs import sim as sim_lib
+from prefixlm.study import endpoints, item_stats, seed_stats
+from prefixlm.study import runs as study_lib
+from prefixlm.study import sim as sim_lib
 
 N_ITEMS = 400
 TASKS = ("hellaswag_local", "piqa_local")
@@ -324,7 +324,7 @@ def test_bootstrap_matches_the_normal_approximation():
 
 def test_bpb_is_the_per_document_mean_as_evaluate_logs_it(study):
     """The report's bpb of a run equals mean_i(-logprob_i / (ln 2 * bytes_i)), the value
-    prefixlm.evaluate.bpb_metrics writes to metrics.jsonl."""
+    prefixlm.evaluation.results.bpb_metrics writes to metrics.jsonl."""
     _, text = study
     _, _, logprob = base_outcomes("piqa_local", 0)
     bpb_N = -logprob / (math.log(2) * gold_bytes("piqa_local"))

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from prefixlm import report
-from prefixlm.study.runs import endpoints, seed_stats, sim
+from prefixlm.study import endpoints, seed_stats, sim
 
 N = 200
 TASKS = ("piqa_local", "charbench_local_find_first_occurrence")
@@ -315,7 +315,7 @@ def test_what_this_study_could_detect(tmp_path):
 def test_plan_from_the_baselines_seeds(tmp_path, capsys):
     """A pilot of the baseline's 3 seeds: a pair mean's variance is 2 x the run values'
     variance; seeds needed for a 0.04 bpb CharBench gain in a study of 6 arms x 3 endpoints."""
-    from prefixlm.study.runs import detectable
+    from prefixlm.study import detectable
 
     shifts = (0.0, 0.004, 0.011)
     dirs = [make_run(tmp_path, f"ce_s{s}", "ce", s, bpb_shift=shifts[s], val_nll={200: 3.0})

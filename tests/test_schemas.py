@@ -10,12 +10,12 @@ import json
 import numpy as np
 import pytest
 
-from prefixlm import plots
 from prefixlm.core.errors import SchemaError
 from prefixlm.data import shards
 from prefixlm.run import lock, manifest, preflight, sinks
 from prefixlm.run import workdir as workdir_lib
-from prefixlm.study.runs import runs as runs_lib
+from prefixlm.study import figures
+from prefixlm.study import runs as runs_lib
 
 
 def _schemas():
@@ -77,7 +77,7 @@ GOOD = '{"step": 2, "loss": 3.5, "nll": 3.4, "val/nll": "nan"}\n'
     (b"[1, 2]", ""),
     (b"\xff\xfe not utf-8", None),
 ])
-@pytest.mark.parametrize("reader", ["workdir.read_rows", "plots.load_metrics", "JsonlSink"])
+@pytest.mark.parametrize("reader", ["workdir.read_rows", "figures.load_metrics", "JsonlSink"])
 def test_a_bad_metrics_row_names_the_file_line_and_field(tmp_path, bad, field, reader):
     """Before: `"step": Infinity` (OverflowError in history_steps), `"7"` (TypeError in the
     sink's resume filter), non-object and non-UTF-8 lines were tracebacks or silently dropped,
@@ -85,7 +85,7 @@ def test_a_bad_metrics_row_names_the_file_line_and_field(tmp_path, bad, field, r
     path = tmp_path / "metrics.jsonl"
     path.write_bytes(GOOD.encode() + bad + b"\n" + GOOD.replace("2", "4").encode())
     call = {"workdir.read_rows": lambda: workdir_lib.read_rows(path),
-            "plots.load_metrics": lambda: plots.load_metrics(tmp_path),
+            "figures.load_metrics": lambda: figures.load_metrics(tmp_path),
             "JsonlSink": lambda: sinks.JsonlSink(tmp_path, resume_step=10)}[reader]
     with pytest.raises(SchemaError) as info:
         call()

@@ -123,9 +123,9 @@ def test_resolve(capsys, monkeypatch):
 
 def test_every_task_runs_offline(tiny_lm):
     """All five offline tasks through lm_eval.simple_evaluate on a tiny random model."""
-    from prefixlm import evaluate
+    from prefixlm.evaluation import harness
 
-    run = evaluate.run_lm_eval(tiny_lm, tasks=list(tasks.STANDARD), limit=3, num_fewshot=2,
+    run = harness.run_lm_eval(tiny_lm, tasks=list(tasks.STANDARD), limit=3, num_fewshot=2,
                                offline=True)
     m = run["metrics"]
     for name in ("piqa_local", "winogrande_local", "arc_easy_local", "hellaswag_local",

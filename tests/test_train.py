@@ -17,9 +17,9 @@ import pytest
 from configs import base
 from prefixlm import config as config_lib
 from prefixlm.data import shards
+from prefixlm.evaluation import restore
 from prefixlm.model import attention
 from prefixlm.model import llama as model_lib
-from prefixlm.run import checkpoint
 from prefixlm.run import workdir as workdir_lib
 from prefixlm.train import driver
 from prefixlm.train import trainer as step_lib
@@ -181,7 +181,7 @@ def _strip(rows):
 
 
 def _params(workdir):
-    _, model, step = checkpoint.load_model(workdir)
+    _, model, step = restore.load_model(workdir)
     from flax import nnx
 
     return step, [np.asarray(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))]
@@ -215,10 +215,10 @@ def test_run_writes_metrics_checkpoints_config_and_tensorboard(uninterrupted):
     assert saved["name"] == "prefix_norm_eps0p1_seed0_tiny"
     assert saved["train"]["steps"] == 12
     assert list((workdir / "tensorboard").glob("events.out.tfevents*"))
-    config, model, step = checkpoint.load_model(workdir)
+    config, model, step = restore.load_model(workdir)
     assert step == 12 and config.name == saved["name"]
     assert isinstance(model, model_lib.Llama)
-    assert checkpoint.load_model(workdir, step=8)[2] == 8
+    assert restore.load_model(workdir, step=8)[2] == 8
     summary = workdir_lib.summarize(workdir)
     assert "steps 2-" in summary and "validation nll" in summary
 

@@ -146,7 +146,7 @@ def lower_eval(trainer: step_lib.Trainer):
 
 def scoring_lm(trainer: step_lib.Trainer) -> jaxlm.JaxLM:
     """JaxLM as the in-loop evaluator builds it (``hooks.host_model``, then
-    ``evaluate.InLoopEvaluator``: ``eval.batch_size`` rows, float32), over the trainer's
+    ``harness.InLoopEvaluator``: ``eval.batch_size`` rows, float32), over the trainer's
     abstract parameters: its state is replicated over the target's devices, or on its one
     device (``jaxlm.RowSharding``, ``jaxlm.on_one_device``)."""
     model = trainer.model(trainer.abstract_state["params"])

@@ -1,6 +1,6 @@
 """What evaluation costs: the programs evaluation runs, at the shapes it calls, against training.
 
-A run evaluates at step 0, every ``eval.every`` steps and at the end (``loop.Hook.due``): the
+A run evaluates at step 0, every ``eval.every`` steps and at the end (``loop.Evaluation.due``): the
 validation windows (``validation_loss.window_sums``, on the whole mesh) and the lm-eval tasks (JaxLM's
 ``_hidden`` and ``_score_hidden``, in float32, their rows split over the host's devices:
 ``jaxlm.RowSharding``; each device's compiled program does rows / devices of the work), on their
@@ -10,7 +10,7 @@ compiled for the target at every shape one evaluation calls, charged its rooflin
 (``prefixlm.compile.roofline``, the train step's estimator), and multiplied by its calls:
 
   * JaxLM's calls come from the real requests: the in-loop evaluator's task sets
-    (``evaluate.InLoopEvaluator.task_set``, offline twins: the data this machine has) are built
+    (``harness.InLoopEvaluator.task_set``, offline twins: the data this machine has) are built
     and run through lm-eval's own ``evaluate`` with an LM that counts, per program and padded
     shape, the calls JaxLM's batching would make (``JaxLM.call_counts``) and scores nothing;
   * validation's: the windows of ``eval.val_tokens`` in batches of the training microbatch.
@@ -46,7 +46,7 @@ SCORING = ("hidden", "score")  # JaxLM's programs, as named by ``jaxlm.program_c
 
 def evaluation_steps(total: int, every: int) -> tuple[int, int]:
     """(evaluations on the subsets, evaluations at the end) of a run of ``total`` steps: at
-    step 0, every ``every`` steps and at the last step (``loop.Hook.due``; with ``every`` 0 the
+    step 0, every ``every`` steps and at the last step (``loop.Evaluation.due``; with ``every`` 0 the
     tasks still run at step 0 and the end, and validation is off)."""
     due = {0, total} | (set(range(every, total, every)) if every else set())
     return len(due) - 1, 1
@@ -85,7 +85,7 @@ def scoring_calls(config, tokenizer, *, full: bool, shards: int = 1) -> dict:
     """{"calls": [[program, *shape, calls]], "documents": n} of one in-loop evaluation (the
     subsets, or the full sets with ``full``) of ``config``'s tasks, from their real requests,
     scored with the rows split over ``shards`` devices."""
-    from prefixlm import evaluate
+    from prefixlm.evaluation import harness
     from prefixlm.evaluation import tasks as tasks_lib
 
     e = config.eval
@@ -95,10 +95,10 @@ def scoring_calls(config, tokenizer, *, full: bool, shards: int = 1) -> dict:
            "fewshot": e.get("num_fewshot"), "batch": int(e.get("batch_size", 16)),
            "length": mcfg.max_seq_len, "vocab": mcfg.vocab_size, "full": full,
            "tokenizer": getattr(tokenizer, "vocab_hash", ""), "shards": shards,
-           "code": _source_hash(jaxlm, evaluate, tasks_lib)}
+           "code": _source_hash(jaxlm, harness, tasks_lib)}
 
     def count() -> dict:
-        evaluator = evaluate.InLoopEvaluator(tokenizer, e, workdir=tempfile.gettempdir())
+        evaluator = harness.InLoopEvaluator(tokenizer, e, workdir=tempfile.gettempdir())
         evaluator.names = tasks_lib.resolve(requested, offline=True)
         task_set, _ = evaluator.task_set(full)
         from flax import nnx

@@ -380,6 +380,22 @@ def fix_line(plan: Plan) -> str:
             "train.batch_tokens, data.seq_len or the model size")
 
 
+def check_fits(config) -> None:
+    """Refuses a config whose memory plan (the one ``--dry_run`` prints) cannot fit this host's
+    devices, before anything is written: otherwise it dies of OOM with a config.json that then
+    refuses the corrected command as another run."""
+    import jax
+
+    kind = jax.devices()[0].device_kind
+    memory = device_memory(kind)
+    if kind.lower() == "cpu" and host_memory_bytes():  # CPU devices share the RAM
+        memory = host_memory_bytes() // jax.local_device_count()
+    plan = make_plan(config, num_devices=jax.device_count(),
+                              device_memory_bytes=memory, device_kind=kind)
+    if not plan.fits:
+        raise config_lib.ConfigError(fix_line(plan) + " (--dry_run prints the plan)")
+
+
 def compiled_memory(config, tokenizer=None) -> dict:
     """XLA's memory analysis of the compiled train step on the local devices (bytes)."""
     trainer = step_lib.Trainer.create(config, tokenizer)

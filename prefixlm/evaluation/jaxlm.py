@@ -41,8 +41,8 @@ import numpy as np
 from flax import nnx
 from lm_eval.api.model import TemplateLM
 
+from prefixlm.evaluation import restore
 from prefixlm.model.llama import Llama, scoring_config
-from prefixlm.run import checkpoint
 from prefixlm.vocab import tokenizer as tok_lib
 
 MIN_BUCKET = 32
@@ -259,7 +259,7 @@ class JaxLM(TemplateLM):
     @classmethod
     def from_workdir(cls, workdir, step: int | None = None, **kwargs) -> JaxLM:
         """The newest (or ``step``) checkpoint of a training directory, with its tokenizer."""
-        config, model, step = checkpoint.load_model(str(workdir), step=step)
+        config, model, step = restore.load_model(str(workdir), step=step)
         data = config_get(config, "data", None)
         name = config_get(data, "tokenizer", "llama3") if data is not None else "llama3"
         lm = cls(model, tok_lib.load(name), **kwargs)

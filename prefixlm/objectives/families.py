@@ -35,18 +35,14 @@ import numpy as np
 from prefixlm.objectives import eps_schedule as schedules
 from prefixlm.objectives import fused_loss
 from prefixlm.objectives.fused_loss import LossOutput
-from prefixlm.objectives.registry import (  # noqa: F401  (re-exported: the registry's names)
-    EPS_SCHEDULES,
+from prefixlm.objectives.registry import (
     FAMILIES,
     HYPERPARAMS,
-    PREFIX_SETS,
     Family,
     ObjectiveTables,
     SmoothingInputs,
-    config_kwargs,
     family,
     register,
-    run_tag,
     validate,
 )
 from prefixlm.vocab import prefixes as prefixes_lib

@@ -13,7 +13,6 @@ from the previous checkpoint.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import tempfile
@@ -22,12 +21,8 @@ import time
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
-from flax import nnx
 
-from prefixlm.config import model_config
-from prefixlm.core import errors
-from prefixlm.model import attention
-from prefixlm.model import llama as model_lib
+from prefixlm.core import errors, safe_files
 from prefixlm.run import hosts
 from prefixlm.run import workdir as workdir_lib
 from prefixlm.run.manifest import MANIFEST, verify, write_manifest
@@ -118,7 +113,7 @@ def check_writable(workdir: str | os.PathLike) -> None:
         raise CheckpointError(f"cannot save checkpoints in {directory}: {target} is a file, not "
                               "a directory; move it aside or use another --workdir")
     try:
-        if workdir_lib.is_remote(target):
+        if safe_files.is_remote(target):
             probe = target / f"{PROBE}-{os.getpid()}"
             probe.write_text("probe")
             probe.unlink()
@@ -158,7 +153,7 @@ def _quarantine(directory: epath.Path, step: int, why: str) -> None:
     if target.exists():
         target = bad / f"{step}.{int(time.time())}"
     src = directory / str(step)
-    if workdir_lib.is_remote(src):
+    if safe_files.is_remote(src):
         src.rmtree()  # object storage has no rename; the warning below is the record
     else:
         os.replace(src, target)
@@ -219,7 +214,7 @@ class Checkpointer:
         user's folder) with its step directory. Every step directory the run knows was either
         restored, moved aside or never existed, so anything there now is not the run's."""
         target = self.directory / str(step)
-        if workdir_lib.is_remote(target) or not os.path.lexists(target):
+        if safe_files.is_remote(target) or not os.path.lexists(target):
             return
         kind = ("a symlink" if os.path.islink(target) else "a directory"
                 if os.path.isdir(target) else "a file")
@@ -491,23 +486,3 @@ def abstract_like(tree, shardings=None):
         return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         tree, shardings)
-
-
-def load_model(workdir, step: int | None = None):
-    """(config, model, step): the newest (or given) checkpoint's parameters as a Llama.
-
-    The one way evaluation, export and the benchmarks rebuild a trained model: restores only the
-    ``params`` item (no optimizer, no data) onto the first local device.
-    """
-    config = workdir_lib.load_config(workdir)
-    mcfg = model_config(config)
-    try:  # a kernel of the training hardware (cudnn, splash) may not run here: pick this one's
-        attention.resolve(mcfg.attention, jax.default_backend())
-    except ValueError:
-        mcfg = dataclasses.replace(mcfg, attention="auto")
-    graphdef, abstract_state = model_lib.abstract_split(mcfg)
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                          nnx.to_pure_dict(abstract_state))
-    params, step = restore_params(workdir, target, step)
-    return config, nnx.merge(graphdef, params), step

@@ -32,8 +32,9 @@ import uuid
 from prefixlm.config import ConfigError
 from prefixlm.core import safe_files, schemas
 from prefixlm.core.errors import SchemaError, UserError
+from prefixlm.core.safe_files import is_remote
 from prefixlm.run import hosts
-from prefixlm.run.workdir import is_remote, run_path
+from prefixlm.run.workdir import run_path
 
 LOCK = "run.lock"
 LEASE = "run.lease"

@@ -46,7 +46,7 @@ def write_manifest(step_dir: epath.Path) -> None:
     """Records size and sha256 of every file of a finalized checkpoint, so that a later restore
     can tell a corrupt file (zeroed, truncated, random bytes) from a good one. On object
     storage, sizes only: reading a checkpoint back to hash it would cost a full download."""
-    manifest = {"files": _file_digests(step_dir, with_hash=not workdir_lib.is_remote(step_dir))}
+    manifest = {"files": _file_digests(step_dir, with_hash=not safe_files.is_remote(step_dir))}
     workdir_lib.write_text_atomic(step_dir / MANIFEST, json.dumps(manifest))
 
 

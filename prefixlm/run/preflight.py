@@ -118,7 +118,7 @@ def _move_names(root, target, names) -> None:
         src = root / name
         if not (src.exists() or os.path.islink(os.fspath(src))):
             continue  # moved before a kill
-        if workdir_lib.is_remote(root):
+        if safe_files.is_remote(root):
             _copy_tree(src, target / name)
             if src.is_dir():
                 src.rmtree()

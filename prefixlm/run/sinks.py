@@ -25,7 +25,8 @@ import tempfile
 from typing import Protocol
 
 from prefixlm.core import safe_files
-from prefixlm.run.workdir import is_remote, read_rows, run_path, write_text_atomic
+from prefixlm.core.safe_files import is_remote
+from prefixlm.run.workdir import read_rows, run_path, write_text_atomic
 
 log = logging.getLogger("prefixlm.run.sinks")
 

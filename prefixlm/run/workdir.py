@@ -18,7 +18,6 @@ from etils import epath
 
 from prefixlm.core import safe_files, schemas
 from prefixlm.core.errors import ConfigError  # not via prefixlm.config, which imports JAX
-from prefixlm.core.safe_files import is_remote  # noqa: F401 - the run layer's name for it
 
 
 def run_path(workdir) -> epath.Path:
@@ -32,7 +31,7 @@ def run_path(workdir) -> epath.Path:
     if not text.strip():
         raise ConfigError("--workdir is empty; name the run directory (a local path or "
                           "gs://bucket/dir), it is never the current directory by default")
-    if not is_remote(text):
+    if not safe_files.is_remote(text):
         return epath.Path(text).absolute()
     scheme = text.split("://", 1)[0]
     try:
@@ -49,7 +48,7 @@ def run_path(workdir) -> epath.Path:
 def write_text_atomic(path: epath.Path, text: str) -> None:
     """Replaces ``path``'s contents at once: a reader sees the old or the new file, never half.
     Only a missing name or a regular file is replaced (``safe_files.replace_text``)."""
-    safe_files.replace_text(path if is_remote(path) else os.fspath(path), text)
+    safe_files.replace_text(path if safe_files.is_remote(path) else os.fspath(path), text)
 
 
 # Fields that change memory, speed or bookkeeping but not what is trained: they may differ
@@ -121,7 +120,7 @@ def data_fingerprint(path) -> str | None:
 def _pinned(path: str) -> str:
     """A local data path as a real path (one directory whatever the current directory); an
     object-store path (gs://...) as given, since realpath would make it a local one."""
-    return str(path) if is_remote(path) else os.path.realpath(os.path.expanduser(str(path)))
+    return str(path) if safe_files.is_remote(path) else os.path.realpath(os.path.expanduser(str(path)))
 
 
 def pin_data(config) -> ml_collections.ConfigDict:

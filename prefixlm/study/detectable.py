@@ -32,7 +32,7 @@ import math
 import numpy as np
 from scipy import stats
 
-from prefixlm.study.runs import endpoints, seed_stats
+from prefixlm.study import endpoints, seed_stats
 
 UPPER = 0.8  # the one-sided confidence of the pilot sd's upper bound
 

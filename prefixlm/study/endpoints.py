@@ -38,9 +38,9 @@ import math
 
 import numpy as np
 
+from prefixlm.study import runs as runs_lib
+from prefixlm.study import seed_stats
 from prefixlm.study.item_stats import Interval
-from prefixlm.study.runs import runs as runs_lib
-from prefixlm.study.runs import seed_stats
 from prefixlm.study.seed_stats import SeedTest
 
 MC_TASKS = ("piqa", "winogrande", "arc_easy", "hellaswag")

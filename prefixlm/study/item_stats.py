@@ -10,7 +10,7 @@ narrower than two independent error bars suggest.
   interval of a paired bootstrap over items (``paired_bootstrap``: the same resampled items for
   both runs); beside it McNemar's exact two-sided p on the discordant pairs (``mcnemar_exact``).
 - bpb: bits per byte of the gold continuation, -log2 p(gold) / bytes per document and averaged
-  over documents, exactly as ``prefixlm.evaluate.bpb_metrics`` logs ``<task>/bpb`` (OLMES's
+  over documents, exactly as ``prefixlm.evaluation.results.bpb_metrics`` logs ``<task>/bpb`` (OLMES's
   continuous metric; lower is better; it moves before accuracy does). Δbpb is the mean of the
   per-document differences, bootstrapped the same way.
 - ``compare`` averages the per-item differences over the seed pairs it is given before

@@ -27,10 +27,10 @@ import sys
 
 import numpy as np
 
-from prefixlm import plots
 from prefixlm.core import safe_files, schemas
 from prefixlm.core.errors import UserError
 from prefixlm.run import workdir
+from prefixlm.study import figures
 from prefixlm.study.item_stats import Items
 
 STEP_FILE = re.compile(r"step_(\d+)\.jsonl")
@@ -79,7 +79,7 @@ def load_run(run_dir) -> Run:
         raise ReportError(f"{eval_dir} holds no step_XXXXXXXX.jsonl files")
     config = workdir.read_config_json(config_path)  # schemas.CONFIG: SchemaError, one line
     has_metrics = (path / "metrics.jsonl").is_file()  # optional: only the training-side table
-    return Run(path, config, plots.load_metrics(path) if has_metrics else [], files)
+    return Run(path, config, figures.load_metrics(path) if has_metrics else [], files)
 
 
 def arm_label(config: dict) -> str:

@@ -50,8 +50,8 @@ import math
 import numpy as np
 from scipy import stats
 
+from prefixlm.study import item_stats
 from prefixlm.study.item_stats import Interval, Items, Paired, bootstrap_means
-from prefixlm.study.runs import item_stats
 
 ALPHA = 0.05  # the family-wise level of the report's primary tests (every arm x endpoint)
 TIE_RTOL = 2.0**-20  # pair means agreeing to this relative sd are a tie (no items: no test)

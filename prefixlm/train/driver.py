@@ -1,4 +1,5 @@
-"""Training: checks, resume, then the loop (``prefixlm.train.loop``) with its hooks (``prefixlm.train.hooks``).
+"""The training driver: checks, resume, then the loop (``prefixlm.train.loop``) with its hooks
+(``prefixlm.train.hooks``).
 
 The state is a plain pytree ``{"step", "params", "opt_state", "rng"}`` (params as the model's
 pure dict, float32) so optax, orbax and NamedSharding all see ordinary arrays; the step rebuilds
@@ -26,13 +27,10 @@ from prefixlm.run import hosts, preflight, sinks
 from prefixlm.run import workdir as workdir_lib
 from prefixlm.train import hooks as hooks_lib
 from prefixlm.train import validation_loss
-from prefixlm.train.loop import Hook, LoopHook, Run, run_loop
+from prefixlm.train.loop import Evaluation, Hook, Run, run_loop
 from prefixlm.train.trainer import Trainer, data_iterator, peak_flops
 
 log = logging.getLogger("prefixlm.train")
-
-__all__ = ["DataError", "Hook", "train_and_evaluate"]
-
 
 def _open_data(config, trainer: Trainer):
     """The train iterator, once the split is known to hold the run (or data.allow_repeat)."""
@@ -43,7 +41,7 @@ def _open_data(config, trainer: Trainer):
         raise DataError(f"data.path={config.data.path!r}: {e}") from e
 
 
-def train_and_evaluate(config, workdir, *, tokenizer=None, hooks: Sequence[Hook] = (),
+def train_and_evaluate(config, workdir, *, tokenizer=None, evaluations: Sequence[Evaluation] = (),
                        allow_changes: Sequence[str] = (),
                        step_hook: Callable[[int], None] | None = None,
                        restart: bool = False) -> dict:
@@ -52,7 +50,7 @@ def train_and_evaluate(config, workdir, *, tokenizer=None, hooks: Sequence[Hook]
 
     Nothing is written to the run directory until the config, tokenizer, data, checkpoint and
     run identity checks have passed, so a mistyped first command leaves no trace.
-    ``hooks`` run at evaluation steps (see ``Hook``); ``allow_changes`` names identity fields
+    ``evaluations`` run at evaluation steps (see ``Evaluation``); ``allow_changes`` names identity fields
     that may differ from the saved run (recorded in DIR/changes.jsonl); ``step_hook(step)`` runs
     after every step (tests use it to simulate a crash or SIGTERM). ``restart`` moves the old
     record aside first (see prefixlm.run.preflight). One run per workdir: the lock is held
@@ -60,28 +58,11 @@ def train_and_evaluate(config, workdir, *, tokenizer=None, hooks: Sequence[Hook]
     """
     config = workdir_lib.pin_data(config_lib.resolve(config))
     workdir = workdir_lib.run_path(workdir)
-    check_fits(config)
     with preflight.claimed(workdir, config, restart=restart) as config:
-        return _run(config, workdir, tokenizer, hooks, allow_changes, step_hook)
+        return _run(config, workdir, tokenizer, evaluations, allow_changes, step_hook)
 
 
-def check_fits(config) -> None:
-    """Refuses a config whose memory plan (the one ``--dry_run`` prints) cannot fit this host's
-    devices, before anything is written: otherwise it dies of OOM with a config.json that then
-    refuses the corrected command as another run."""
-    from prefixlm.compile import plan as plan_lib
-
-    kind = jax.devices()[0].device_kind
-    memory = plan_lib.device_memory(kind)
-    if kind.lower() == "cpu" and plan_lib.host_memory_bytes():  # CPU devices share the RAM
-        memory = plan_lib.host_memory_bytes() // jax.local_device_count()
-    plan = plan_lib.make_plan(config, num_devices=jax.device_count(),
-                              device_memory_bytes=memory, device_kind=kind)
-    if not plan.fits:
-        raise config_lib.ConfigError(plan_lib.fix_line(plan) + " (--dry_run prints the plan)")
-
-
-def _run(config, workdir, tokenizer, hooks, allow_changes, step_hook) -> dict:
+def _run(config, workdir, tokenizer, evaluations, allow_changes, step_hook) -> dict:
     """train_and_evaluate once the workdir is claimed and checked."""
     trainer = Trainer.create(config, tokenizer)
     log.info("run %s: %s parameters, %d steps of %d x %d tokens on %d devices (mesh %s), "
@@ -91,7 +72,7 @@ def _run(config, workdir, tokenizer, hooks, allow_changes, step_hook) -> dict:
     error = it = val = None
     try:  # each process reads its own copy of the data: a fault may be on one host only
         it = _open_data(config, trainer)
-        val = validation_loss.validation_hook(trainer)  # reads its windows before any write
+        val = validation_loss.validation_evaluation(trainer)  # reads its windows before any write
     except Exception as e:  # noqa: BLE001 - raised by hosts.agree, on every process alike
         error = e
     hosts.agree("the data", {}, error)  # none goes on to a collective another skipped
@@ -104,7 +85,7 @@ def _run(config, workdir, tokenizer, hooks, allow_changes, step_hook) -> dict:
                                      data_path=config.data.path)
         try:
             run = _resume(config, workdir, trainer, it, ckpt, allow_changes)
-            run.evaluations = ([val] if val is not None else []) + list(hooks)
+            run.evaluations = ([val] if val is not None else []) + list(evaluations)
             return run_loop(run, _loop_hooks(config, workdir, run, sigterm, step_hook))
         finally:
             ckpt.close()  # the final save commits while SIGTERM is still ours
@@ -162,12 +143,12 @@ def _logged_row(workdir, step: int) -> dict | None:
     return rows[-1] if rows and rows[-1]["step"] == step else None
 
 
-def _loop_hooks(config, workdir, run: Run, sigterm, step_hook) -> list[LoopHook]:
+def _loop_hooks(config, workdir, run: Run, sigterm, step_hook) -> list[Hook]:
     """The loop's hooks in the order they run after a step (see ``prefixlm.train.hooks``)."""
     tokens_per_step = config.train.batch_tokens
-    out: list[LoopHook] = [hooks_lib.GoldMassNote()]
+    out: list[Hook] = [hooks_lib.GoldMassNote()]
     if step_hook is not None:
-        out.append(hooks_lib.Callback(step_hook))
+        out.append(hooks_lib.StepCallback(step_hook))
     out += [
         hooks_lib.Preemption(sigterm, config.checkpoint.preemption_check_every),
         hooks_lib.Checkpoint(config.checkpoint.every, workdir_lib.identity(config), run.start),
@@ -182,10 +163,3 @@ def _loop_hooks(config, workdir, run: Run, sigterm, step_hook) -> list[LoopHook]
         out.append(hooks_lib.Profile(*profile, workdir / "profile"))
     return out
 
-
-if __name__ == "__main__":
-    import sys
-
-    if len(sys.argv) != 3 or sys.argv[1] != "summary":
-        sys.exit("usage: python -m prefixlm.train summary WORKDIR")
-    print(workdir_lib.summarize(sys.argv[2]))

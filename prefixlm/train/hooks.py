@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 from prefixlm.run import checkpoint, hosts
-from prefixlm.train.loop import LoopHook, Run
+from prefixlm.train.loop import Hook, Run
 
 log = logging.getLogger("prefixlm.train")
 
@@ -46,7 +46,7 @@ class SigtermFlag:
             signal.signal(signal.SIGTERM, self._old)
 
 
-class Preemption(LoopHook):
+class Preemption(Hook):
     """Stops the run after a SIGTERM reaches any process: the step is saved, logged, and the
     run returns ``preempted_at`` (main.py exits 143).
 
@@ -72,7 +72,7 @@ class Preemption(LoopHook):
             run.last = {**run.last, "preempted_at": run.step}
 
 
-class Checkpoint(LoopHook):
+class Checkpoint(Hook):
     """Saves the state every ``every`` steps (0: only at the end), at the end, before a stop and
     before every evaluation; never a state with non-finite parameters or loss."""
 
@@ -95,7 +95,7 @@ class Checkpoint(LoopHook):
         self.last_saved = run.step
 
 
-class TrainLog(LoopHook):
+class TrainLog(Hook):
     """The training metrics of the step every ``every`` steps, at evaluations and at the end.
 
     A line holds the metrics of its own step (not an average since the last line), so a run
@@ -161,8 +161,8 @@ def failed_steps(rows: list[dict], name: str) -> set[int]:
     return tried - evaluated_steps(rows, name)
 
 
-class Evaluations(LoopHook):
-    """Runs the evaluation ``Hook``s that are due and adds their metrics to the row.
+class Evaluations(Hook):
+    """Runs the evaluation ``Evaluation``s that are due and adds their metrics to the row.
 
     At the start of a launch it runs those due at the starting step: at step 0 the initial
     model, and on resume any evaluation of the restored step that never ran or failed (a retry;
@@ -234,7 +234,7 @@ class Evaluations(LoopHook):
         return out
 
 
-class Progress(LoopHook):
+class Progress(Hook):
     """A tqdm bar with ETA on process 0, showing the last logged loss."""
 
     def __init__(self, total: int, start: int, enabled: bool, name: str):
@@ -253,7 +253,7 @@ class Progress(LoopHook):
         self.bar.close()
 
 
-class Profile(LoopHook):
+class Profile(Hook):
     """A ``jax.profiler`` trace of steps ``first``..``last`` (1-based, inclusive) in ``path``."""
 
     def __init__(self, first: int, last: int, path):
@@ -282,7 +282,7 @@ class Profile(LoopHook):
             self.tracing = False
 
 
-class Callback(LoopHook):
+class StepCallback(Hook):
     """``fn(step)`` after every step (tests use it to simulate a crash or a SIGTERM)."""
 
     def __init__(self, fn):
@@ -292,7 +292,7 @@ class Callback(LoopHook):
         self.fn(run.step)
 
 
-class GoldMassNote(LoopHook):
+class GoldMassNote(Hook):
     """At eps = 1 over P(s), logs once how often the target puts no mass on the gold token."""
 
     def due(self, run: Run) -> bool:

@@ -1,10 +1,10 @@
 """The training loop itself: one step, then every hook that is due, then the step's log row.
 
 Everything around the step (checkpoints, log rows and the progress bar, profiling, preemption,
-evaluation) is a ``LoopHook`` on one small loop, as in levanter's ``trainer.add_hook(fn,
+evaluation) is a ``Hook`` on one small loop, as in levanter's ``trainer.add_hook(fn,
 every=N)``; the built-in hooks live in ``prefixlm.train.hooks`` and ``train.py`` chooses them. The hooks
 share one ``Run``: the state, the step, the row being built, and whether every process agreed to
-stop. Evaluation plugs in through ``Hook`` (work on the model that adds metrics to the row), so
+stop. Evaluation plugs in through ``Evaluation`` (work on the model that adds metrics to the row), so
 this module never imports evaluation code.
 """
 
@@ -19,7 +19,7 @@ import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
-class Hook:
+class Evaluation:
     """Work on the model at evaluation steps that adds metrics to that step's log line.
 
     ``fn(model, step, final)`` gets the model on this host's first device (so host-driven code
@@ -48,7 +48,7 @@ class Hook:
         return step == total or bool(self.every and step % self.every == 0)
 
 
-class LoopHook:
+class Hook:
     """Work around the step. ``start`` runs once before the first step (it may add to the row
     of the starting step), ``__call__`` after every step for which ``due`` holds, in the order
     the hooks were given, ``end`` after the last step and ``close`` always (also on an error)."""
@@ -106,7 +106,7 @@ class Run:
     total: int  # train.steps
     writer: object  # sinks.MetricsWriter (writes on process 0 only)
     ckpt: object  # checkpoint.Checkpointer
-    evaluations: Sequence[Hook] = ()
+    evaluations: Sequence[Evaluation] = ()
     step: int = -1  # set to ``start``
     batch: dict | None = None  # this process's numpy batch of the last step
     row: dict = dataclasses.field(default_factory=dict)  # this step's log row, built by hooks
@@ -166,7 +166,7 @@ class Run:
             self.row = {}
 
 
-def run_loop(run: Run, hooks: Sequence[LoopHook]) -> dict:
+def run_loop(run: Run, hooks: Sequence[Hook]) -> dict:
     """Trains from ``run.start`` to ``run.total`` (or until the hooks agree to stop); returns
     the last row written. Dispatching a step never waits for the device: only hooks that need
     values on the host (log lines, saves, agreement between processes) wait for them."""

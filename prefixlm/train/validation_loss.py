@@ -34,7 +34,7 @@ from jax.sharding import PartitionSpec as P
 
 from prefixlm.core.errors import DataError
 from prefixlm.data import pipeline, shards
-from prefixlm.train.loop import Hook
+from prefixlm.train.loop import Evaluation
 from prefixlm.train.trainer import BATCH_AXES
 
 log = logging.getLogger("prefixlm.train.validation_loss")
@@ -147,7 +147,7 @@ class Validation:
         return {"val/loss": loss, "val/nll": nll, "val/accuracy": acc, "val/eps": float(eps)}
 
 
-def validation_hook(trainer) -> Hook | None:
+def validation_evaluation(trainer) -> Evaluation | None:
     """The validation loss as an evaluation hook (at step 0, every eval.every steps and at the
     end), or None when ``eval.val_tokens`` or ``eval.every`` is 0 or there is no data."""
     e = trainer.config.eval
@@ -156,5 +156,5 @@ def validation_hook(trainer) -> Hook | None:
     windows = read_windows(trainer.config, trainer.tokenizer.vocab_hash)
     if windows is None:
         return None
-    return Hook("val", Validation(trainer, windows), every=e.every, at_start=True,
+    return Evaluation("val", Validation(trainer, windows), every=e.every, at_start=True,
                 host_model=False)

@@ -9,7 +9,7 @@ they depend on the task, the document's index in the scored split and the few-sh
 on which other documents are rendered.
 
 :func:`per_document_fewshot` installs this on one loaded lm-eval task (what
-``prefixlm.evaluate.TaskSet`` does for every task it builds); lm-eval's own ``build_all_requests``
+``prefixlm.evaluation.harness.TaskSet`` does for every task it builds); lm-eval's own ``build_all_requests``
 and ``fewshot_context`` still render every prompt.
 
 Exclusions, checked against each document:
