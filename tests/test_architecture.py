@@ -1,12 +1,16 @@
-"""The house rules of prefixlm/, checked on the source: imports only run downward (no circle),
-no function over 80 lines, no private name used across modules, and the training loop never
-imports evaluation. Reads the files with ``ast``; imports nothing.
+"""The house rules of prefixlm/, checked on the source: imports only run downward through the
+layers (import-linter's contracts in pyproject.toml, and no circle inside a package), no function
+over 80 lines, no private name used across modules.
 
 There is no cap on a module's length: modules are split by concept, not by line count (a cap
 split modules by count and kept old import paths alive by re-exports; issue 23)."""
 
 import ast
+import os
 import pathlib
+import shutil
+import subprocess
+import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "prefixlm"
@@ -87,15 +91,32 @@ def test_no_import_circle_inside_prefixlm():
     assert cycle is None, "import circle: " + " -> ".join(cycle)
 
 
-def test_the_training_loop_never_imports_evaluation():
-    graph = _graph()
-    seen, todo = set(), ["prefixlm.train"]
-    while todo:
-        m = todo.pop()
-        if m not in seen:
-            seen.add(m)
-            todo.extend(graph[m])
-    assert not {"prefixlm.evaluate", "prefixlm.evaluation.tasks", "prefixlm.report"} & seen
+def _lint_imports(root: pathlib.Path) -> subprocess.CompletedProcess:
+    """import-linter's contracts (pyproject.toml [tool.importlinter]) on the tree under ``root``."""
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    return subprocess.run([sys.executable, "-c", "import sys; from importlinter.cli import "
+                           "lint_imports_command; sys.exit(lint_imports_command())"],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_imports_run_only_downward_through_the_layers():
+    """The layers contract (commands > compile | study > evaluation > train > run > config >
+    data | objectives | model > vocab > core), train never importing evaluation or study, and the
+    study never importing JAX, all checked by import-linter over every import, lazy ones too."""
+    out = _lint_imports(ROOT)
+    print(out.stdout)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "3 kept, 0 broken" in out.stdout
+
+
+def test_an_upward_import_breaks_the_layers(tmp_path):
+    shutil.copytree(PACKAGE, tmp_path / "prefixlm", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", tmp_path)
+    errors = tmp_path / "prefixlm" / "core" / "errors.py"
+    errors.write_text(errors.read_text() + "\n\ndef _upward():\n    from prefixlm.train import loop\n")
+    out = _lint_imports(tmp_path)
+    assert out.returncode != 0 and "BROKEN" in out.stdout
+    assert "prefixlm.core.errors -> prefixlm.train.loop" in out.stdout, out.stdout
 
 
 def _private_uses(tree: ast.Module, aliases: dict[str, str]):
