@@ -12,7 +12,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 1
 #         once saying so, instead of pip retrying every package for an hour. TORCH_INDEX= (empty)
 #         takes torch from PyPI instead; TORCH_INDEX=URL names a mirror.
 #   aot   the CPU set plus requirements-aot.txt: the TPU and GPU compilers for --dry_run=aot and
-#         tests/test_aot.py (`make test` installs them as well).
+#         tests/compile/test_aot.py (`make test` installs them as well).
 # TPU VMs are set up by launch/tpu_vm.sh setup.
 ACCEL ?= cpu
 ifeq ($(filter $(ACCEL),cpu cuda aot),)

@@ -169,7 +169,7 @@ expand_seeds() {
 }
 
 # HARDWARE_PRESETS: the public functions of configs/hardware.py (the same list as configs/base.py
-# HARDWARE_PRESETS; tests/test_launch.py checks that they agree). Read from the file, so a new
+# HARDWARE_PRESETS; tests/project/test_launch.py checks that they agree). Read from the file, so a new
 # preset there needs no change here.
 load_hardware_presets() {
   local file=$REPO_ROOT/configs/hardware.py

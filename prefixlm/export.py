@@ -9,7 +9,7 @@ writes ``model.safetensors`` (float32), ``config.json``, ``generation_config.jso
 
 Weights: the model's parameter names already mirror HF's, so export is transposes only (an
 ``nnx.Linear`` kernel is [in, out], a torch ``weight`` is [out, in]); RoPE is in HF's rotate-half
-layout on both sides, so q/k need no permutation. ``tests/test_export.py`` checks the logits of
+layout on both sides, so q/k need no permutation. ``tests/commands/test_export.py`` checks the logits of
 ``transformers`` against the Flax ones (tied and untied).
 
 Tokenizer: built offline from the same tiktoken ranks file as ``prefixlm.vocab.tokenizer.load("llama3")``

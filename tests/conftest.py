@@ -1,6 +1,18 @@
-"""Shared fixtures. Tests run on the CPU with tiny shapes; a few use the real 128k vocabulary."""
+"""Shared fixtures. Tests run on the CPU with tiny shapes; a few use the real 128k vocabulary.
+
+Tests live in one folder per package (tests/core, tests/train, ...). Some import helpers from a
+test module of another folder (``from test_train import run``), and CLI subprocesses import test
+modules too, so every test folder is put on ``sys.path`` here and named in
+``$PREFIXLM_TESTS_PATH`` for the subprocesses' PYTHONPATH."""
 
 import os
+import pathlib
+import sys
+
+_TEST_DIRS = [str(d) for d in sorted(pathlib.Path(__file__).resolve().parent.iterdir())
+              if d.is_dir() and any(d.glob("test_*.py"))]
+sys.path[:0] = [d for d in _TEST_DIRS if d not in sys.path]
+os.environ["PREFIXLM_TESTS_PATH"] = os.pathsep.join(_TEST_DIRS)
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The hub is never reachable in CI; offline mode fails fast instead of retrying for a minute.

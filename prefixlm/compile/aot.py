@@ -8,7 +8,7 @@ programs of a run are lowered with abstract inputs (``jax.eval_shape`` state,
 own compiler on this CPU (``step.Trainer.create(devices=...)``: the attention kernel is
 resolved for the target's platform, and the start-up kernel check, which needs a real device,
 is skipped). Nothing is allocated and nothing runs. The programs are the very functions the run
-calls, lowered with the arguments it passes (``tests/test_aot.py`` compares their StableHLO
+calls, lowered with the arguments it passes (``tests/compile/test_aot.py`` compares their StableHLO
 with the run's own lowering):
 
   train       ``step.train_step_jit``, every training step;

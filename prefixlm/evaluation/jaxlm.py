@@ -9,7 +9,7 @@ Contexts start as training documents do. Every training document follows ``<|end
 ``add_special_tokens=False``, or the text already starts with it), exactly as lm-eval's ``HFLM``
 does with a tokenizer that adds a BOS, and the exported tokenizer (``prefixlm.export``) adds
 ``<|end_of_text|>`` as its BOS. So ``lm_eval --model hf`` on the export scores the same tokens as
-``JaxLM`` (``tests/test_evaluate.py`` checks log-likelihoods, rolling log-likelihoods and greedy
+``JaxLM`` (``tests/evaluation/test_evaluate.py`` checks log-likelihoods, rolling log-likelihoods and greedy
 generations against ``HFLM``). As in ``HFLM``, an empty context is ``[prefix_token_id]`` (the same
 token), and ``loglikelihood_rolling`` encodes the text with the token too, so its first scored
 token is ``<|end_of_text|>`` after ``<|end_of_text|>`` (lm-eval's behaviour for every BOS-adding

@@ -160,7 +160,7 @@ def saved_activation_bytes(cfg: ModelConfig, batch: int, seq_len: int) -> int:
 
     What ``jax.ad_checkpoint.print_saved_residuals`` lists for ``model(tokens)``, counted from
     the code's structure per (attention kernel, remat policy) and checked against it in
-    tests/test_attention.py. ``cfg.attention = "auto"`` is resolved for the current backend;
+    tests/model/test_attention.py. ``cfg.attention = "auto"`` is resolved for the current backend;
     ``cudnn`` is assumed to save what flash kernels save (q, k, v, o, row statistics): unmeasured
     here. Parameters are not counted (they live anyway), but their compute-dtype copies are.
     Compiled XLA may fuse or drop some of these; this is the program's own accounting.

@@ -39,7 +39,7 @@ HBM traffic per chunk is therefore one write and three reads of a bfloat16 [chun
 textbook implementation (bench/loss_hlo.py measures both from the compiled H100 HLO).
 
 Precision, against float64 on the same inputs, at any logit gap (each bound is a test in
-tests/test_fused_loss_exact.py; bench/loss.py --precision prints the errors). With S_i =
+tests/objectives/test_fused_loss_exact.py; bench/loss.py --precision prints the errors). With S_i =
 |dz_i| + w (Q p_i + q_i + u), p the softmax and u the uniform weight (0 but for label
 smoothing), so that dz's rounding is counted relative to the softmax part and the target part,
 not their difference:

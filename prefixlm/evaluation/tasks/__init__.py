@@ -12,7 +12,7 @@ No prompt shows the scored document among its own few-shot examples, in any task
 draw examples from ``train`` and score ``validation``/``test``; ``arc_easy_local`` and the
 ``charbench_local`` tasks draw from a disjoint split; the others draw from the scored split with
 ``fewshot_split == test_split``, the one condition under which lm-eval 0.4.13 passes the scored
-document to its sampler to be left out. ``tests/test_tasks.py`` renders every prompt to check.
+document to its sampler to be left out. ``tests/evaluation/test_tasks.py`` renders every prompt to check.
 
 A training run evaluates many times and may resume on another day or machine, so the choice
 between a task and its offline twin is made once per run by :func:`pin` and recorded; a hub
@@ -40,7 +40,7 @@ LOCAL = {name: f"{name}_local" for name in (*STANDARD, "charbench_gen")}
 GROUPS = ("charbench", "charbench_local", "charbench_gen", "charbench_gen_local")
 CHARBENCH_DATASET = "omriuz/CharBench"
 # The hub data set each online task reads: lm-eval 0.4.13's `dataset_path` for the built-ins
-# (tests/test_tasks.py checks these against lm-eval's YAMLs), ours for CharBench.
+# (tests/evaluation/test_tasks.py checks these against lm-eval's YAMLs), ours for CharBench.
 ONLINE_DATASETS = {
     "piqa": "baber/piqa",
     "winogrande": "allenai/winogrande",

@@ -29,7 +29,7 @@ charbench_local_dataset = charbench_local.dataset
 # The standard twins' Jinja templates as plain functions. lm-eval 0.4.13 compiles a Jinja template
 # on every render (lm_eval.utils.apply_template calls env.from_string each time), which is ~90%
 # of building 5-shot requests: hellaswag_local's 10,042 prompts took ~170 s on 2 loaded cores.
-# These render exactly what the built-ins' templates render (tests/test_tasks.py compares every
+# These render exactly what the built-ins' templates render (tests/evaluation/test_tasks.py compares every
 # document against lm-eval's own YAML templates).
 
 

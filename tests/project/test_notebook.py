@@ -5,7 +5,7 @@ import pathlib
 import nbformat
 from nbclient import NotebookClient
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def test_notebook_executes(tmp_path, monkeypatch):

@@ -161,7 +161,7 @@ def test_a_save_that_fails_mid_run_ends_the_process_naming_the_path(token_dir, t
     workdir = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-c", SAVE_FAILS_MID_RUN, str(token_dir),
                            str(workdir), mode, sync], env=_env() | {
-                               "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"},
+                               "PYTHONPATH": f"{ROOT}:{os.environ['PREFIXLM_TESTS_PATH']}"},
                           cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode == 2, proc.stderr[-3000:]
     # async: the save of step 2 may still be writing when the storage breaks (found by wait())

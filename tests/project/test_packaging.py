@@ -15,7 +15,7 @@ import tomllib
 import pytest
 from packaging.requirements import Requirement
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 OWN = {"prefixlm", "configs"}
 # Imported only when a config asks for them (log.wandb=PROJECT), each with an error that says

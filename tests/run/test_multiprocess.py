@@ -27,7 +27,7 @@ from prefixlm.run import sinks
 from prefixlm.run import workdir as workdir_lib
 from prefixlm.vocab import tokenizer as tokenizer_lib
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 MERGES = [b"th", b"he", b"the", b" t", b" th", b" the", b"in", b"ing", b"an", b"and", b" a",
           b" an", b" and", b"er", b"re", b"on", b" o", b" on", b"es", b"st", b"est", b"en",
           b"at", b" at", b"or", b"ou", b"it", b" i", b" in", b" it", b"is", b" is"]

@@ -25,7 +25,7 @@ try:  # print_saved_residuals' data; public in some jax versions, private in 0.1
 except ImportError:
     from jax._src.ad_checkpoint import saved_residuals
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 H100 = "NVIDIA H100 80GB HBM3"
 # preset -> (device_kind, devices on a full host)
 HOSTS = {"h100": (H100, 8), "a100": ("NVIDIA A100-SXM4-40GB", 8), "tpu_v4": ("TPU v4", 4),

@@ -19,7 +19,7 @@ from prefixlm.compile import hlo_collectives
 from prefixlm.train import trainer as step_lib
 from prefixlm.train import validation_loss
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 TPU_HOSTS = {  # as one host exposes its chips
     "v5e-8": dict(topology_name="v5e:2x4", chip_config_name="default",
                   chips_per_host_bounds=(2, 4, 1)),
@@ -136,7 +136,7 @@ print("ok")
 def test_splash_and_the_step_on_an_8_device_cpu_mesh():
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               PYTHONPATH=f"{ROOT}:{ROOT / 'tests'}")
+               PYTHONPATH=f"{ROOT}:{os.environ['PREFIXLM_TESTS_PATH']}")
     proc = subprocess.run([sys.executable, "-c", EIGHT_CPU_DEVICES], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TPU_VM = ROOT / "launch" / "tpu_vm.sh"
 SWEEP = ROOT / "launch" / "sweep.sh"
 SLURM = ROOT / "launch" / "slurm.sbatch"

@@ -251,7 +251,7 @@ def test_a_bad_runs_file_names_the_line(tmp_path, text, line, needle):
 def test_the_shipped_runs_file_passes():
     import pathlib
 
-    runs = _schemas().parse_runs(pathlib.Path(__file__).parent.parent / "launch" / "runs.txt")
+    runs = _schemas().parse_runs(pathlib.Path(__file__).parents[2] / "launch" / "runs.txt")
     assert len(runs) >= 7 and len({r.name for r in runs}) == len(runs)
 
 

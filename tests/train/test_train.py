@@ -25,7 +25,7 @@ from prefixlm.train import driver
 from prefixlm.train import trainer as step_lib
 from prefixlm.vocab import prefixes
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 TINY_WORDS = [b"a", b"b", b"c", b" ", b"p", b"e", b"r", b"s", b"o", b"n",
               b"pe", b"per", b"pers", b"perso", b"person", b"personality", b"persona",
               b" p", b" pe", b" per", b" person", b" personality", b"ab", b"abc", b"abcd",
@@ -313,7 +313,7 @@ def test_attention_fallback_blockwise_opts_into_the_portable_kernel(token_dir, m
 def _subprocess_env(n_devices: int):
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS=f"--xla_force_host_platform_device_count={n_devices}",
-               PYTHONPATH=f"{ROOT}:{ROOT / 'tests'}")
+               PYTHONPATH=f"{ROOT}:{os.environ['PREFIXLM_TESTS_PATH']}")
     return env
 
 

@@ -341,7 +341,7 @@ def test_readme_command_compiles_for_h100_with_jax_platforms_unset(tmp_path):
     r = subprocess.run([sys.executable, "-m", "prefixlm.main",
                         "--config=configs/ce.py:tiny", "--config.model.dtype=bfloat16",
                         "--dry_run=aot", "--plan_device=h100", "--plan_devices=1",
-                        f"--aot_dir={tmp_path}"], cwd=pathlib.Path(__file__).parents[1],
+                        f"--aot_dir={tmp_path}"], cwd=pathlib.Path(__file__).parents[2],
                        env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     record = json.loads((tmp_path / "plan.json").read_text())
@@ -472,10 +472,10 @@ def test_jaxlm_scores_rows_split_over_devices_as_one_device_does(monkeypatch):
 
     from prefixlm.evaluation import jaxlm
 
-    root = pathlib.Path(__file__).resolve().parents[1]
+    root = pathlib.Path(__file__).resolve().parents[2]
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               PYTHONPATH=f"{root}:{root / 'tests'}")
+               PYTHONPATH=f"{root}:{os.environ['PREFIXLM_TESTS_PATH']}")
     proc = subprocess.run([sys.executable, "-c", ON_EIGHT_DEVICES, "12"], env=env, cwd=root,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -429,7 +429,7 @@ def test_the_pinned_verbs_only_for_corrected_primary_endpoints():
 
 
 def test_the_simulated_decisions_are_the_reports(tmp_path):
-    """The vectorised decisions of the overclaim test (tests/test_report_evidence.py) equal what
+    """The vectorised decisions of the overclaim test (tests/study/test_report_evidence.py) equal what
     REPORT.md writes for the same studies pushed through files (config.json, metrics.jsonl,
     eval/step_*.jsonl) and main."""
     sim = sim_lib.simulate(sim_lib.Design(charbench_bpb_gain=0.04, items=300), 2,
