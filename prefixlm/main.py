@@ -313,8 +313,8 @@ def _checked_config():
     import jax
 
     from prefixlm import config as config_lib
-    from prefixlm.compile import plan
     from prefixlm.run import workdir as workdir_lib
+    from prefixlm.train import memory_plan
 
     config = workdir_lib.pin_data(config_lib.resolve(_loaded_config()))
     if (jax.default_backend() == "cpu" and config.get("preset") not in CPU_PRESETS
@@ -324,7 +324,7 @@ def _checked_config():
             f"or TPU found); install the accelerator build with {GPU_HINT}, use a demo/tiny "
             "preset, or pass --allow_cpu to train on the CPU anyway")
     validate_tasks(config)
-    plan.check_fits(config)
+    memory_plan.check_fits(config)
     return config
 
 

@@ -3,7 +3,7 @@
 It sits above ``train`` and ``evaluation`` because it compiles exactly the programs they run
 (the train step, validation's window program, JaxLM's scoring functions).
 
-- ``plan``: ``--dry_run`` (the memory plan; ``check_fits``).
+- ``plan``: ``--dry_run`` (``train.memory_plan``'s plan, and XLA's accounting of the compiled step).
 - ``aot`` and ``aot_check``: ``--dry_run=aot`` for TPU and GPU targets (``aot_check.dry_run``).
 - ``hlo``: the one HLO reader; ``hlo_collectives`` counts collectives with it.
 - ``roofline``: step time and MFU bounds from the compiled HLO.

@@ -23,8 +23,8 @@ import time
 
 from prefixlm import config as config_lib
 from prefixlm.compile import aot, eval_cost, hlo_collectives, roofline
-from prefixlm.compile import plan as plan_lib
 from prefixlm.model import llama as model_lib
+from prefixlm.train import memory_plan
 
 DEFAULT_DEVICES = {"tpu_v4": 4, "tpu_v5e": 8, "tpu_v5p": 4, "tpu_v6e": 8}  # one host; GPUs: 1
 PRESET_FIELDS = ("model.attention", "model.remat", "model.remat_policy", "grad_accum",
@@ -45,7 +45,7 @@ def preset_of(config, target: str = "") -> str:
     from configs import base, hardware
 
     for name in sorted(base.HARDWARE_PRESETS, key=lambda n: n != target):
-        probe = plan_lib.with_fields(config)
+        probe = memory_plan.with_fields(config)
         getattr(hardware, name)(probe)
         if all(_field(probe, f) == _field(config, f) for f in PRESET_FIELDS):
             return name
@@ -73,8 +73,8 @@ def _programs(run, out) -> dict[str, aot.Compiled]:
     return results
 
 
-def _memory_lines(stats: dict, plan: plan_lib.Plan) -> list[str]:
-    gib = plan_lib.GIB
+def _memory_lines(stats: dict, plan: memory_plan.Plan) -> list[str]:
+    gib = memory_plan.GIB
     lines = ["  train step, XLA memory analysis (per device, GiB):"]
     lines += [f"    {k:<30}{v / gib:>9.2f}" for k, v in stats.items()]
     peak, usable = stats["peak_bytes"], plan.memory_limit_bytes
@@ -118,11 +118,11 @@ def _evaluation(run, target: aot.Target, results, extra: dict, out) -> None:
     roof["eval"] = eval_cost.as_record(cost)
 
 
-def _fixes_at_compiled_scale(resolved, plan: plan_lib.Plan, peak: int) -> tuple[str, ...]:
+def _fixes_at_compiled_scale(resolved, plan: memory_plan.Plan, peak: int) -> tuple[str, ...]:
     """The plan's fixes with the device shrunk by compiled / estimated: what the plan would
     propose if its estimate were the compiler's figure."""
     scaled = int(plan.device_memory_bytes * plan.total_bytes / max(peak, 1))
-    return plan_lib.make_plan(resolved, num_devices=plan.num_devices, device_memory_bytes=scaled,
+    return memory_plan.make_plan(resolved, num_devices=plan.num_devices, device_memory_bytes=scaled,
                               device_kind=plan.device_kind).fixes
 
 
@@ -133,9 +133,9 @@ def _loss_chunks(resolved, n: int) -> int:
     return int(resolved.grad_accum) * -(-micro // int(resolved.objective.chunk_size))
 
 
-def _verdict(resolved, results, stats, plan: plan_lib.Plan) -> tuple[int, str]:
+def _verdict(resolved, results, stats, plan: memory_plan.Plan) -> tuple[int, str]:
     """(exit code, the first line to print when it is 2)."""
-    train, gib = results["train"], plan_lib.GIB
+    train, gib = results["train"], memory_plan.GIB
     where = f"{plan.num_devices} x {plan.device_kind}"
     if train.error:
         return 2, (f"{plan.name}: the train step does not compile for {where}: {train.error}"
@@ -194,9 +194,9 @@ def dry_run(config, *, device: str | None, num_devices: int | None = None,
     n = int(num_devices or DEFAULT_DEVICES.get(name, 1))
     resolved = config_lib.resolve(config, num_devices=n, process_count=1)
     target = aot.topology(name, n)
-    plan = plan_lib.make_plan(resolved, num_devices=n, device_kind=name,
-                              device_memory_bytes=plan_lib.device_memory(name))
-    print(plan_lib.format_plan(plan), file=out)
+    plan = memory_plan.make_plan(resolved, num_devices=n, device_kind=name,
+                              device_memory_bytes=memory_plan.device_memory(name))
+    print(memory_plan.format_plan(plan), file=out)
     run = aot.build(resolved, target, tokenizer)
     print(f"AOT compile for {n} x {target.device_kind} ({target.platform}, attention="
           f"{run.mcfg.attention}), on this CPU; compiled, not run:", file=out)

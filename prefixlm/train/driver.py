@@ -26,7 +26,7 @@ from prefixlm.run import checkpoint as ckpt_lib
 from prefixlm.run import hosts, preflight, sinks
 from prefixlm.run import workdir as workdir_lib
 from prefixlm.train import hooks as hooks_lib
-from prefixlm.train import validation_loss
+from prefixlm.train import memory_plan, validation_loss
 from prefixlm.train.loop import Evaluation, Hook, Run, run_loop
 from prefixlm.train.trainer import Trainer, data_iterator, peak_flops
 
@@ -58,6 +58,7 @@ def train_and_evaluate(config, workdir, *, tokenizer=None, evaluations: Sequence
     """
     config = workdir_lib.pin_data(config_lib.resolve(config))
     workdir = workdir_lib.run_path(workdir)
+    memory_plan.check_fits(config)
     with preflight.claimed(workdir, config, restart=restart) as config:
         return _run(config, workdir, tokenizer, evaluations, allow_changes, step_hook)
 

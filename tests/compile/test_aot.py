@@ -491,15 +491,14 @@ def test_jaxlm_scores_rows_split_over_devices_as_one_device_does(monkeypatch):
 
 def test_eval_cost_caches_are_keyed_by_the_code_that_makes_their_values(monkeypatch):
     """A cached roofline time depends on the compiled program (the model and attention code,
-    aot's lowering), and cached call counts on how the evaluator builds its requests (evaluate,
+    aot's lowering), and cached call counts on how the evaluator builds its requests (harness,
     tasks): an edit to any of them must miss the cache, not return the old value."""
     import types
 
     import ml_collections
 
-    from prefixlm import evaluate
     from prefixlm.compile import aot, eval_cost, hlo, roofline
-    from prefixlm.evaluation import jaxlm, tasks
+    from prefixlm.evaluation import harness, jaxlm, tasks
     from prefixlm.model import attention
     from prefixlm.model import llama as model_lib
 
@@ -520,4 +519,4 @@ def test_eval_cost_caches_are_keyed_by_the_code_that_makes_their_values(monkeypa
     config = ml_collections.ConfigDict({"eval": {"tasks": "arc_easy", "batch_size": 4}})
     eval_cost.scoring_calls(config, None, full=False)
     assert keys == ["seconds", "calls"]
-    assert {jaxlm, evaluate, tasks} <= hashed[-1]
+    assert {jaxlm, harness, tasks} <= hashed[-1]

@@ -18,6 +18,7 @@ from configs import base, hardware
 from prefixlm import config as config_lib
 from prefixlm.compile import plan
 from prefixlm.model import llama as model_lib
+from prefixlm.train import memory_plan
 from prefixlm.vocab import prefixes
 
 try:  # print_saved_residuals' data; public in some jax versions, private in 0.10
@@ -37,13 +38,13 @@ def study(preset=None, **changes):
     c = base.family_config("prefix_norm", None)
     if preset:
         getattr(hardware, preset)(c)
-    return plan.with_fields(c, **changes)
+    return memory_plan.with_fields(c, **changes)
 
 
 def plan_for(config, num_devices, kind):
     resolved = config_lib.resolve(config, num_devices=num_devices, process_count=1)
-    return plan.make_plan(resolved, num_devices=num_devices,
-                          device_memory_bytes=plan.device_memory(kind), device_kind=kind)
+    return memory_plan.make_plan(resolved, num_devices=num_devices,
+                          device_memory_bytes=memory_plan.device_memory(kind), device_kind=kind)
 
 
 def apply_flags(config, flags):
@@ -102,8 +103,8 @@ def test_presets_fit_one_device_and_a_full_host(preset):
     kind, host = HOSTS[preset]
     for n in (1, 2, host):
         p = plan_for(study(preset), n, kind)
-        assert p.fits, plan.format_plan(p)
-        assert p.total_bytes <= 0.85 * plan.device_memory(kind), plan.format_plan(p)
+        assert p.fits, memory_plan.format_plan(p)
+        assert p.total_bytes <= 0.85 * memory_plan.device_memory(kind), memory_plan.format_plan(p)
         assert p.remat_policy == "none" and p.attention in ("cudnn", "splash")
 
 
@@ -155,7 +156,7 @@ def test_fixes_come_cheapest_first():
 # ---- (d) the table ----------------------------------------------------------------------------
 def test_format_plan_shows_every_term():
     p = plan_for(study("a100"), 8, "a100")
-    text = plan.format_plan(p)
+    text = memory_plan.format_plan(p)
     for what, _ in p.terms:
         assert what in text
     for word in ("headroom", "total", "device memory", "parameters", "GFLOP/token",
@@ -166,12 +167,12 @@ def test_format_plan_shows_every_term():
 
 def test_device_memory_table():
     gib = 1 << 30
-    assert plan.device_memory("h100") == plan.device_memory(H100) == int(79.6 * gib)
-    assert plan.device_memory("TPU v4") == 32 * gib
-    assert plan.device_memory("TPU v5 lite") == plan.device_memory("tpu_v5e") == 16 * gib
-    assert plan.device_memory("NVIDIA A100 80GB PCIe") == plan.device_memory("a100_80")
-    assert plan.device_memory("NVIDIA A100-SXM4-40GB") < 40 * gib
-    assert plan.device_memory("cpu") is None
+    assert memory_plan.device_memory("h100") == memory_plan.device_memory(H100) == int(79.6 * gib)
+    assert memory_plan.device_memory("TPU v4") == 32 * gib
+    assert memory_plan.device_memory("TPU v5 lite") == memory_plan.device_memory("tpu_v5e") == 16 * gib
+    assert memory_plan.device_memory("NVIDIA A100 80GB PCIe") == memory_plan.device_memory("a100_80")
+    assert memory_plan.device_memory("NVIDIA A100-SXM4-40GB") < 40 * gib
+    assert memory_plan.device_memory("cpu") is None
     with pytest.raises(config_lib.ConfigError, match="plan_device"):
         plan.dry_run(study("h100"), num_devices=1, device_kind="tpu_v9", out=io.StringIO())
 
@@ -218,10 +219,10 @@ def test_cpu_dry_run_refuses_a_plan_beyond_host_ram():
     """On the CPU the devices share the host's RAM: a plan of tens of TB is refused, naming
     the shortfall, not waved through as 'not limited'."""
     c = base.family_config("prefix_norm", "tiny")
-    c = plan.with_fields(c, **{"train.batch_size": 1_000_000_000})
+    c = memory_plan.with_fields(c, **{"train.batch_size": 1_000_000_000})
     out = io.StringIO()
     assert plan.dry_run(c, num_devices=1, out=out) == 2
     first = out.getvalue().splitlines()[0]
     assert "does not fit in host RAM" in first and "GiB per device" in first
     assert "host RAM / 1 devices" in out.getvalue()
-    assert plan.host_memory_bytes() > 0
+    assert memory_plan.host_memory_bytes() > 0

@@ -3,8 +3,9 @@ device by its short name or by the device_kind JAX reports, and gets the publish
 
 import pytest
 
-from prefixlm.compile import aot, plan
+from prefixlm.compile import aot
 from prefixlm.core import hardware
+from prefixlm.train import memory_plan
 
 
 @pytest.mark.parametrize("kind, name, peak, bandwidth", [
@@ -21,7 +22,7 @@ def test_a_device_kind_finds_its_published_peaks(kind, name, peak, bandwidth):
     device = hardware.device(kind)
     assert (device.peak_flops, device.hbm_bytes_s) == (peak, bandwidth)
     assert device.source  # every figure says where it comes from
-    assert plan.device_memory(kind) == device.memory_bytes
+    assert memory_plan.device_memory(kind) == device.memory_bytes
 
 
 def test_every_aot_target_has_a_roofline_and_a_topology_in_the_one_table():

@@ -9,7 +9,8 @@ from lm_eval.api.instance import Instance
 from test_export import random_model
 
 from prefixlm import evaluate
-from prefixlm.evaluation import harness, jaxlm, results
+from prefixlm.evaluation import harness, jaxlm
+from prefixlm.evaluation import results as results_lib
 from prefixlm.export import export_model
 
 LL_REQUESTS = [
@@ -83,13 +84,13 @@ def test_flatten_and_table():
         "samples": {"charbench_local_a": [{"target": 1}, {"target": 1}, {"target": 2}],
                     "charbench_local_b": [{"target": 0}], "piqa": [{"target": 0}]},
     }
-    flat = results.flatten_results(results)
+    flat = results_lib.flatten_results(results)
     assert flat["piqa/acc"] == 0.6 and flat["piqa/acc_norm_stderr"] == 0.011
     assert "charbench_local/acc_stderr" not in flat  # lm-eval's "N/A" is not a number
     assert flat["charbench_local_a/majority"] == pytest.approx(2 / 3)
     assert flat["charbench_local/majority"] == pytest.approx((2 + 1) / 4)
     assert "piqa/majority" not in flat
-    table = results.format_table(flat)
+    table = results_lib.format_table(flat)
     assert "| piqa | 0.6000 ± 0.0100 | 0.6200 ± 0.0110 |  |" in table
     assert "charbench_local_a" in table and not any(math.isnan(v) for v in flat.values())
 
@@ -186,8 +187,8 @@ def test_in_loop_evaluator_builds_requests_once(tmp_path, llama3):
     assert list(task_set.samples["piqa_local"]) == sorted(doc_ids)
     # another run (a new evaluator) scores the same label-balanced documents
     task = task_set.tasks["piqa_local"]
-    labels = [results.gold_index(task, doc) for doc in task.eval_docs]
-    assert sorted(doc_ids) == results.stratified_subset(labels, 8, "piqa_local")
+    labels = [results_lib.gold_index(task, doc) for doc in task.eval_docs]
+    assert sorted(doc_ids) == results_lib.stratified_subset(labels, 8, "piqa_local")
     assert sum(labels[i] for i in doc_ids) == round(8 * np.mean(labels))
 
 
@@ -211,24 +212,24 @@ def _reference_subset_counts(labels, limit):
 def test_stratified_subset_keeps_label_balance_and_is_fixed():
     rng = np.random.RandomState(0)
     labels = rng.choice(4, size=1000, p=[0.4, 0.3, 0.2, 0.1]).tolist()
-    subset = results.stratified_subset(labels, 101, "task_a")
+    subset = results_lib.stratified_subset(labels, 101, "task_a")
     assert len(subset) == 101 == len(set(subset)) and subset == sorted(subset)
     exact = _reference_subset_counts(labels, 101)
     got = collections.Counter(labels[i] for i in subset)
     assert all(abs(got[lab] - exact[lab]) < 1 for lab in exact), (got, exact)
-    assert results.stratified_subset(labels, 101, "task_a") == subset  # same in every run
-    assert results.stratified_subset(labels, 101, "task_b") != subset  # independent per task
-    assert results.stratified_subset(labels, 5000, "task_a") == list(range(1000))
-    assert len(results.stratified_subset([None] * 50, 7, "gen")) == 7  # no labels: hash order
+    assert results_lib.stratified_subset(labels, 101, "task_a") == subset  # same in every run
+    assert results_lib.stratified_subset(labels, 101, "task_b") != subset  # independent per task
+    assert results_lib.stratified_subset(labels, 5000, "task_a") == list(range(1000))
+    assert len(results_lib.stratified_subset([None] * 50, 7, "gen")) == 7  # no labels: hash order
 
 
 def test_limits_are_checked(tmp_path, llama3, capsys):
     from prefixlm.config import ConfigError
 
-    assert results.parse_limits("piqa=500, charbench=200") == {"piqa": 500, "charbench": 200}
+    assert results_lib.parse_limits("piqa=500, charbench=200") == {"piqa": 500, "charbench": 200}
     for bad in ("piqa", "piqa=0", "piqa=-3", "piqa=x", "=5"):
         with pytest.raises(ConfigError, match="positive"):
-            results.parse_limits(bad)
+            results_lib.parse_limits(bad)
     with pytest.raises(ConfigError, match="eval.limit=0"):
         harness.InLoopEvaluator(llama3, _eval_config(limit=0), tmp_path)
     with pytest.raises(ConfigError, match="not among the evaluated"):

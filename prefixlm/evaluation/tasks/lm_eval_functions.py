@@ -1,6 +1,6 @@
-"""Functions that the task YAMLs in this directory name as ``!function hooks.<name>``.
+"""Functions that the task YAMLs in this directory name as ``!function lm_eval_functions.<name>``.
 
-lm-eval loads this file by path (module name ``hooks``), so it only re-exports from the
+lm-eval loads this file by path (module name ``lm_eval_functions``), so it only re-exports from the
 ``prefixlm.evaluation.tasks`` package and defines the few CharBench helpers; keep it import-light.
 
 The standard tasks' prompt logic is imported from lm-eval's own task files, not copied, so an
