@@ -284,7 +284,8 @@ def test_hook_is_inert_without_lm_eval(tmp_path):
 def test_wheels_carry_the_pth(tmp_path, build):
     """`pip install .` installs the wheel, `pip install -e .` (make setup) the editable wheel:
     both must put prefixlm_lm_eval.pth at the top of site-packages. Built from a copy of the
-    sources (setuptools writes build/ and *.egg-info beside them)."""
+    sources (setuptools writes build/ and *.egg-info beside them) with this venv's setuptools
+    (>= 77, which torch requires: wheels without the `wheel` package, PEP 660 editables)."""
     source = tmp_path / "src"
     source.mkdir()
     for name in ("pyproject.toml", "setup.py", "README.md", *(f"{m}.py" for m in MODULES)):
