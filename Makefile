@@ -34,7 +34,7 @@ TORCH_INDEX_DOWN = make setup ACCEL=cuda: the PyTorch CPU index $(TORCH_INDEX) d
 setup: $(STAMP) $(if $(filter aot,$(ACCEL)),$(AOT_STAMP))
 
 # Reinstall only when the pinned requirements change.
-$(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml $(if $(filter cuda,$(ACCEL)),requirements-cuda.txt)
+$(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml setup.py prefixlm_lm_eval_hook.py $(if $(filter cuda,$(ACCEL)),requirements-cuda.txt)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 ifeq ($(ACCEL),cuda)
 ifneq ($(TORCH_INDEX),)
@@ -45,6 +45,7 @@ endif
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(PIP_ACCEL_FLAGS) -r requirements.txt
 	$(PY) -m pip install -q --no-deps -r requirements-nodeps.txt
+	# also installs prefixlm_lm_eval.pth (setup.py): `lm_eval --model prefixlm` in this venv
 	$(PY) -m pip install -q --no-deps -e .
 ifeq ($(ACCEL),cuda)
 	$(PY) -c "import jax; print('jax', jax.__version__, jax.devices())"

@@ -1,34 +1,31 @@
-"""prefixlm as an lm-eval plugin: ``--model prefixlm`` evaluates a run directory in lm-eval's CLI.
+"""prefixlm as an lm-eval model: ``lm_eval --model prefixlm`` evaluates a run directory.
 
-``prefixlm-lm-eval --model prefixlm --model_args workdir=RUN_DIR --tasks piqa_local --limit 8`` is
-lm-eval's own command line (``lm_eval.__main__.cli_evaluate``: every flag, table, ``--output_path``
-and ``--log_samples`` as lm-eval documents them) with two additions, because lm-eval 0.4.13 finds
-nothing outside its own source tree:
+``lm_eval --model prefixlm --model_args workdir=RUN_DIR --tasks piqa_local --limit 8`` is
+lm-eval's own command line (every flag, table, ``--output_path`` and ``--log_samples`` as lm-eval
+documents them) over :class:`RunDirectoryLM`, a :class:`JaxLM` loaded from the run's newest (or
+``step``) checkpoint, with prefixlm's task YAMLs (``prefixlm/evaluation/tasks``: the offline ``*_local``
+twins, CharBench) known as well.
 
-- the model name ``prefixlm``: importing this module registers :class:`RunDirectoryLM` with
-  ``lm_eval.api.registry.register_model``. lm-eval 0.4.13's ``get_model`` looks only in its
-  registry, which its CLI fills from its own ``MODEL_MAPPING`` (no plugin or entry-point
-  discovery), so the import has to happen before the CLI runs, which is what this command is for.
-  ``pyproject.toml`` also declares the ``lm_eval.models`` entry point that later lm-eval releases
-  discover (upstream PR #4013); with those, plain ``lm_eval --model prefixlm`` will work.
-- our task YAMLs (``prefixlm/evaluation/tasks``: the offline ``*_local`` twins, CharBench): passed as
-  ``--include_path`` unless the command line names one, as lm-eval's docs say external tasks are
-  found.
+lm-eval 0.4.13 reads no entry points, so the installed package wires this up itself:
+``prefixlm_lm_eval.pth`` (``setup.py``) makes every interpreter in the environment load the
+stdlib-only ``prefixlm_lm_eval_hook``, which registers ``prefixlm`` with lm-eval as the lazy
+string ``prefixlm.evaluation.lm_eval_plugin:RunDirectoryLM`` once lm-eval's model registry loads, and adds
+:func:`with_task_directory` to a ``--model prefixlm`` evaluation's task paths. Nothing here is
+imported until lm-eval asks for the model. ``pyproject.toml`` also declares the
+``lm_eval.models`` entry point that later lm-eval releases discover (upstream PR #4013).
 
-In Python, ``import prefixlm.evaluation.lm_eval_plugin`` before ``lm_eval.simple_evaluate(model="prefixlm",
-model_args={"workdir": ...}, task_manager=prefixlm.evaluation.tasks.task_manager())`` does the same.
-``python -m prefixlm.evaluate`` remains the project's own evaluation command (hub-or-offline task
-resolution, stratified limits, bits per byte); this one is for lm-eval's flags and output format.
+In Python without the hook (a checkout on ``PYTHONPATH``), ``import prefixlm.evaluation.lm_eval_plugin``
+registers the model for ``lm_eval.simple_evaluate(model="prefixlm", model_args={"workdir": ...},
+task_manager=prefixlm.evaluation.tasks.task_manager())``. ``python -m prefixlm.evaluate`` remains the
+project's own evaluation command (hub-or-offline task resolution, stratified limits, bits per
+byte); this one is for lm-eval's flags and output format.
 """
 
 from __future__ import annotations
 
-import sys
-
 import lm_eval.models  # noqa: F401  lm-eval's own names first: get_model fills an empty registry only
-from lm_eval.api.registry import register_model
+from lm_eval.api.registry import model_registry
 
-from prefixlm.core import cli
 from prefixlm.core.errors import UserError
 from prefixlm.evaluation.jaxlm import JaxLM
 from prefixlm.evaluation.tasks import TASKS_DIR
@@ -39,7 +36,6 @@ MODEL_ARGS = ("workdir", "step", "batch_size", "max_length", "dtype", "max_gen_t
 DEFAULT_BATCH_SIZE = 16  # JaxLM's, for lm-eval's "--batch_size auto"
 
 
-@register_model(MODEL_NAME)
 class RunDirectoryLM(JaxLM):
     """``JaxLM.from_workdir`` behind lm-eval's model interface: lm-eval builds a model from
     ``--model_args`` by calling ``create_from_arg_string``/``create_from_arg_obj``, whose default
@@ -86,27 +82,15 @@ def _batch_size(value) -> int:
     return size
 
 
-def with_task_path(argv: list[str]) -> list[str]:
-    """``argv`` with ``--include_path TASKS_DIR`` appended unless it names one, or asks only for
-    help (no arguments, ``-h``, or a bare ``run``, which lm-eval answers with the run help)."""
-    if not argv or argv[0] in ("-h", "--help") or argv == ["run"]:
-        return argv
-    if any(a == "--include_path" or a.startswith("--include_path=") for a in argv):
-        return argv
-    return [*argv, "--include_path", str(TASKS_DIR)]
+def with_task_directory(include_path):
+    """lm-eval's ``include_path`` (None, a directory, or a list of them) with prefixlm's task
+    directory first, so that the caller's own tasks win a name clash (lm-eval indexes later paths
+    over earlier ones). Called by ``prefixlm_lm_eval_hook`` for ``--model prefixlm``."""
+    given = [] if include_path is None else (
+        list(include_path) if isinstance(include_path, (list, tuple)) else [include_path])
+    return [str(TASKS_DIR), *(p for p in given if str(p) != str(TASKS_DIR))]
 
 
-@cli.command
-def main(argv: list[str] | None = None) -> int:
-    """``prefixlm-lm-eval ARGS``: ``lm_eval ARGS`` with ``--model prefixlm`` and our tasks; the
-    run directory's failures (none there, no intact checkpoint) are one line, as export's."""
-    from lm_eval.__main__ import cli_evaluate
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    sys.argv = ["prefixlm-lm-eval", *with_task_path(argv)]  # lm-eval's CLI parses sys.argv
-    cli_evaluate()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+# The hook's lazy string, or nothing (a checkout without the installed .pth): the class either way.
+if MODEL_NAME not in model_registry:
+    model_registry.register(MODEL_NAME, target=RunDirectoryLM)
