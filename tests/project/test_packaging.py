@@ -12,6 +12,7 @@ import os
 import pathlib
 import re
 import shutil
+import site
 import subprocess
 import sys
 import tomllib
@@ -20,7 +21,7 @@ import zipfile
 import pytest
 from packaging.requirements import Requirement
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 OWN = {"prefixlm", "configs"}
 MODULES = PYPROJECT["tool"]["setuptools"]["py-modules"]  # top-level modules beside the packages
@@ -126,7 +127,7 @@ def test_console_scripts_name_the_commands():
 def test_lm_eval_resolves_prefixlm_to_jaxlm():
     from lm_eval.api.registry import get_model, model_registry
 
-    from prefixlm import lm_eval_plugin
+    from prefixlm.evaluation import lm_eval_plugin
     from prefixlm.evaluation.jaxlm import JaxLM
 
     model_cls = get_model("prefixlm")
@@ -187,13 +188,19 @@ def _site_dir_with_pth(tmp_path) -> pathlib.Path:
     return site_dir
 
 
+# This venv's site-packages on sys.path WITHOUT running their .pth files (``python -S``): `make
+# setup` installs prefixlm_lm_eval.pth there, and these tests need an interpreter without it.
+BARE = ("import sys; sys.path += " + repr([p for p in site.getsitepackages()]) + "\n")
+
+
 def _python(code: str, site_dir=None, **kwargs) -> subprocess.CompletedProcess:
-    """``code`` in a fresh interpreter whose site-packages include ``site_dir`` as if the .pth
-    had been installed there (``site.addsitedir`` runs its line the way interpreter start does)."""
-    prelude = f"import site; site.addsitedir({str(site_dir)!r})\n" if site_dir else ""
+    """``code`` in a fresh interpreter without this venv's .pth files whose site-packages include
+    ``site_dir`` as if the .pth had been installed there (``site.addsitedir`` runs its line the way
+    interpreter start does)."""
+    prelude = BARE + (f"import site; site.addsitedir({str(site_dir)!r})\n" if site_dir else "")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "error::RuntimeWarning"}
-    return subprocess.run([sys.executable, "-c", prelude + code], capture_output=True, text=True,
-                          env=env, timeout=300, **kwargs)
+    return subprocess.run([sys.executable, "-S", "-c", prelude + code], capture_output=True,
+                          text=True, env=env, timeout=300, **kwargs)
 
 
 # Run with the .pth installed: lm-eval alone registers nothing of ours until its model list loads;
@@ -249,8 +256,8 @@ def test_pth_costs_one_stdlib_only_module_at_start_and_never_fails(tmp_path):
 
     def start_imports(site_dir):
         """The modules a start with ``site_dir``'s .pth files imports (``-X importtime``)."""
-        run = subprocess.run([sys.executable, "-X", "importtime", "-c",
-                              f"import site; site.addsitedir({str(site_dir)!r})"],
+        run = subprocess.run([sys.executable, "-S", "-X", "importtime", "-c",
+                              BARE + f"import site; site.addsitedir({str(site_dir)!r})"],
                              capture_output=True, text=True,
                              env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
         assert run.returncode == 0 and "Error processing" not in run.stderr, run.stderr
@@ -261,7 +268,8 @@ def test_pth_costs_one_stdlib_only_module_at_start_and_never_fails(tmp_path):
     added = start_imports(site_dir) - start_imports(empty)
     assert added == {"prefixlm_lm_eval_hook"}, added
     # the module gone (prefixlm removed by hand, the .pth left): no traceback at start
-    run = subprocess.run([sys.executable, "-c", f"import site; site.addsitedir({str(site_dir)!r})"
+    run = subprocess.run([sys.executable, "-S", "-c", BARE + "import site; "
+                          f"site.addsitedir({str(site_dir)!r})"
                           "; import sys; assert 'prefixlm_lm_eval_hook' not in sys.modules"],
                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ""},
                          cwd=tmp_path, timeout=60)
