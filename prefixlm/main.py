@@ -36,7 +36,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from prefixlm.core import cli, errors
+from prefixlm.core import cli
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "configs/<family>.py[:ARGS], e.g. configs/prefix_norm.py:demo,eps=1.0",
@@ -85,61 +85,14 @@ _DIST = flags.DEFINE_enum(
     "on: always call jax.distributed.initialize(); off: never")
 
 
-def _on_tpu_vm() -> bool:
-    """A Cloud TPU VM, detected without touching the JAX backend (initialize must come first)."""
-    if os.environ.get("JAX_PLATFORMS", "").strip().lower() in ("cpu", "cuda", "gpu"):
-        return False
-    return (os.path.exists("/dev/accel0") or os.path.exists("/dev/vfio/0")
-            or bool(os.environ.get("TPU_WORKER_HOSTNAMES")))
-
-
-def _tpu_worker_count() -> int | None:
-    """Hosts in this TPU slice (env or GCE metadata, as JAX itself reads them); None = unknown."""
-    hosts = os.environ.get("TPU_WORKER_HOSTNAMES")
-    if hosts:
-        return len([h for h in hosts.split(",") if h.strip()])
-    import urllib.request
-
-    url = ("http://metadata.google.internal/computeMetadata/v1/instance/attributes/"
-           "worker-network-endpoints")
-    try:
-        req = urllib.request.Request(url, headers={"Metadata-Flavor": "Google"})
-        with urllib.request.urlopen(req, timeout=5) as resp:
-            body = resp.read().decode()
-        return len([e for e in body.split(",") if e.strip()])
-    except OSError:
-        return None
-
-
 def init_distributed() -> None:
-    import jax
-
     explicit = [_COORD.value, _NPROC.value, _PID.value]
-    if any(v is not None for v in explicit):
-        if any(v is None for v in explicit):
-            raise app.UsageError("--coordinator_address, --num_processes and --process_id go "
-                                 "together; give all three (or none on a TPU VM)")
-        if not (_NPROC.value >= 1 and 0 <= _PID.value < _NPROC.value):
-            raise errors.ConfigError(
-                f"--process_id={_PID.value} with --num_processes={_NPROC.value}: the ids are 0 "
-                f"to {max(_NPROC.value - 1, 0)}, one per process; give each process its own")
-        if _NPROC.value > 1 and not os.environ.get("JAX_CPU_COLLECTIVES_IMPLEMENTATION"):
-            # Cross-process collectives of the CPU backend (processes without accelerators, and
-            # tests); it must be chosen before initialize creates the backend. Accelerator
-            # backends ignore it. An explicit JAX_CPU_COLLECTIVES_IMPLEMENTATION (mpi) wins.
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        if _NPROC.value > 1:  # a duplicate id must stop before it reaches the coordinator
-            from prefixlm.run import hosts
+    if any(v is not None for v in explicit) and any(v is None for v in explicit):
+        raise app.UsageError("--coordinator_address, --num_processes and --process_id go "
+                             "together; give all three (or none on a TPU VM)")
+    from prefixlm.run import hosts
 
-            hosts.claim_process_id(_COORD.value, _PID.value)
-        jax.distributed.initialize(coordinator_address=_COORD.value,
-                                   num_processes=_NPROC.value, process_id=_PID.value)
-    elif _DIST.value == "on":
-        jax.distributed.initialize()
-    elif _DIST.value == "auto" and _on_tpu_vm():
-        workers = _tpu_worker_count()
-        if workers is None or workers > 1:  # multi-host slice: coordinator from the metadata
-            jax.distributed.initialize()
+    hosts.initialize(_COORD.value, _NPROC.value, _PID.value, _DIST.value)
 
 
 CPU_PRESETS = ("demo", "tiny")  # the configs meant to train on a CPU
@@ -155,79 +108,6 @@ def _set_xla_flags(config) -> None:
     from prefixlm.core import xla_flags
 
     xla_flags.check()  # an unknown flag: one line, not XLA's fatal abort
-
-
-def _task_names(config) -> list[str]:
-    """The lm-eval tasks this run evaluates in the loop (none when eval.every is 0)."""
-    if not config.eval.every:
-        return []
-    return [t.strip() for t in str(config.eval.tasks).split(",") if t.strip()]
-
-
-def build_evaluations(config, tokenizer_name: str, workdir: str) -> list:
-    """The run's lm-eval evaluations (``loop.Evaluation``) through the evaluation harness, every
-    eval.every steps, at step 0 and at the end (full sets at the end). The training loop never
-    imports evaluation: this is where it is plugged in."""
-    from prefixlm.train.loop import Evaluation
-
-    e = config.eval
-    if not _task_names(config):
-        return []
-    from prefixlm.evaluation import harness
-    from prefixlm.train import trainer as step_lib
-
-    evaluator = harness.InLoopEvaluator(step_lib.load_tokenizer(tokenizer_name), e, workdir)
-    pinned = False
-
-    def run(model, step, final):
-        nonlocal pinned
-        if not pinned:
-            _pin_on_process_0(evaluator)
-            pinned = True
-        return evaluator(model, step, final=final)
-
-    return [Evaluation("eval", run, every=e.every, at_start=True,
-                       stop_on_error=bool(e.get("stop_on_error", False)))]
-
-
-def _pin_on_process_0(evaluator) -> None:
-    """One decision per run (online data or the offline twins), made and recorded by process 0;
-    the others read the record after a barrier, so they cannot decide differently or race on
-    the write. A failure is raised on every process alike (the loop logs it as eval/error and
-    the next evaluation tries again), never on process 0 alone, which would hang the others."""
-    import jax
-
-    from prefixlm.run import hosts
-
-    error = None
-    if jax.process_index() == 0:
-        try:
-            evaluator.pin()
-        except Exception as e:  # noqa: BLE001 - re-raised below, on every process
-            error = e
-    if bool(hosts.from_process_0(error is not None)) and error is None:
-        raise RuntimeError("process 0 could not pin the evaluation data (see its log)")
-    if error is not None:
-        raise error
-
-
-def validate_tasks(config) -> None:
-    """Unknown eval.tasks fail now, not at the first evaluation a checkpoint interval later."""
-    from prefixlm import config as config_lib
-
-    tasks = _task_names(config)
-    if not tasks:
-        return
-    from prefixlm.evaluation import harness, results
-    from prefixlm.evaluation import tasks as tasks_lib
-
-    try:
-        tasks_lib.validate(tasks)
-    except ValueError as e:
-        raise config_lib.ConfigError(f"eval.tasks={config.eval.tasks!r}: {e}") from None
-    results.check_limit(config.eval.limit)  # ConfigErrors naming the field
-    harness.resolved_limits(results.parse_limits(config.eval.get("limits", "")), tasks,
-                             tasks_lib.resolve(tasks, offline=True))
 
 
 def _loaded_config():
@@ -287,9 +167,10 @@ def main(argv) -> int:
         f"{config.train.batch_tokens:,} tokens -> {_WORKDIR.value}"
         + (f" ({jax.process_count()} processes, {jax.device_count()} devices)"
            if jax.process_count() > 1 else ""))
+    from prefixlm.evaluation import harness
     from prefixlm.train import driver
 
-    evaluations = build_evaluations(config, config.data.tokenizer, _WORKDIR.value)
+    evaluations = harness.in_loop_evaluations(config, config.data.tokenizer, _WORKDIR.value)
     last = driver.train_and_evaluate(config, _WORKDIR.value, evaluations=evaluations,
                                     allow_changes=_ALLOW_CHANGES.value, restart=_RESTART.value)
     if last:
@@ -323,7 +204,9 @@ def _checked_config():
             f"{config.name} is a study-scale config but JAX sees only the CPU backend (no GPU "
             f"or TPU found); install the accelerator build with {GPU_HINT}, use a demo/tiny "
             "preset, or pass --allow_cpu to train on the CPU anyway")
-    validate_tasks(config)
+    from prefixlm.evaluation import harness
+
+    harness.validate_tasks(config)
     memory_plan.check_fits(config)
     return config
 

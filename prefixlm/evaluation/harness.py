@@ -39,7 +39,10 @@ from prefixlm.evaluation.results import (
     stratified_subset,
 )
 from prefixlm.evaluation.tasks import fewshot
+from prefixlm.run import hosts
 from prefixlm.run import workdir as workdir_lib
+from prefixlm.train import trainer as trainer_lib
+from prefixlm.train.loop import Evaluation
 
 
 def _parents(group_map: dict) -> dict[str, str]:
@@ -324,3 +327,63 @@ class InLoopEvaluator:
         directory.mkdir(parents=True, exist_ok=True)
         workdir_lib.write_text_atomic(directory / f"step_{int(step):08d}.jsonl",
                                       "".join(json.dumps(r) + "\n" for r in rows))
+
+
+# ---- the in-loop evaluation as the training loop runs it ---------------------------------------
+def task_names(config) -> list[str]:
+    """The lm-eval tasks this run evaluates in the loop (none when eval.every is 0)."""
+    if not config.eval.every:
+        return []
+    return [t.strip() for t in str(config.eval.tasks).split(",") if t.strip()]
+
+
+def in_loop_evaluations(config, tokenizer_name: str, workdir: str) -> list:
+    """The run's lm-eval evaluations as ``loop.Evaluation``s, every eval.every steps, at step 0
+    and at the end (full sets at the end). The training loop never imports evaluation:
+    ``prefixlm.main`` hands it these."""
+    e = config.eval
+    if not task_names(config):
+        return []
+    evaluator = InLoopEvaluator(trainer_lib.load_tokenizer(tokenizer_name), e, workdir)
+    pinned = False
+
+    def run(model, step, final):
+        nonlocal pinned
+        if not pinned:
+            _pin_on_process_0(evaluator)
+            pinned = True
+        return evaluator(model, step, final=final)
+
+    return [Evaluation("eval", run, every=e.every, at_start=True,
+                       stop_on_error=bool(e.get("stop_on_error", False)))]
+
+
+def _pin_on_process_0(evaluator) -> None:
+    """One decision per run (online data or the offline twins), made and recorded by process 0;
+    the others read the record after a barrier, so they cannot decide differently or race on
+    the write. A failure is raised on every process alike (the loop logs it as eval/error and
+    the next evaluation tries again), never on process 0 alone, which would hang the others."""
+    error = None
+    if jax.process_index() == 0:
+        try:
+            evaluator.pin()
+        except Exception as e:  # noqa: BLE001 - re-raised below, on every process
+            error = e
+    if bool(hosts.from_process_0(error is not None)) and error is None:
+        raise RuntimeError("process 0 could not pin the evaluation data (see its log)")
+    if error is not None:
+        raise error
+
+
+def validate_tasks(config) -> None:
+    """Unknown eval.tasks fail now, not at the first evaluation a checkpoint interval later."""
+    tasks = task_names(config)
+    if not tasks:
+        return
+    try:
+        tasks_lib.validate(tasks)
+    except ValueError as e:
+        raise ConfigError(f"eval.tasks={config.eval.tasks!r}: {e}") from None
+    check_limit(config.eval.limit)  # ConfigErrors naming the field
+    resolved_limits(parse_limits(config.eval.get("limits", "")), tasks,
+                    tasks_lib.resolve(tasks, offline=True))

@@ -1,12 +1,17 @@
 """How the processes of one run agree: every one must take the same collective path, and only
 process 0 holds the log and writes the run's files, so decisions made from them are broadcast.
-With one process each function is the identity (no collective is compiled)."""
+With one process each function is the identity (no collective is compiled). ``initialize``
+starts the multi-process runtime itself (flags, or a Cloud TPU slice's metadata)."""
 
 from __future__ import annotations
+
+import os
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
+
+from prefixlm.core.errors import ConfigError
 
 
 def any_process(flag: bool) -> bool:
@@ -122,3 +127,56 @@ def claim_process_id(coordinator: str, process_id: int) -> None:
     os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                              "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}).encode())
     _CLAIMS.append(fd)
+
+
+def on_tpu_vm() -> bool:
+    """A Cloud TPU VM, detected without touching the JAX backend (initialize must come first)."""
+    if os.environ.get("JAX_PLATFORMS", "").strip().lower() in ("cpu", "cuda", "gpu"):
+        return False
+    return (os.path.exists("/dev/accel0") or os.path.exists("/dev/vfio/0")
+            or bool(os.environ.get("TPU_WORKER_HOSTNAMES")))
+
+
+def tpu_worker_count() -> int | None:
+    """Hosts in this TPU slice (env or GCE metadata, as JAX itself reads them); None = unknown."""
+    hosts = os.environ.get("TPU_WORKER_HOSTNAMES")
+    if hosts:
+        return len([h for h in hosts.split(",") if h.strip()])
+    import urllib.request
+
+    url = ("http://metadata.google.internal/computeMetadata/v1/instance/attributes/"
+           "worker-network-endpoints")
+    try:
+        req = urllib.request.Request(url, headers={"Metadata-Flavor": "Google"})
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            body = resp.read().decode()
+        return len([e for e in body.split(",") if e.strip()])
+    except OSError:
+        return None
+
+
+def initialize(coordinator: str | None, num_processes: int | None, process_id: int | None,
+               distributed: str = "auto") -> None:
+    """Starts JAX's multi-process runtime, before any backend: from the three flags when given
+    (all or none: the command checks), else per ``--distributed`` (``auto`` initializes on a
+    multi-host Cloud TPU slice from its metadata)."""
+    if process_id is not None:
+        if not (num_processes >= 1 and 0 <= process_id < num_processes):
+            raise ConfigError(
+                f"--process_id={process_id} with --num_processes={num_processes}: the ids are 0 "
+                f"to {max(num_processes - 1, 0)}, one per process; give each process its own")
+        if num_processes > 1 and not os.environ.get("JAX_CPU_COLLECTIVES_IMPLEMENTATION"):
+            # Cross-process collectives of the CPU backend (processes without accelerators, and
+            # tests); it must be chosen before initialize creates the backend. Accelerator
+            # backends ignore it. An explicit JAX_CPU_COLLECTIVES_IMPLEMENTATION (mpi) wins.
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        if num_processes > 1:  # a duplicate id must stop before it reaches the coordinator
+            claim_process_id(coordinator, process_id)
+        jax.distributed.initialize(coordinator_address=coordinator,
+                                   num_processes=num_processes, process_id=process_id)
+    elif distributed == "on":
+        jax.distributed.initialize()
+    elif distributed == "auto" and on_tpu_vm():
+        workers = tpu_worker_count()
+        if workers is None or workers > 1:  # multi-host slice: coordinator from the metadata
+            jax.distributed.initialize()

@@ -25,6 +25,7 @@ from test_train import (
 )
 
 from prefixlm import config as config_lib
+from prefixlm.evaluation import harness
 from prefixlm.run import checkpoint as ckpt_lib
 from prefixlm.train import driver
 from prefixlm.train.loop import Evaluation
@@ -274,16 +275,15 @@ def test_every_numeric_field_is_range_checked(token_dir, change, message):
 
 # ---- bad input found before training ------------------------------------------------------------
 def test_unknown_eval_tasks_fail_before_training(token_dir):
-    from prefixlm import main
 
     c = config_lib.resolve(tiny_config(token_dir, eval__tasks="piqa_local,no_such_task",
                                        eval__every=10), 1, 1)
     with pytest.raises(config_lib.ConfigError, match="no_such_task"):
-        main.validate_tasks(c)
+        harness.validate_tasks(c)
     bad_limits = tiny_config(token_dir, eval__tasks="piqa_local", eval__every=10,
                              eval__limits="piqa=0")
     with pytest.raises(config_lib.ConfigError, match="positive"):
-        main.validate_tasks(config_lib.resolve(bad_limits, 1, 1))
+        harness.validate_tasks(config_lib.resolve(bad_limits, 1, 1))
 
 
 def test_data_that_does_not_match_the_run_is_a_config_error(tmp_path):

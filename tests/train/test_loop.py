@@ -9,6 +9,7 @@ import pytest
 from test_train import read_metrics, run, tiny_config, tiny_tokenizer, write_token_dir
 
 from prefixlm import config as config_lib
+from prefixlm.evaluation import harness
 from prefixlm.train import driver
 from prefixlm.train import trainer as step_lib
 from prefixlm.train.loop import Evaluation
@@ -103,7 +104,6 @@ def test_data_order_and_init_are_seeded_apart(token_dir):
 def test_in_loop_evaluation_builds_requests_once(tmp_path, llama3):
     """The evaluation main.py plugs in: steps 0, 10 and 20 log eval/seconds and
     eval/request_seconds, and the later evaluations reuse the first one's requests."""
-    from prefixlm import main
 
     data = write_token_dir(tmp_path / "tokens", llama3.vocab_hash, n_train=3000, n_val=600,
                            n_ids=1000)
@@ -112,8 +112,8 @@ def test_in_loop_evaluation_builds_requests_once(tmp_path, llama3):
                     eval__limits="", eval__final_full=False, eval__batch_size=8)
     c.model.vocab_size = llama3.vocab_size
     c = config_lib.resolve(c, 1, 1)
-    main.validate_tasks(c)
-    hooks = main.build_evaluations(c, "llama3", str(tmp_path / "run"))
+    harness.validate_tasks(c)
+    hooks = harness.in_loop_evaluations(c, "llama3", str(tmp_path / "run"))
     driver.train_and_evaluate(c, tmp_path / "run", tokenizer=llama3, evaluations=hooks)
     rows = {r["step"]: r for r in read_metrics(tmp_path / "run") if "eval/seconds" in r}
     assert sorted(rows) == [0, 10, 20]
