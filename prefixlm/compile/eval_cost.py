@@ -98,6 +98,7 @@ def scoring_calls(config, tokenizer, *, full: bool, shards: int = 1) -> dict:
            "code": _source_hash(jaxlm, harness, tasks_lib)}
 
     def count() -> dict:
+        harness.quiet_logs(False)  # lm-eval's per-task warnings and datasets' bars: not the report
         evaluator = harness.InLoopEvaluator(tokenizer, e, workdir=tempfile.gettempdir())
         evaluator.names = tasks_lib.resolve(requested, offline=True)
         task_set, _ = evaluator.task_set(full)

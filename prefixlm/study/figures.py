@@ -69,7 +69,7 @@ def plot_curves(runs: list, out: pathlib.Path) -> list[pathlib.Path]:
 
 
 # ---- metrics: curves and final results across training runs (python -m prefixlm.plots metrics) --
-# Reads RUN_DIR/metrics.jsonl as train.py writes it (one JSON object per log line; restarts append,
+# Reads RUN_DIR/metrics.jsonl as training writes it (one JSON object per log line; restarts append,
 # so a repeated step keeps its last record) and plots against tokens seen, which is comparable
 # across runs with different batch sizes; step is the fallback when a run logs no "tokens".
 

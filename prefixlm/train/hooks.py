@@ -1,5 +1,5 @@
 """The loop's built-in hooks: preemption, checkpoints, log rows, evaluation, progress bar,
-profiler, and the first batch's note. ``train.py`` lists them in the order they run after a step:
+profiler, and the first batch's note. ``driver.py`` lists them in the order they run after a step:
 preemption first (so a stop is saved), the checkpoint before the row (a failed evaluation never
 costs training), the training metrics before the evaluations that join them in the row."""
 
@@ -162,7 +162,7 @@ def failed_steps(rows: list[dict], name: str) -> set[int]:
 
 
 class Evaluations(Hook):
-    """Runs the evaluation ``Evaluation``s that are due and adds their metrics to the row.
+    """Runs the ``Evaluation``s that are due and adds their metrics to the row.
 
     At the start of a launch it runs those due at the starting step: at step 0 the initial
     model, and on resume any evaluation of the restored step that never ran or failed (a retry;

@@ -2,10 +2,10 @@
 
 Everything around the step (checkpoints, log rows and the progress bar, profiling, preemption,
 evaluation) is a ``Hook`` on one small loop, as in levanter's ``trainer.add_hook(fn,
-every=N)``; the built-in hooks live in ``prefixlm.train.hooks`` and ``train.py`` chooses them. The hooks
+every=N)``; the built-in hooks live in ``prefixlm.train.hooks`` and ``driver.py`` chooses them. The hooks
 share one ``Run``: the state, the step, the row being built, and whether every process agreed to
-stop. Evaluation plugs in through ``Evaluation`` (work on the model that adds metrics to the row), so
-this module never imports evaluation code.
+stop. Evaluation plugs in through an ``Evaluation`` (work on the model that adds metrics to the
+row), so this module never imports evaluation code.
 """
 
 from __future__ import annotations
@@ -26,13 +26,13 @@ class Evaluation:
     such as lm-eval can run it; with ``host_model=False`` it gets the sharded parameters
     instead) and returns flat metrics. It runs every ``every`` steps (0: only
     at the last step), at the last step, and at step 0 before any update when ``at_start``, so
-    every curve starts at the initial model. Its time is logged as ``<name>/seconds``. A hook that
+    every curve starts at the initial model. Its time is logged as ``<name>/seconds``. One that
     raises is logged as ``<name>/error`` and training goes on, unless ``stop_on_error``: the
     step's checkpoint is saved before any hook runs, so a failure never costs training. A resume
     retries it if it was due at the restored step (see ``hooks.Evaluations``).
 
-    This is how evaluation plugs in (levanter's ``trainer.add_hook``): main.py builds the hooks,
-    and the loop never imports evaluation code.
+    This is how evaluation plugs in (levanter's ``trainer.add_hook``): ``prefixlm.main`` hands the
+    driver the evaluation harness's ``Evaluation``s, and the loop never imports evaluation code.
     """
 
     name: str
