@@ -18,9 +18,10 @@ What it counts:
           and the causal mask (``splash_cost``); other ops one per output element (reductions:
           per input element).
   bytes   HBM traffic: each kernel's distinct operands + result, except that
-          * arrays a TPU layout places in on-chip memory (``S(1)``) cost nothing: the compiler's
-            async ``copy-start`` / ``slice-start`` into and out of it are charged instead (the
-            HBM side of each: read from it, or written to it);
+          * arrays a TPU layout places in on-chip memory (any ``S(n)``, n > 0: VMEM ``S(1)``
+            on v5e, CMEM ``S(3)`` on v4; ``prefixlm.compile.hlo``) cost nothing: the
+            compiler's async ``copy-start`` / ``slice-start`` into and out of it are charged
+            instead (the HBM side of each: read from it, or written to it);
           * a fused operand read only through slices counts the slices;
           * an in-place update (a fusion whose root, through bitcasts, is a dynamic-update-slice
             or a scatter into one of its parameters) writes its update once and does not read or
@@ -30,7 +31,8 @@ What it counts:
           collective-permute 1 x bytes, over half the device's bidirectional ICI/NVLink
           bandwidth (one direction of a ring).
 Limits (why a real step is slower): no launch overhead or latency (many tiny kernels cost more
-than this says), no cache reuse across kernels, peak rates real kernels reach ~60-85% of, no
+than this says), on-chip memory taken as free (v4's CMEM is slower than VMEM, and its traffic
+is not charged), no cache reuse across kernels, peak rates real kernels reach ~60-85% of, no
 overlap of compute with copies or collectives assumed either way, float32 matmuls charged at
 the bfloat16 peak.
 """
@@ -188,7 +190,7 @@ def _plain_bytes(comp: hlo.Computation, ins: hlo.Instruction) -> float:
 def _async_move_bytes(comp: hlo.Computation, ins: hlo.Instruction) -> float:
     """copy-start ``(destination, source, context)`` / slice-start ``((source), destination,
     context)``: HBM bytes read from the source (the slice's size for a slice) and written to
-    the destination; on-chip (``S(1)``) ends cost nothing."""
+    the destination; on-chip (``S(n)``, n > 0) ends cost nothing."""
     parts = hlo.arrays(ins.shape)
     if len(parts) < 2:
         return 0.0
