@@ -74,6 +74,10 @@ import numpy as np
 SHIFT = 40.0  # G = exp(z - z_gold - SHIFT): the gold's G, e^-40, is normal in bf16 and f32
 CLIP = 64.0  # G's exponent is clipped here: V e^CLIP < float32 max, so the row sum is finite
 REFIT_ROWS = 32  # rows per block of the recompute of rows that reached the clip
+# Where the gradient adds its exact sparse entries beside G instead of writing them into G
+# (``_add_sparse_entries``): XLA's TPU backend relayouts G around a write of single elements.
+SPARSE_CORRECTION_PLATFORMS = ("tpu",)
+SPARSE_PER_TOKEN = 8  # there: sparse entries packed per window, per token of the chunk
 
 
 class SparseTarget(NamedTuple):
@@ -295,18 +299,17 @@ def _forward_chunk(h_cxD, e_aug_VxA, esum_D, ids_c, t: SparseTarget) -> _Chunk:
                   _Partials(nll_c, ce_sparse_cxK, ce_rest_c))
 
 
-def _chunk_grads(fw: _Chunk, h_cxD, e_aug_VxA, esum_D, ids_c, w_c, t: SparseTarget):
-    """(dh, dE term) of one chunk: dz = w (Q G / s - q) = r (G - s' q) with r = w Q / s and
-    s' = s / Q, one matmul each."""
+def _chunk_grads(fw: _Chunk, h_cxD, e_aug_VxA, esum_D, ids_c, w_c, t: SparseTarget, de_VxD):
+    """(dh, dE + this chunk's dE term) of one chunk: dz = w (Q G / s - q) = r (G - s' q) with
+    r = w Q / s and s' = s / Q, one matmul each. The sparse entries of G - s' q take exact
+    values, written into G (``_write_sparse_entries``) or added beside it
+    (``_add_sparse_entries``, on ``SPARSE_CORRECTION_PLATFORMS``)."""
     V, D = e_aug_VxA.shape[0], h_cxD.shape[1]
     u = jnp.float32(0) if t.uniform is None else t.uniform
-    rows_c = jnp.arange(ids_c.shape[0])
-    # The sparse entries of G - s q are set from exact values, each rounded once (as softmax - q
-    # was); the uniform part, -s u everywhere, is applied after the matmuls.
     # s' = s / Q; padded tokens have Q = 0 (their target is zero), and then dz = 0.
     s_c = jnp.where(fw.mass_c > 0, fw.s_c / jnp.where(fw.mass_c > 0, fw.mass_c, 1), 0)
-    # One scatter for the gold and the prefix entries together: XLA writes it into G in place,
-    # one small kernel per chunk (two before).
+    # The gold and the prefix entries of G - s' q, from exact values; the uniform part, -s u
+    # everywhere, is applied after the matmuls.
     ids_cxJ = ids_c[:, None]
     vals_cxJ = (fw.g_gold_c - s_c * (t.gold_N - u))[:, None]
     if fw.g_sparse_cxK is not None:
@@ -314,13 +317,68 @@ def _chunk_grads(fw: _Chunk, h_cxD, e_aug_VxA, esum_D, ids_c, w_c, t: SparseTarg
         ids_cxJ = jnp.concatenate([ids_cxJ, ids_cxK], axis=1)
         vals_cxJ = jnp.concatenate(
             [vals_cxJ, fw.g_sparse_cxK - s_c[:, None] * t.weight_NxK], axis=1)
-    g_cxV = fw.g_cxV.at[jnp.broadcast_to(rows_c[:, None], ids_cxJ.shape), ids_cxJ].set(
-        vals_cxJ.astype(fw.g_cxV.dtype), mode="drop")
     r_c = jnp.where(s_c > 0, w_c / jnp.where(s_c > 0, s_c, 1), 0)
-    dh_cxA = jnp.dot(g_cxV, e_aug_VxA, preferred_element_type=jnp.float32)
-    dh_cxD = dh_cxA[:, :D] * r_c[:, None] - (w_c * u)[:, None] * esum_D
     rh_cxD = (h_cxD.astype(jnp.float32) * r_c[:, None]).astype(h_cxD.dtype)
-    return dh_cxD, jnp.dot(g_cxV.T, rh_cxD, preferred_element_type=jnp.float32)
+    forms = {p: _add_sparse_entries for p in SPARSE_CORRECTION_PLATFORMS}
+    dh_cxA, de_VxD = jax.lax.platform_dependent(fw.g_cxV, e_aug_VxA, rh_cxD, ids_cxJ, vals_cxJ,
+                                                de_VxD, default=_write_sparse_entries, **forms)
+    return dh_cxA[:, :D] * r_c[:, None] - (w_c * u)[:, None] * esum_D, de_VxD
+
+
+def _write_sparse_entries(g_cxV, e_aug_VxA, rh_cxD, ids_cxJ, vals_cxJ, de_VxD):
+    """(G' E, dE + G'^T rh) with G' = G whose sparse entries are overwritten by their values,
+    each rounded once to G's dtype (as softmax - q was). One scatter for the gold and the
+    prefix entries together: XLA's GPU backend writes it into G in place, one small kernel per
+    chunk; ids equal to V are dropped."""
+    rows_cxJ = jnp.broadcast_to(jnp.arange(g_cxV.shape[0])[:, None], ids_cxJ.shape)
+    g_cxV = g_cxV.at[rows_cxJ, ids_cxJ].set(vals_cxJ.astype(g_cxV.dtype), mode="drop")
+    dh_cxA = jnp.dot(g_cxV, e_aug_VxA, preferred_element_type=jnp.float32)
+    return dh_cxA, de_VxD + jnp.dot(g_cxV.T, rh_cxD, preferred_element_type=jnp.float32)
+
+
+def _add_sparse_entries(g_cxV, e_aug_VxA, rh_cxD, ids_cxJ, vals_cxJ, de_VxD):
+    """``_write_sparse_entries``' result with G left as the exp pass wrote it: G' = G + delta,
+    delta = the values - G at the sparse entries (float32, not rounded), so
+    G' E = G E + sum delta E[id] and G'^T rh = G^T rh + sum delta rh into dE's row id (the ids
+    of a row are distinct: the gold and its strict prefixes). Why: XLA's TPU backend cannot
+    scatter single elements into G's tiled layout; it copied G to a linear layout and back
+    around the write, two full passes over G per chunk (tpu_v4 x4: 112 ms of a 0.73 s step).
+
+    The entries are few (the gold and, on FineWeb-Edu, 2.4 prefix ids per token; the table has
+    room for K), so they are first packed, in order, into windows of SPARSE_PER_TOKEN x chunk
+    entries (pads left out); each window gathers its rows of E and scatter-adds its rows into
+    dh and dE. A chunk whose entries fill more than one window takes more trips (a loop over
+    windows: one trip unless a chunk averages more than SPARSE_PER_TOKEN entries per token)."""
+    c, V = g_cxV.shape
+    valid_cxJ = ids_cxJ < V
+    safe_cxJ = jnp.where(valid_cxJ, ids_cxJ, 0)
+    g_at_cxJ = jnp.take_along_axis(g_cxV, safe_cxJ, axis=1).astype(jnp.float32)
+    delta_M = jnp.where(valid_cxJ, vals_cxJ - g_at_cxJ, 0).reshape(-1)
+    rows_M = jnp.broadcast_to(jnp.arange(c)[:, None], ids_cxJ.shape).reshape(-1)
+    ids_M, valid_M = ids_cxJ.reshape(-1), valid_cxJ.reshape(-1)
+    dh_cxA = jnp.dot(g_cxV, e_aug_VxA, preferred_element_type=jnp.float32)
+    de_VxD = de_VxD + jnp.dot(g_cxV.T, rh_cxD, preferred_element_type=jnp.float32)
+
+    def add(rows_B, ids_B, delta_B, dh_cxA, de_VxD):
+        """Entries with row c or id V are dropped."""
+        e_rows_BxA = e_aug_VxA[jnp.minimum(ids_B, V - 1)].astype(jnp.float32)
+        dh_cxA = dh_cxA.at[rows_B].add(delta_B[:, None] * e_rows_BxA, mode="drop")
+        rh_BxD = rh_cxD[jnp.minimum(rows_B, c - 1)].astype(jnp.float32)
+        return dh_cxA, de_VxD.at[ids_B].add(delta_B[:, None] * rh_BxD, mode="drop")
+
+    window = SPARSE_PER_TOKEN * c
+    if ids_M.shape[0] <= window:  # the gold alone (ce, label smoothing): no packing
+        return add(jnp.where(valid_M, rows_M, c), ids_M, delta_M, dh_cxA, de_VxD)
+    slot_M = jnp.cumsum(valid_M.astype(jnp.int32)) - 1  # the entry's place among the valid
+
+    def one_window(i, carry):
+        at_M = jnp.where(valid_M, slot_M - i * window, window)
+        at_M = jnp.where((at_M >= 0) & (at_M < window), at_M, window)  # others: dropped
+        pack = lambda x, fill: jnp.full(window, fill, x.dtype).at[at_M].set(x, mode="drop")  # noqa: E731
+        return add(pack(rows_M, c), pack(ids_M, V), pack(delta_M, 0.0), *carry)
+
+    windows = (slot_M[-1] + window) // window  # ceil(valid entries / window)
+    return jax.lax.fori_loop(0, windows, one_window, (dh_cxA, de_VxD))
 
 
 def _chunked_scan(chunk_size, h_NxD, e_VxD, ids_N, w_N, target: SparseTarget, with_grad):
@@ -340,8 +398,8 @@ def _chunked_scan(chunk_size, h_NxD, e_VxD, ids_N, w_N, target: SparseTarget, wi
         fw = _forward_chunk(h_cxD, e_aug_VxA, esum_D, ids_c, t)
         if not with_grad:
             return de_VxD, (fw.out, None, None)
-        dh_cxD, de_term = _chunk_grads(fw, h_cxD, e_aug_VxA, esum_D, ids_c, w_c, t)
-        return de_VxD + de_term, (fw.out, dh_cxD.astype(h_NxD.dtype), fw.partials)
+        dh_cxD, de_VxD = _chunk_grads(fw, h_cxD, e_aug_VxA, esum_D, ids_c, w_c, t, de_VxD)
+        return de_VxD, (fw.out, dh_cxD.astype(h_NxD.dtype), fw.partials)
 
     de0 = jnp.zeros(e_VxD.shape, jnp.float32) if with_grad else jnp.zeros((), jnp.float32)
     de_VxD, (out, dh, partials) = jax.lax.scan(body, de0, xs)
