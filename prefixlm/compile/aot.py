@@ -88,7 +88,7 @@ def target_names() -> list[str]:
 def gpu_target_config(name: str) -> str:
     """The GpuTargetConfigProto text of a GPU target (package data)."""
     spec = hardware.GPU_SPECS[name]
-    return importlib.resources.files("prefixlm").joinpath("targets", spec).read_text()
+    return importlib.resources.files("prefixlm.compile").joinpath("targets", spec).read_text()
 
 
 def topology(name: str, num_devices: int) -> Target:
