@@ -102,7 +102,7 @@ def test_exact_at_any_logit_gap(tiny_token_bytes, monkeypatch, name, form, dtype
     token, so a chunk of 8 tokens whose golds and prefix ids number more than 8 takes several
     windows (ce's 8 golds: one, unpacked); the write form is broken there to prove it unused."""
     if grads == "add":
-        monkeypatch.setattr(fused_loss, "SPARSE_CORRECTION_PLATFORMS", ("cpu",))
+        monkeypatch.setattr(fused_loss, "PACKED_PLATFORMS", ("cpu",))
         monkeypatch.setattr(fused_loss, "SPARSE_PER_TOKEN", 1)
         monkeypatch.setattr(fused_loss, "_write_sparse_entries",
                             lambda g, e, rh, ids, vals, de: (jnp.zeros((g.shape[0], e.shape[1])),
