@@ -215,7 +215,9 @@ def _packed_exact_logits(h_cxD, e_aug_VxA, ids_cxK, valid_cxK):
 
     def body(at_M, z_M):
         h_BxD = h_cxD[_pack(at_M, window, rows_M, 0)].astype(jnp.float32)
-        e_BxD = e_aug_VxA[_pack(at_M, window, ids_M, 0), :h_cxD.shape[1]].astype(jnp.float32)
+        # Whole rows, then the slice: a gather of part rows compiles for TPU into a loop of
+        # one dynamic-slice per entry.
+        e_BxD = e_aug_VxA[_pack(at_M, window, ids_M, 0)][:, :h_cxD.shape[1]].astype(jnp.float32)
         z_B = jnp.sum(h_BxD * e_BxD, axis=1)
         return jnp.where(at_M < window, z_B[jnp.minimum(at_M, window - 1)], z_M)
 
