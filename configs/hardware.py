@@ -26,7 +26,8 @@ beside ``prefixlm.compile.plan``'s estimate (compiled, not run on the device). C
     1024 (MFU bound 57% vs 54%; the loss's three matmuls become compute-bound and the per-chunk
     E reads and float32 dE carry updates are paid 4x less often), the loss's HBM traffic per
     2048 tokens 5.11 GB vs 6.13, and one v5e chip compiles at 9.91 GiB of 16. tpu_v4 keeps
-    2048: at 4096 its step bound is the same (0.720 s vs 0.721 s).
+    2048: at 4096 its step bound is the same within 1% (v4 x 4: 0.463 s vs 0.466 s, MFU bound
+    73%, with the loss's TPU form of branch tpu; docs/hardware.md) for 0.5 GiB more per chip.
   * XLA flags: on GPUs the latency-hiding scheduler overlaps the data-parallel gradient
     all-reduce with the backward pass. TPU flags belong in $LIBTPU_INIT_ARGS, not $XLA_FLAGS
     (jaxlib rejects unknown --xla_tpu_* flags at start-up), and libtpu's defaults suit this

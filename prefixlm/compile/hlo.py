@@ -7,9 +7,14 @@ fusions (one kernel each) whose fused computations say what the kernel computes,
 scripts all read it through this module, so they share:
 
   * one dtype table (``BYTES``) and one shape reader (``arrays``): ``f32[2048,512]{1,0}``,
-    tuples of them, and TPU layouts such as ``{1,0:T(8,128)(2,1)S(1)}``, whose ``S(1)`` says the
-    array lives in memory space 1 (the TPU core's VMEM, on-chip): ``nbytes(..., hbm_only=True)``
-    leaves such arrays out, since moving them costs no HBM bandwidth;
+    tuples of them, and TPU layouts such as ``{1,0:T(8,128)(2,1)S(1)}``, whose ``S(n)`` says the
+    array lives in memory space n. Only space 0 (no tag) is HBM; every other space is on-chip
+    memory: ``S(1)`` the core's VMEM (v5e, v6e: what memory-space assignment stages operands
+    in), ``S(3)`` on TPU v4 its 128 MiB CMEM (v4's compiler stages operands there instead:
+    single arrays of up to 125 MiB carry it in the v4 step, more than v4's VMEM holds),
+    ``S(2)`` scalar memory and ``S(6)`` the DMA sync flags (a few bytes).
+    ``nbytes(..., hbm_only=True)`` leaves on-chip arrays out, since moving them costs no HBM
+    bandwidth;
   * one trip-count rule for while loops (``trip_count``): XLA's ``known_trip_count`` where the
     compiler recorded it (GPU, and TPU where it did), else TPU's form, a condition
     ``compare(i, constant(N)), direction=LT`` (possibly inside a fusion the condition calls)
@@ -46,7 +51,7 @@ FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after
         "async-done", "async-update", "send-done", "recv-done", "slice-done"}
 COLLECTIVES = {"all-reduce", "all-gather", "reduce-scatter", "all-to-all",
                "collective-permute", "ragged-all-to-all", "collective-broadcast"}
-VMEM = "S(1)"  # a TPU layout's memory-space tag for the on-chip vector memory
+_MEMORY_SPACE = re.compile(r"S\((\d+)\)")  # a TPU layout's memory-space tag; none: 0, HBM
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,8 +65,14 @@ class Array:
         return BYTES[self.dtype] * math.prod(self.dims)
 
     @property
+    def memory_space(self) -> int:
+        m = _MEMORY_SPACE.search(self.layout)
+        return int(m.group(1)) if m else 0
+
+    @property
     def in_hbm(self) -> bool:
-        return VMEM not in self.layout
+        """In HBM (memory space 0), not in an on-chip memory (VMEM, v4's CMEM, SMEM)."""
+        return self.memory_space == 0
 
 
 def arrays(shape_text: str) -> list[Array]:
@@ -71,7 +82,7 @@ def arrays(shape_text: str) -> list[Array]:
 
 
 def nbytes(shape_text: str, *, hbm_only: bool = False) -> float:
-    """Bytes of the arrays in ``shape_text``; ``hbm_only``: of those not in TPU VMEM."""
+    """Bytes of the arrays in ``shape_text``; ``hbm_only``: of those in HBM (not on-chip)."""
     return sum(a.nbytes for a in arrays(shape_text) if a.in_hbm or not hbm_only)
 
 

@@ -18,19 +18,22 @@ What it counts:
           and the causal mask (``splash_cost``); other ops one per output element (reductions:
           per input element).
   bytes   HBM traffic: each kernel's distinct operands + result, except that
-          * arrays a TPU layout places in on-chip memory (``S(1)``) cost nothing: the compiler's
-            async ``copy-start`` / ``slice-start`` into and out of it are charged instead (the
-            HBM side of each: read from it, or written to it);
+          * arrays a TPU layout places in on-chip memory (any ``S(n)``, n > 0: VMEM ``S(1)``
+            on v5e, CMEM ``S(3)`` on v4; ``prefixlm.compile.hlo``) cost nothing: the
+            compiler's async ``copy-start`` / ``slice-start`` into and out of it are charged
+            instead (the HBM side of each: read from it, or written to it);
           * a fused operand read only through slices counts the slices;
-          * an in-place update (a fusion whose root, through bitcasts, is a dynamic-update-slice
-            or a scatter into one of its parameters) writes its update once and does not read or
-            write the rest of the buffer; the values the update is computed from are operands
-            and counted as such (one rule for GPU and TPU).
+          * an in-place update (a fusion whose root, through bitcasts and nested fusions, is a
+            dynamic-update-slice or a scatter into one of its parameters) writes its update
+            once (a combining scatter, scatter-add, also reads the rows it adds to) and does
+            not read or write the rest of the buffer; the values the update is computed from
+            are operands and counted as such (one rule for GPU and TPU).
   comms   all-reduce 2(n-1)/n x bytes, all-gather / reduce-scatter / all-to-all (n-1)/n x bytes,
           collective-permute 1 x bytes, over half the device's bidirectional ICI/NVLink
           bandwidth (one direction of a ring).
 Limits (why a real step is slower): no launch overhead or latency (many tiny kernels cost more
-than this says), no cache reuse across kernels, peak rates real kernels reach ~60-85% of, no
+than this says), on-chip memory taken as free (v4's CMEM is slower than VMEM, and its traffic
+is not charged), no cache reuse across kernels, peak rates real kernels reach ~60-85% of, no
 overlap of compute with copies or collectives assumed either way, float32 matmuls charged at
 the bfloat16 peak.
 """
@@ -188,7 +191,7 @@ def _plain_bytes(comp: hlo.Computation, ins: hlo.Instruction) -> float:
 def _async_move_bytes(comp: hlo.Computation, ins: hlo.Instruction) -> float:
     """copy-start ``(destination, source, context)`` / slice-start ``((source), destination,
     context)``: HBM bytes read from the source (the slice's size for a slice) and written to
-    the destination; on-chip (``S(1)``) ends cost nothing."""
+    the destination; on-chip (``S(n)``, n > 0) ends cost nothing."""
     parts = hlo.arrays(ins.shape)
     if len(parts) < 2:
         return 0.0
@@ -196,18 +199,44 @@ def _async_move_bytes(comp: hlo.Computation, ins: hlo.Instruction) -> float:
     return (dest.nbytes if src.in_hbm else 0.0) + (dest.nbytes if dest.in_hbm else 0.0)
 
 
-def _in_place_root(fused: hlo.Computation) -> tuple[hlo.Instruction | None, int | None]:
-    """(the in-place update at the fused root, through bitcasts, and its update's index)."""
+def _combines(module: hlo.Module, ins: hlo.Instruction) -> bool:
+    """A scatter that combines its update with the old value (scatter-add: ``to_apply`` is not
+    just its second parameter), so it reads the rows it writes."""
+    if ins.opcode != "scatter":
+        return False
+    apply = module.computations.get(ins.attr("to_apply") or "")
+    root = apply.root if apply is not None else None
+    return not (root is not None and root.opcode == "parameter" and root.args.strip() == "1")
+
+
+def _in_place_root(module: hlo.Module, fused: hlo.Computation, depth: int = 0
+                   ) -> tuple[str, float] | None:
+    """(the fused parameter a fusion updates in place, HBM bytes the update moves) when its
+    root, through bitcasts and nested fusions (TPU wraps a scatter in a ``kCustom`` fusion
+    inside the kernel's fusion), is a dynamic-update-slice or scatter into one of its
+    parameters: the update written once, and read once more by a combining scatter."""
     root = fused.root
     while root is not None and root.opcode == "bitcast" and root.operands:
         root = fused.get(root.operands[0])
-    if root is None or root.opcode not in IN_PLACE_UPDATE:
-        return None, None
-    index = IN_PLACE_UPDATE[root.opcode]
-    target = fused.get(root.operands[0]) if root.operands else None
-    if len(root.operands) <= index or target is None or target.opcode != "parameter":
-        return None, None
-    return root, index
+    if root is None or not root.operands or depth > 8:
+        return None
+    if root.opcode == "fusion":
+        inner = module.computations.get(root.attr("calls") or "")
+        found = _in_place_root(module, inner, depth + 1) if inner is not None else None
+        param = inner.get(found[0]) if found else None
+        if param is None or not param.args.strip().isdigit() \
+                or int(param.args) >= len(root.operands):
+            return None
+        target = fused.get(root.operands[int(param.args)])
+        return (target.name, found[1]) if target is not None and target.opcode == "parameter" \
+            else None
+    index = IN_PLACE_UPDATE.get(root.opcode)
+    target = fused.get(root.operands[0])
+    if index is None or len(root.operands) <= index or target is None \
+            or target.opcode != "parameter":
+        return None
+    update = hlo.nbytes(fused.shapes.get(root.operands[index], ""))
+    return target.name, update * (2 if _combines(module, root) else 1)
 
 
 def _fused_bytes(module: hlo.Module, comp: hlo.Computation, ins: hlo.Instruction) -> float:
@@ -222,7 +251,7 @@ def _fused_bytes(module: hlo.Module, comp: hlo.Computation, ins: hlo.Instruction
     for f in fused.instructions:
         for o in f.operands:
             users.setdefault(o, []).append(f)
-    root, update = _in_place_root(fused)
+    in_place = _in_place_root(module, fused)
     total, seen = 0.0, set()
     for i, operand in enumerate(ins.operands):
         shape = comp.shapes.get(operand, "")
@@ -231,15 +260,14 @@ def _fused_bytes(module: hlo.Module, comp: hlo.Computation, ins: hlo.Instruction
         seen.add(operand)
         param = params.get(i, "")
         uses = users.get(param, [])
-        if root is not None and root.operands[0] == param:
+        if in_place is not None and in_place[0] == param:
             continue  # updated in place: only the update is written
         if uses and all(u.opcode in SLICES and u.operands[0] == param for u in uses):
             total += sum(hlo.nbytes(u.shape) for u in uses)
         else:
             total += hlo.nbytes(shape)
-    if root is not None:
-        return total + hlo.nbytes(fused.shapes.get(root.operands[update], ""))
-    return total + hlo.nbytes(ins.shape, hbm_only=True)
+    result = hlo.nbytes(ins.shape, hbm_only=True)  # 0: the result is on-chip
+    return total + (in_place[1] if in_place is not None and result else result)
 
 
 def _touches_logits(comp: hlo.Computation, ins: hlo.Instruction, vocab: int, d_model: int

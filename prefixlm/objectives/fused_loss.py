@@ -32,11 +32,16 @@ recomputed, and [N, V] logits never exist at once. Per chunk:
      lse = shift + log s;
   4. dz = (w Q / s)(G - (s / Q) q): the sparse entries of G are overwritten in place with
      exact values (each rounded once, as softmax - q was), the uniform part is a rank-one term
-     applied after the matmuls; then dh = dz E and dE += dz^T h read that one buffer.
+     applied after the matmuls; then dh = dz E and dE += dz^T h read that one buffer. On TPU
+     (``PACKED_PLATFORMS``) G is left as written and the sparse entries' exact
+     values are added beside the two matmuls instead (gathered rows of E into dh, a
+     scatter-add into dE's rows), since XLA's TPU backend copies G to a linear layout and back
+     around a scatter of single elements (``_add_sparse_entries``).
 
 HBM traffic per chunk is therefore one write and three reads of a bfloat16 [chunk, V] buffer
 (plus E twice and the float32 dE carry), not the float32 logits, softmax and gradient of a
-textbook implementation (bench/loss_hlo.py measures both from the compiled H100 HLO).
+textbook implementation (bench/loss_hlo.py measures both from the compiled H100 HLO; on TPU it
+compares the two forms of step 4: tpu_v4, prefix_norm, 6.14 -> 4.74 GB per 2048 tokens).
 
 Precision, against float64 on the same inputs, at any logit gap (each bound is a test in
 tests/objectives/test_fused_loss_exact.py; bench/loss.py --precision prints the errors). With S_i =
@@ -74,6 +79,12 @@ import numpy as np
 SHIFT = 40.0  # G = exp(z - z_gold - SHIFT): the gold's G, e^-40, is normal in bf16 and f32
 CLIP = 64.0  # G's exponent is clipped here: V e^CLIP < float32 max, so the row sum is finite
 REFIT_ROWS = 32  # rows per block of the recompute of rows that reached the clip
+# Where the target's sparse entries are packed, pads left out, for their exact logits
+# (``_packed_exact_logits``) and the gradient's exact entries, added beside G instead of written
+# into it (``_add_sparse_entries``): XLA's TPU backend relayouts G around a write of single
+# elements, and relayouts the [chunk, K, D] rows of E a gather over every slot of the table.
+PACKED_PLATFORMS = ("tpu",)
+SPARSE_PER_TOKEN = 8  # there: sparse entries per window, per token of the chunk
 
 
 class SparseTarget(NamedTuple):
@@ -163,6 +174,55 @@ def _exact_logits(h_cxD, e_aug_VxA, ids_cxK):
     """float32 h . E[id] for a few ids per token, from gathered rows: no pass over V."""
     rows_cxKxD = e_aug_VxA[ids_cxK][..., :h_cxD.shape[1]]
     return jnp.einsum("cd,ckd->ck", h_cxD, rows_cxKxD, preferred_element_type=jnp.float32)
+
+
+def _slot_exact_logits(h_cxD, e_aug_VxA, ids_cxK, valid_cxK):
+    """``_exact_logits`` at every slot of the target's table, pads included."""
+    del valid_cxK
+    return _exact_logits(h_cxD, e_aug_VxA, ids_cxK)
+
+
+def _in_windows(valid_M, window, body, carry):
+    """Runs ``body(at_M, carry)`` over the valid entries of M in order, ``window`` at a time:
+    ``at_M`` is each entry's place in the current window, ``window`` for the entries outside it
+    (pads, other windows), which ``body`` drops. One trip unless more than ``window`` entries
+    are valid (a loop whose trip count XLA does not know)."""
+    if valid_M.shape[0] <= window:  # everything fits one window unpacked: no loop
+        return body(jnp.where(valid_M, jnp.arange(valid_M.shape[0]), window), carry)
+    slot_M = jnp.cumsum(valid_M.astype(jnp.int32)) - 1  # the entry's place among the valid
+
+    def one_window(i, carry):
+        at_M = jnp.where(valid_M, slot_M - i * window, window)
+        return body(jnp.where((at_M >= 0) & (at_M < window), at_M, window), carry)
+
+    return jax.lax.fori_loop(0, (slot_M[-1] + window) // window, one_window, carry)
+
+
+def _pack(at_M, window, x_M, fill):
+    """The entries of x_M at their places ``at_M`` in a window (``fill`` where none is)."""
+    return jnp.full(window, fill, x_M.dtype).at[at_M].set(x_M, mode="drop")
+
+
+def _packed_exact_logits(h_cxD, e_aug_VxA, ids_cxK, valid_cxK):
+    """``_exact_logits`` at the valid slots only (the pads' logits read 0; their weight is 0):
+    the slots are packed into windows of SPARSE_PER_TOKEN x chunk entries (FineWeb-Edu has 2.4
+    prefix ids per token; the table holds K), each gathers its rows of h and E and takes
+    their dot products."""
+    c, K = ids_cxK.shape
+    window = min(SPARSE_PER_TOKEN * c, c * K)
+    rows_M = jnp.broadcast_to(jnp.arange(c)[:, None], ids_cxK.shape).reshape(-1)
+    ids_M = ids_cxK.reshape(-1)
+
+    def body(at_M, z_M):
+        h_BxD = h_cxD[_pack(at_M, window, rows_M, 0)].astype(jnp.float32)
+        # Whole rows, then the slice: a gather of part rows compiles for TPU into a loop of
+        # one dynamic-slice per entry.
+        e_BxD = e_aug_VxA[_pack(at_M, window, ids_M, 0)][:, :h_cxD.shape[1]].astype(jnp.float32)
+        z_B = jnp.sum(h_BxD * e_BxD, axis=1)
+        return jnp.where(at_M < window, z_B[jnp.minimum(at_M, window - 1)], z_M)
+
+    z_M = _in_windows(valid_cxK.reshape(-1), window, body, jnp.zeros(c * K, jnp.float32))
+    return z_M.reshape(c, K)
 
 
 def _sum_max_argmax(g_cxV):
@@ -263,7 +323,11 @@ def _forward_chunk(h_cxD, e_aug_VxA, esum_D, ids_c, t: SparseTarget) -> _Chunk:
     V = e_aug_VxA.shape[0]
     rows_c = jnp.arange(ids_c.shape[0])
     z_gold_c = _exact_logits(h_cxD, e_aug_VxA, ids_c[:, None])[:, 0]
-    z_sparse_cxK = None if t.ids_NxK is None else _exact_logits(h_cxD, e_aug_VxA, t.ids_NxK)
+    z_sparse_cxK = None
+    if t.ids_NxK is not None:
+        forms = {p: _packed_exact_logits for p in PACKED_PLATFORMS}
+        z_sparse_cxK = jax.lax.platform_dependent(h_cxD, e_aug_VxA, t.ids_NxK, t.weight_NxK != 0,
+                                                  default=_slot_exact_logits, **forms)
     row_sum_c = None if t.uniform is None else h_cxD.astype(jnp.float32) @ esum_D
     shift_c = (z_gold_c + SHIFT).astype(h_cxD.dtype).astype(jnp.float32)
     g_cxV, s_c, max_c, argmax_c = _exp_pass(h_cxD, e_aug_VxA, shift_c)
@@ -295,18 +359,17 @@ def _forward_chunk(h_cxD, e_aug_VxA, esum_D, ids_c, t: SparseTarget) -> _Chunk:
                   _Partials(nll_c, ce_sparse_cxK, ce_rest_c))
 
 
-def _chunk_grads(fw: _Chunk, h_cxD, e_aug_VxA, esum_D, ids_c, w_c, t: SparseTarget):
-    """(dh, dE term) of one chunk: dz = w (Q G / s - q) = r (G - s' q) with r = w Q / s and
-    s' = s / Q, one matmul each."""
+def _chunk_grads(fw: _Chunk, h_cxD, e_aug_VxA, esum_D, ids_c, w_c, t: SparseTarget, de_VxD):
+    """(dh, dE + this chunk's dE term) of one chunk: dz = w (Q G / s - q) = r (G - s' q) with
+    r = w Q / s and s' = s / Q, one matmul each. The sparse entries of G - s' q take exact
+    values, written into G (``_write_sparse_entries``) or added beside it
+    (``_add_sparse_entries``, on ``PACKED_PLATFORMS``)."""
     V, D = e_aug_VxA.shape[0], h_cxD.shape[1]
     u = jnp.float32(0) if t.uniform is None else t.uniform
-    rows_c = jnp.arange(ids_c.shape[0])
-    # The sparse entries of G - s q are set from exact values, each rounded once (as softmax - q
-    # was); the uniform part, -s u everywhere, is applied after the matmuls.
     # s' = s / Q; padded tokens have Q = 0 (their target is zero), and then dz = 0.
     s_c = jnp.where(fw.mass_c > 0, fw.s_c / jnp.where(fw.mass_c > 0, fw.mass_c, 1), 0)
-    # One scatter for the gold and the prefix entries together: XLA writes it into G in place,
-    # one small kernel per chunk (two before).
+    # The gold and the prefix entries of G - s' q, from exact values; the uniform part, -s u
+    # everywhere, is applied after the matmuls.
     ids_cxJ = ids_c[:, None]
     vals_cxJ = (fw.g_gold_c - s_c * (t.gold_N - u))[:, None]
     if fw.g_sparse_cxK is not None:
@@ -314,13 +377,59 @@ def _chunk_grads(fw: _Chunk, h_cxD, e_aug_VxA, esum_D, ids_c, w_c, t: SparseTarg
         ids_cxJ = jnp.concatenate([ids_cxJ, ids_cxK], axis=1)
         vals_cxJ = jnp.concatenate(
             [vals_cxJ, fw.g_sparse_cxK - s_c[:, None] * t.weight_NxK], axis=1)
-    g_cxV = fw.g_cxV.at[jnp.broadcast_to(rows_c[:, None], ids_cxJ.shape), ids_cxJ].set(
-        vals_cxJ.astype(fw.g_cxV.dtype), mode="drop")
     r_c = jnp.where(s_c > 0, w_c / jnp.where(s_c > 0, s_c, 1), 0)
-    dh_cxA = jnp.dot(g_cxV, e_aug_VxA, preferred_element_type=jnp.float32)
-    dh_cxD = dh_cxA[:, :D] * r_c[:, None] - (w_c * u)[:, None] * esum_D
     rh_cxD = (h_cxD.astype(jnp.float32) * r_c[:, None]).astype(h_cxD.dtype)
-    return dh_cxD, jnp.dot(g_cxV.T, rh_cxD, preferred_element_type=jnp.float32)
+    forms = {p: _add_sparse_entries for p in PACKED_PLATFORMS}
+    dh_cxA, de_VxD = jax.lax.platform_dependent(fw.g_cxV, e_aug_VxA, rh_cxD, ids_cxJ, vals_cxJ,
+                                                de_VxD, default=_write_sparse_entries, **forms)
+    return dh_cxA[:, :D] * r_c[:, None] - (w_c * u)[:, None] * esum_D, de_VxD
+
+
+def _write_sparse_entries(g_cxV, e_aug_VxA, rh_cxD, ids_cxJ, vals_cxJ, de_VxD):
+    """(G' E, dE + G'^T rh) with G' = G whose sparse entries are overwritten by their values,
+    each rounded once to G's dtype (as softmax - q was). One scatter for the gold and the
+    prefix entries together: XLA's GPU backend writes it into G in place, one small kernel per
+    chunk; ids equal to V are dropped."""
+    rows_cxJ = jnp.broadcast_to(jnp.arange(g_cxV.shape[0])[:, None], ids_cxJ.shape)
+    g_cxV = g_cxV.at[rows_cxJ, ids_cxJ].set(vals_cxJ.astype(g_cxV.dtype), mode="drop")
+    dh_cxA = jnp.dot(g_cxV, e_aug_VxA, preferred_element_type=jnp.float32)
+    return dh_cxA, de_VxD + jnp.dot(g_cxV.T, rh_cxD, preferred_element_type=jnp.float32)
+
+
+def _add_sparse_entries(g_cxV, e_aug_VxA, rh_cxD, ids_cxJ, vals_cxJ, de_VxD):
+    """``_write_sparse_entries``' result with G left as the exp pass wrote it: G' = G + delta,
+    delta = the values - G at the sparse entries (float32, not rounded), so
+    G' E = G E + sum delta E[id] and G'^T rh = G^T rh + sum delta rh into dE's row id (the ids
+    of a row are distinct: the gold and its strict prefixes). Why: XLA's TPU backend cannot
+    scatter single elements into G's tiled layout; it copied G to a linear layout and back
+    around the write, two full passes over G per chunk (tpu_v4 x4: 112 ms of a 0.73 s step).
+
+    The entries are few (the gold and, on FineWeb-Edu, 2.4 prefix ids per token; the table has
+    room for K), so they are first packed, in order, into windows of SPARSE_PER_TOKEN x chunk
+    entries (pads left out); each window gathers its rows of E and scatter-adds its rows into
+    dh and dE. A chunk whose entries fill more than one window takes more trips (a loop over
+    windows: one trip unless a chunk averages more than SPARSE_PER_TOKEN entries per token)."""
+    c, V = g_cxV.shape
+    valid_cxJ = ids_cxJ < V
+    safe_cxJ = jnp.where(valid_cxJ, ids_cxJ, 0)
+    g_at_cxJ = jnp.take_along_axis(g_cxV, safe_cxJ, axis=1).astype(jnp.float32)
+    delta_M = jnp.where(valid_cxJ, vals_cxJ - g_at_cxJ, 0).reshape(-1)
+    rows_M = jnp.broadcast_to(jnp.arange(c)[:, None], ids_cxJ.shape).reshape(-1)
+    ids_M = ids_cxJ.reshape(-1)
+    dh_cxA = jnp.dot(g_cxV, e_aug_VxA, preferred_element_type=jnp.float32)
+    de_VxD = de_VxD + jnp.dot(g_cxV.T, rh_cxD, preferred_element_type=jnp.float32)
+    window = min(SPARSE_PER_TOKEN * c, ids_M.shape[0])
+
+    def body(at_M, carry):  # entries packed with row c or id V are dropped
+        dh_cxA, de_VxD = carry
+        rows_B, ids_B = _pack(at_M, window, rows_M, c), _pack(at_M, window, ids_M, V)
+        delta_B = _pack(at_M, window, delta_M, 0.0)
+        e_rows_BxA = e_aug_VxA[jnp.minimum(ids_B, V - 1)].astype(jnp.float32)
+        dh_cxA = dh_cxA.at[rows_B].add(delta_B[:, None] * e_rows_BxA, mode="drop")
+        rh_BxD = rh_cxD[jnp.minimum(rows_B, c - 1)].astype(jnp.float32)
+        return dh_cxA, de_VxD.at[ids_B].add(delta_B[:, None] * rh_BxD, mode="drop")
+
+    return _in_windows(valid_cxJ.reshape(-1), window, body, (dh_cxA, de_VxD))
 
 
 def _chunked_scan(chunk_size, h_NxD, e_VxD, ids_N, w_N, target: SparseTarget, with_grad):
@@ -340,8 +449,8 @@ def _chunked_scan(chunk_size, h_NxD, e_VxD, ids_N, w_N, target: SparseTarget, wi
         fw = _forward_chunk(h_cxD, e_aug_VxA, esum_D, ids_c, t)
         if not with_grad:
             return de_VxD, (fw.out, None, None)
-        dh_cxD, de_term = _chunk_grads(fw, h_cxD, e_aug_VxA, esum_D, ids_c, w_c, t)
-        return de_VxD + de_term, (fw.out, dh_cxD.astype(h_NxD.dtype), fw.partials)
+        dh_cxD, de_VxD = _chunk_grads(fw, h_cxD, e_aug_VxA, esum_D, ids_c, w_c, t, de_VxD)
+        return de_VxD, (fw.out, dh_cxD.astype(h_NxD.dtype), fw.partials)
 
     de0 = jnp.zeros(e_VxD.shape, jnp.float32) if with_grad else jnp.zeros((), jnp.float32)
     de_VxD, (out, dh, partials) = jax.lax.scan(body, de0, xs)

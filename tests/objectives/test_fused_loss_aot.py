@@ -3,6 +3,8 @@
 [chunk, V] array (logits, softmax, gradient) is ever written to device memory. Traffic figures
 are measured by bench/loss_hlo.py; this guards the structure they rest on."""
 
+import importlib.util
+import os
 import re
 
 import jax
@@ -81,3 +83,30 @@ def test_h100_loss_writes_no_float32_vocabulary_buffer(name):
     # together), in place: one kernel per chunk.
     scatters = [line for _, line in wide if "scatter" in line]
     assert len(scatters) <= 1, scatters
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu (AOT extras)")
+def test_tpu_loss_never_relays_g_out():
+    """On TPU (v5e, compile-only) the gradient's exact entries go beside G, not into it
+    (``fused_loss._add_sparse_entries``): no kernel relays G out. Writing them into G made the
+    TPU compiler copy G to a flat bf16[chunk·V] buffer and back around the scatter (two
+    reshapes of G per chunk)."""
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    rep = NamedSharding(jax.sharding.Mesh(np.array(aot.topology("tpu_v5e", 1).devices), ("d",)),
+                        P())
+    obj = objectives.build("prefix_norm", _vocab(), eps=0.1)
+
+    def total(h, e, ids, tables):
+        return obj.chunked_loss(h, e, ids, tables, chunk_size=CHUNK)[0]
+
+    def spec(shape, dtype):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=rep)
+
+    tables = jax.tree.map(lambda a: spec(a.shape, a.dtype), obj.tables)
+    hlo = jax.jit(jax.value_and_grad(total, argnums=(0, 1))).lower(
+        spec((4 * CHUNK, D), jnp.bfloat16), spec((V, D), jnp.float32),
+        spec((4 * CHUNK,), jnp.int32), tables).compile().as_text()
+    relayouts = [line for t, line in _top_level_outputs(hlo)
+                 if re.search(rf"\b(?:bf16|f32)\[{CHUNK * V}\]", t)
+                 or (re.search(rf"\[{CHUNK},{V}\]", t) and re.search(r"= \S+ (?:reshape|copy)\(", line))]
+    assert not relayouts, relayouts

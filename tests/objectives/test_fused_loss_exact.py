@@ -92,11 +92,21 @@ def bounds(obj, ids, q, p, w, h64, e64, ref_loss, dtype):
     return loss, 2.0 ** -8 * size @ np.abs(e64) + 1e-6, 2.0 ** -7 * size.T @ np.abs(h64) + 1e-6
 
 
+@pytest.mark.parametrize("grads", ["write", "add"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("name,form", FAMILY_CASES)
-def test_exact_at_any_logit_gap(tiny_token_bytes, name, form, dtype):
+def test_exact_at_any_logit_gap(tiny_token_bytes, monkeypatch, name, form, dtype, grads):
     """On the old code the "a" and "b" rows' loss and nll came out ~104 instead of ~120 and dE
-    was 66% off."""
+    was 66% off. ``grads``: the sparse entries of dz written into G (GPU, CPU) or added beside
+    it (``_add_sparse_entries``, TPU's form), here on the CPU with windows of one entry per
+    token, so a chunk of 8 tokens whose golds and prefix ids number more than 8 takes several
+    windows (ce's 8 golds: one, unpacked); the write form is broken there to prove it unused."""
+    if grads == "add":
+        monkeypatch.setattr(fused_loss, "PACKED_PLATFORMS", ("cpu",))
+        monkeypatch.setattr(fused_loss, "SPARSE_PER_TOKEN", 1)
+        monkeypatch.setattr(fused_loss, "_write_sparse_entries",
+                            lambda g, e, rh, ids, vals, de: (jnp.zeros((g.shape[0], e.shape[1])),
+                                                             de * 0))
     eps = {"ce": 0.0, "label_smoothing": 1.0}.get(name, 0.3)
     obj = objectives.build(name, tiny_token_bytes, eps=eps, prefix_longest_form=form)
     h, e, ids = gap_inputs(tiny_token_bytes)
