@@ -12,11 +12,10 @@ from prefixlm.train import trainer as step_lib
 from prefixlm.train.memory_plan import (
     GIB,
     device_kind_of,
-    device_memory,
     fix_line,
     format_plan,
-    host_memory_bytes,
     make_plan,
+    memory_per_device,
     short_name,
 )
 
@@ -50,10 +49,8 @@ def dry_run(config, *, num_devices: int | None = None, device_kind: str | None =
             f"--dry_run=compile compiles on the local {jax.device_count()} x {local_kind}; "
             f"drop --plan_device/--plan_devices ({n} x {kind}) or use --dry_run=plan")
     resolved = config_lib.resolve(config, num_devices=n, process_count=1)
-    memory = device_memory(kind)
-    if short_name(kind) == "cpu" and host_memory_bytes():  # CPU devices share the host's RAM
-        memory = host_memory_bytes() // n
-    plan = make_plan(resolved, num_devices=n, device_memory_bytes=memory, device_kind=kind)
+    plan = make_plan(resolved, num_devices=n, device_memory_bytes=memory_per_device(kind, n),
+                     device_kind=kind)
     if not plan.fits:
         print(fix_line(plan), file=out)
     print(format_plan(plan), file=out)

@@ -80,6 +80,14 @@ def host_memory_bytes() -> int | None:
         return None
 
 
+def memory_per_device(kind: str, devices_on_host: int) -> int | None:
+    """What one device of ``kind`` holds; CPU devices share the host's RAM, so each gets its
+    share of it (the table knows no "cpu" size)."""
+    if short_name(kind) == "cpu" and host_memory_bytes():
+        return host_memory_bytes() // devices_on_host
+    return device_memory(kind)
+
+
 def is_gpu(kind: str) -> bool:  # device_kind of NVIDIA GPUs: "NVIDIA H100 80GB HBM3", ...
     return "nvidia" in kind.lower() or any(g in kind for g in ("H100", "H200", "A100", "L4"))
 
@@ -388,10 +396,8 @@ def check_fits(config) -> None:
     import jax
 
     kind = jax.devices()[0].device_kind
-    memory = device_memory(kind)
-    if kind.lower() == "cpu" and host_memory_bytes():  # CPU devices share the RAM
-        memory = host_memory_bytes() // jax.local_device_count()
     plan = make_plan(config, num_devices=jax.device_count(),
-                              device_memory_bytes=memory, device_kind=kind)
+                     device_memory_bytes=memory_per_device(kind, jax.local_device_count()),
+                     device_kind=kind)
     if not plan.fits:
         raise config_lib.ConfigError(fix_line(plan) + " (--dry_run prints the plan)")
