@@ -44,11 +44,10 @@ def _top_level_outputs(hlo: str) -> list[tuple[str, str]]:
     return out
 
 
-@pytest.mark.parametrize("name", ["label_smoothing", "prefix_norm", "prefix_longest"])
-def test_h100_loss_writes_no_float32_vocabulary_buffer(name):
-    topo = topologies.get_topology_desc(platform="cuda", topology_name="", target_config=aot.gpu_target_config("h100"),
-                                        topology="1x1x1")
-    rep = NamedSharding(jax.sharding.Mesh(np.array(topo.devices[:1]), ("d",)), P())
+def _compiled_loss_hlo(name: str, devices) -> str:
+    """The compiled HLO of ``name``'s chunked loss and its (dh, dE) on one target device: 4
+    chunks of bfloat16 hidden states against a float32 [V, D] projection."""
+    rep = NamedSharding(jax.sharding.Mesh(np.array(devices), ("d",)), P())
     obj = objectives.build(name, _vocab(), eps=0.1)
 
     def total(h, e, ids, tables):
@@ -58,9 +57,17 @@ def test_h100_loss_writes_no_float32_vocabulary_buffer(name):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=rep)
 
     tables = jax.tree.map(lambda a: spec(a.shape, a.dtype), obj.tables)
-    hlo = jax.jit(jax.value_and_grad(total, argnums=(0, 1))).lower(
+    return jax.jit(jax.value_and_grad(total, argnums=(0, 1))).lower(
         spec((4 * CHUNK, D), jnp.bfloat16), spec((V, D), jnp.float32),
         spec((4 * CHUNK,), jnp.int32), tables).compile().as_text()
+
+
+@pytest.mark.parametrize("name", ["label_smoothing", "prefix_norm", "prefix_longest"])
+def test_h100_loss_writes_no_float32_vocabulary_buffer(name):
+    topo = topologies.get_topology_desc(platform="cuda", topology_name="",
+                                        target_config=aot.gpu_target_config("h100"),
+                                        topology="1x1x1")
+    hlo = _compiled_loss_hlo(name, topo.devices[:1])
     outputs = _top_level_outputs(hlo)
     # Array types of every top-level output (a tuple's elements too: the refit loop's state).
     arrays = [(re.findall(r"(\w+)\[([\d,]*)\]", t), line) for t, line in outputs]
@@ -92,20 +99,7 @@ def test_tpu_loss_never_relays_g_out():
     TPU compiler copy G to a flat bf16[chunk·V] buffer and back around the scatter (two
     reshapes of G per chunk)."""
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    rep = NamedSharding(jax.sharding.Mesh(np.array(aot.topology("tpu_v5e", 1).devices), ("d",)),
-                        P())
-    obj = objectives.build("prefix_norm", _vocab(), eps=0.1)
-
-    def total(h, e, ids, tables):
-        return obj.chunked_loss(h, e, ids, tables, chunk_size=CHUNK)[0]
-
-    def spec(shape, dtype):
-        return jax.ShapeDtypeStruct(shape, dtype, sharding=rep)
-
-    tables = jax.tree.map(lambda a: spec(a.shape, a.dtype), obj.tables)
-    hlo = jax.jit(jax.value_and_grad(total, argnums=(0, 1))).lower(
-        spec((4 * CHUNK, D), jnp.bfloat16), spec((V, D), jnp.float32),
-        spec((4 * CHUNK,), jnp.int32), tables).compile().as_text()
+    hlo = _compiled_loss_hlo("prefix_norm", aot.topology("tpu_v5e", 1).devices)
     relayouts = [line for t, line in _top_level_outputs(hlo)
                  if re.search(rf"\b(?:bf16|f32)\[{CHUNK * V}\]", t)
                  or (re.search(rf"\[{CHUNK},{V}\]", t) and re.search(r"= \S+ (?:reshape|copy)\(", line))]
